@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad config key, an unreadable file, a wrong shape) is raised as
+:class:`MedsynthError` with one line that names the file or key and what was expected. The CLI turns
+it into ``error: <message>`` on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class MedsynthError(Exception):
+    """A problem with the user's input, reported as one line and exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the message on one line: it is printed as-is by the CLI.
+        super().__init__(" ".join(str(message).split()))
