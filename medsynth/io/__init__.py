@@ -1,1 +1,1 @@
-"""io."""
+"""Reading and writing scans and outputs (NIfTI, DICOM, atomic files)."""

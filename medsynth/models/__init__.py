@@ -1,1 +1,1 @@
-"""models."""
+"""Networks: the denoising U-Net and its EMA."""

@@ -1,1 +1,1 @@
-"""training."""
+"""Training: the loop, checkpoints, distributed setup."""

@@ -1,0 +1,367 @@
+"""One typed schema for every medsynth config, YAML loading, ``key.sub=value`` overrides.
+
+The defaults here are the single source of truth; files in ``configs/`` only say what differs.
+Every model is strict (``extra="forbid"``): an unknown key, a wrong type or an impossible value is
+reported as one :class:`~medsynth.errors.MedsynthError` line that names the config file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medsynth.errors import MedsynthError
+
+STAGES = ("prepare", "train", "sample", "evaluate", "augment")
+
+
+class StrictModel(BaseModel):
+    """Base: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+class TrackingConfig(StrictModel):
+    """Where and under which names runs are recorded in MLflow."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = Field("medsynth", min_length=1, description="MLflow experiment name")
+    registered_model: str | None = Field("medsynth-ddpm", description="Registered model name; null to skip registration")
+    # MLflow reserves the alias "latest" (``models:/<name>/latest`` always means the newest version),
+    # so the alias that marks the model trained by the newest run has its own name.
+    model_alias: str = Field("current", pattern=r"^[\w\-]+$", description="Alias set on the newly registered version")
+    log_model: bool = Field(True, description="Log the EMA model with mlflow.pytorch.log_model")
+
+    @field_validator("model_alias")
+    @classmethod
+    def _alias_not_reserved(cls, value: str) -> str:
+        if value.lower() == "latest" or (value[:1] in "vV" and value[1:].isdigit()):
+            raise ValueError(f"'{value}' is reserved by MLflow (use e.g. 'current' or 'champion')")
+        return value
+
+
+class PhantomConfig(StrictModel):
+    """Procedural phantoms: the embedded default data."""
+
+    kind: Literal["brain_mri", "body_ct"] = "brain_mri"
+    count: int = Field(200, ge=2, description="Number of phantom cases (subjects)")
+    shape: list[int] = Field(default_factory=lambda: [32, 32], description="Generated grid, 2 or 3 sides")
+    fov_mm: float = Field(200.0, gt=0, description="Field of view along the first axis, in mm")
+    bias_field: bool = True
+    lesion_probability: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: list[int]) -> list[int]:
+        if len(value) not in (2, 3) or any(v < 16 for v in value):
+            raise ValueError("expected 2 or 3 sides, each >= 16")
+        return value
+
+
+class DataConfig(StrictModel):
+    """Where images come from and how they become model inputs."""
+
+    source: Literal["phantom", "folder"] = "phantom"
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    folder: Path | None = Field(None, description="Folder of NIfTI files and/or DICOM series (source: folder)")
+    modality: Literal["mr", "ct"] | None = Field(None, description="Intensity convention; phantoms set it from kind")
+    spatial_dims: Literal[2, 3] = 2
+    image_size: list[int] = Field(default_factory=lambda: [32, 32], description="Model input size, one entry per dim")
+    pixdim: list[float] | None = Field(None, description="Resample to this spacing (mm) before resizing; null: keep")
+    resize_mode: Literal["resize", "pad_crop"] = "resize"
+    slice_axis: Literal[0, 1, 2] = Field(2, description="Axis of 3D volumes that 2D slices are taken across")
+    slice_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Central fraction of slices used per volume")
+    ct_window: list[float] = Field(default_factory=lambda: [-1000.0, 1000.0], description="HU window mapped to [-1, 1]")
+    mr_percentile: float = Field(99.5, gt=50.0, le=100.0, description="Foreground percentile mapped to 1")
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of cases held out (split by case)")
+
+    @field_validator("ct_window")
+    @classmethod
+    def _window(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or value[0] >= value[1]:
+            raise ValueError("expected [low, high] with low < high")
+        return value
+
+    @field_validator("pixdim")
+    @classmethod
+    def _pixdim(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
+            raise ValueError("expected 2 or 3 positive spacings in mm")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if len(self.image_size) != self.spatial_dims or any(s < 8 for s in self.image_size):
+            raise ValueError(
+                f"image_size must have {self.spatial_dims} entries (spatial_dims), each >= 8; got {self.image_size}"
+            )
+        if self.source == "folder" and self.folder is None:
+            raise ValueError("source 'folder' needs data.folder")
+        if self.source == "phantom" and self.spatial_dims == 3 and len(self.phantom.shape) != 3:
+            raise ValueError("spatial_dims 3 needs a 3D phantom.shape")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """MONAI ``DiffusionModelUNet`` hyper-parameters."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, False])
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(16, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels needs one entry per channels entry")
+        # MONAI's GroupNorm needs every channel count divisible by norm_num_groups.
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class DiffusionConfig(StrictModel):
+    """Forward process and training objective."""
+
+    scheduler: Literal["ddpm", "rflow"] = Field("ddpm", description="ddpm: discrete DDPM process; rflow: rectified flow")
+    num_train_timesteps: int = Field(1000, ge=10)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = Field(0.0015, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.0195, gt=0.0, lt=1.0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    min_snr_gamma: float | None = Field(5.0, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: off")
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, EMA, checkpoints."""
+
+    batch_size: int = Field(32, ge=1, description="Global batch (split across DDP ranks)")
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Cosine decay floor as a fraction of lr")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+step)/(10+step)) so early EMA is not stale")
+    checkpoint_every: int = Field(250, ge=1)
+    val_every: int = Field(250, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_images: int = Field(64, ge=1, description="Held-out images used for the validation loss")
+    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+    channels_last: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+
+
+class SampleConfig(StrictModel):
+    """Reverse process."""
+
+    sampler: Literal["ddpm", "ddim", "rflow"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
+    num_samples: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = Field(1000, ge=0, description="Sample i uses seed + i")
+
+
+class EvaluateConfig(StrictModel):
+    """Samples against held-out real images."""
+
+    num_real: int = Field(64, ge=2, description="Held-out real images compared with the samples")
+    histogram_bins: int = Field(64, ge=8)
+
+
+class AugmentConfig(StrictModel):
+    """Synthetic training cases and the merged datalist."""
+
+    ratio: float = Field(0.5, gt=0.0, le=10.0, description="Synthetic cases per real training case")
+    num_samples: int | None = Field(None, ge=1, description="Synthetic cases to generate; null: ratio x real cases")
+    sampler: Literal["ddpm", "ddim", "rflow"] | None = Field(None, description="null: same as sample.sampler")
+    steps: int | None = Field(None, ge=1, description="null: same as sample.steps")
+    seed: int = Field(100000, ge=0, description="Synthetic case i uses seed + i")
+
+
+class Config(StrictModel):
+    """A whole medsynth pipeline."""
+
+    name: str = Field("medsynth", min_length=1)
+    output_dir: Path = Path("runs/medsynth")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stages: list[Literal["prepare", "train", "sample", "evaluate", "augment"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
+            if sampler is None:
+                continue
+            if (sampler == "rflow") != (self.diffusion.scheduler == "rflow"):
+                allowed = "rflow" if self.diffusion.scheduler == "rflow" else "ddpm or ddim"
+                raise ValueError(
+                    f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
+                    f"'{self.diffusion.scheduler}' (allowed: {allowed})"
+                )
+        return self
+
+    @property
+    def modality(self) -> str:
+        """The intensity convention: from the phantom kind, or ``data.modality``."""
+        if self.data.modality is not None:
+            return self.data.modality
+        if self.data.source == "phantom":
+            return "ct" if self.data.phantom.kind == "body_ct" else "mr"
+        return "mr"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML (``3``, ``1e-4``, ``true``, ``[32, 32]``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise MedsynthError(f"override '{item}': expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None:
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise MedsynthError(f"{source}: override '{'.'.join(keys)}': '{'.'.join(keys[: depth + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(Config, [p for p in first["loc"][:-1] if isinstance(p, str)])
+        allowed = ", ".join(parent.model_fields) if parent is not None else ""
+        return f"{source}: unknown key '{key}' (allowed here: {allowed})"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    got = first.get("input")
+    got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
+    return f"{source}: key '{key}': {message}{got_text}{more}"
+
+
+def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate against the schema.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.sub=value`` strings applied on top of the file.
+
+    Raises:
+        MedsynthError: one line naming the file and key for every kind of bad config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise MedsynthError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise MedsynthError(f"{path}: not a UTF-8 text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MedsynthError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for keys, value in parse_overrides(overrides or []):
+        _apply_override(raw, keys, value, str(path))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise MedsynthError(_format_validation_error(exc, str(path))) from None
+
+
+def check_paths(config: Config, source: str) -> None:
+    """Paths that must exist before any stage runs (named by key)."""
+    if config.data.source == "folder":
+        folder = config.data.folder
+        if folder is None or not folder.exists():
+            raise MedsynthError(f"{source}: key 'data.folder': folder not found: {folder}")
+        if not folder.is_dir():
+            raise MedsynthError(f"{source}: key 'data.folder': not a folder: {folder}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialising
+# ---------------------------------------------------------------------------------------------
+
+
+def to_plain(config: BaseModel) -> dict[str, Any]:
+    """JSON-compatible dict of a config (paths as strings)."""
+    return json.loads(config.model_dump_json())
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(to_plain(config), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values (MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a canonical JSON dump."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

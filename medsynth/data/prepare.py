@@ -1,0 +1,191 @@
+"""Data sources to one datalist and cached model inputs.
+
+A source is either the procedural phantoms (written as real NIfTI files) or a folder of the user's
+NIfTI files / DICOM series (DICOM converted to NIfTI). Either way the result is a MONAI-style datalist
+(``{"training": [...], "validation": [...]}``, readable with ``monai.data.load_decathlon_datalist``)
+and arrays of model inputs split by case with a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsynth.config import DataConfig
+from medsynth.data.phantoms import generate_phantom
+from medsynth.data.transforms import Intensity, intensity_for, model_inputs
+from medsynth.errors import MedsynthError
+from medsynth.io.atomic import atomic_write_json
+from medsynth.io.nifti import spacing_affine, write_nifti
+from medsynth.io.volumes import Volume, find_images, read_any
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class Case:
+    """One subject: its image file (relative to the prepare folder when written there) and optional labels."""
+
+    case_id: str
+    image: str
+    label: str | None = None
+    class_label: int | None = None
+    source: str = "phantom"
+
+
+@dataclass
+class Prepared:
+    """Model inputs of one split, channel-first, with one index row per input."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def safe_name(text: str, *, fallback: str = "case") -> str:
+    """A file-name-safe identifier: no separators or parent references can escape the output folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or fallback
+    return name[:80]
+
+
+def phantom_cases(data: DataConfig, out_dir: Path, seed: int, progress: Progress = None) -> tuple[list[Case], list[Volume], list[np.ndarray]]:
+    """Generate ``data.phantom.count`` phantoms, write them as NIfTI under ``out_dir``.
+
+    Case ``i`` is generated with seed ``seed * 100003 + i``, so every case is reproducible alone.
+    """
+    cfg = data.phantom
+    spacing = [cfg.fov_mm / cfg.shape[0]] * len(cfg.shape)
+    affine = spacing_affine(spacing, tuple(cfg.shape))
+    cases, volumes, label_maps = [], [], []
+    for i in range(cfg.count):
+        phantom = generate_phantom(
+            cfg.kind, tuple(cfg.shape), seed * 100003 + i,
+            **({"bias_field": cfg.bias_field} if cfg.kind == "brain_mri" else {}),
+            lesion_probability=cfg.lesion_probability,
+        )
+        case_id = f"phantom_{i:04d}"
+        image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
+        # CT is stored like scanners store it: integer HU.
+        on_disk = np.rint(phantom.image).astype(np.int16) if phantom.modality == "ct" else phantom.image.astype(np.float32)
+        write_nifti(out_dir / image_rel, on_disk, affine, description=f"medsynth phantom {cfg.kind}")
+        write_nifti(out_dir / label_rel, phantom.labels.astype(np.uint8), affine, description="medsynth phantom labels")
+        cases.append(Case(case_id, image_rel, label_rel, int(phantom.class_label), "phantom"))
+        volumes.append(Volume(on_disk.astype(np.float32), affine, image_rel, phantom.modality))
+        label_maps.append(phantom.labels)
+        if progress is not None:
+            progress(1)
+    return cases, volumes, label_maps
+
+
+def folder_cases(data: DataConfig, out_dir: Path, progress: Progress = None) -> tuple[list[Case], list[Volume], str]:
+    """Read and validate every NIfTI file and DICOM series under ``data.folder``.
+
+    DICOM series are converted to NIfTI under ``out_dir/images`` (named by index, never by patient
+    data); NIfTI files are referenced where they are. Returns the cases, their volumes and the modality.
+    """
+    folder = Path(data.folder)  # type: ignore[arg-type]
+    found = find_images(folder)
+    max_dims = 3
+    cases: list[Case] = []
+    volumes: list[Volume] = []
+    for kind, path in found:
+        for k, volume in enumerate(read_any(kind, path)):
+            if data.spatial_dims == 3 and (volume.array.ndim != 3 or min(volume.array.shape) < 2):
+                raise MedsynthError(f"{volume.source}: expected a 3D volume for spatial_dims 3, got shape {volume.array.shape}")
+            if volume.array.ndim > max_dims:
+                raise MedsynthError(f"{volume.source}: expected a 2D or 3D image, got shape {volume.array.shape}")
+            index = len(cases)
+            if kind == "dicom":
+                case_id = f"dicom_series_{index:04d}"
+                image_rel = f"images/{case_id}.nii.gz"
+                write_nifti(out_dir / image_rel, volume.array, volume.affine, description="medsynth from DICOM")
+                image_ref = image_rel
+            else:
+                stem = path.name.removesuffix(".gz").removesuffix(".nii")
+                case_id = f"{safe_name(stem)}_{index:04d}"
+                image_ref = str(path.resolve())
+            cases.append(Case(case_id, image_ref, None, None, kind))
+            volumes.append(volume)
+        if progress is not None:
+            progress(1)
+    modality = data.modality
+    if modality is None:
+        seen = {v.modality for v in volumes if v.modality}
+        if len(seen) > 1:
+            raise MedsynthError(f"{folder}: series of several modalities ({', '.join(sorted(seen))}); set data.modality")
+        if not seen:
+            raise MedsynthError(f"{folder}: the modality of NIfTI files is unknown; set data.modality to mr or ct")
+        modality = seen.pop()
+    for volume in volumes:
+        if volume.modality and volume.modality != modality:
+            raise MedsynthError(f"{volume.source}: modality {volume.modality} but data.modality is {modality}")
+    return cases, volumes, modality
+
+
+def split_cases(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of case indices into (train, validation); both non-empty."""
+    if count < 2:
+        raise MedsynthError(f"need at least 2 cases to split into training and validation, found {count}")
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = min(count - 1, max(1, int(round(val_fraction * count))))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def preprocess_cases(
+    cases: list[Case], volumes: list[Volume], label_maps: list[np.ndarray] | None, data: DataConfig, modality: str, progress: Progress = None
+) -> Prepared:
+    """Model inputs of every case (2D slices or 3D volumes) with their intensity conventions."""
+    out = Prepared()
+    for i, (case, volume) in enumerate(zip(cases, volumes)):
+        intensity: Intensity = intensity_for(volume.array, data, modality)
+        labels = label_maps[i] if label_maps is not None else None
+        for image, label, slice_index, spacing in model_inputs(volume.array, volume.affine, labels, data, intensity):
+            out.images.append(image)
+            if label is not None:
+                out.labels.append(label)
+            out.classes.append(-1 if case.class_label is None else int(case.class_label))
+            out.rows.append({"case_id": case.case_id, "slice": slice_index, "spacing": spacing, "intensity": intensity.as_dict()})
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def save_split(prepared: Prepared, cache_dir: Path, split: str) -> None:
+    """Write one split as ``<split>_images.npy`` (+ labels, classes) and ``<split>_index.json``."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache_dir / f"{split}_images.npy", np.stack(prepared.images).astype(np.float32))
+    if prepared.labels:
+        np.save(cache_dir / f"{split}_labels.npy", np.stack(prepared.labels).astype(np.uint8))
+    np.save(cache_dir / f"{split}_classes.npy", np.asarray(prepared.classes, dtype=np.int64))
+    atomic_write_json(cache_dir / f"{split}_index.json", prepared.rows)
+
+
+def load_split(cache_dir: Path, split: str) -> dict[str, np.ndarray | list | None]:
+    """Read what :func:`save_split` wrote (no pickles)."""
+    labels_path = cache_dir / f"{split}_labels.npy"
+    return {
+        "images": np.load(cache_dir / f"{split}_images.npy", allow_pickle=False),
+        "labels": np.load(labels_path, allow_pickle=False) if labels_path.exists() else None,
+        "classes": np.load(cache_dir / f"{split}_classes.npy", allow_pickle=False),
+        "index": json.loads((cache_dir / f"{split}_index.json").read_text()),
+    }
+
+
+def datalist(cases: list[Case], train_idx: list[int], val_idx: list[int], modality: str) -> dict:
+    """A MONAI-style datalist of the cases (paths relative to the datalist's folder or absolute)."""
+
+    def entry(case: Case) -> dict:
+        item = {"image": case.image, "case_id": case.case_id, "modality": modality, "synthetic": False}
+        if case.label is not None:
+            item["label"] = case.label
+        if case.class_label is not None:
+            item["class_label"] = case.class_label
+        return item
+
+    return {"training": [entry(cases[i]) for i in train_idx], "validation": [entry(cases[i]) for i in val_idx]}

@@ -1,0 +1,155 @@
+"""Reverse-process samplers over MONAI schedulers: DDPM, DDIM, rectified flow.
+
+Every sampler is a small function with one signature, after k-diffusion:
+``sampler(model, x, scheduler, *, generators, callback=None, **options) -> x0``. ``x`` is the initial
+noise; ``generators`` holds one ``torch.Generator`` per sample so that sample ``i`` depends only on its
+own seed, not on which batch it was drawn in. ``callback(step, total)`` reports progress; no logging
+lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int], None] | None
+
+
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``(len(generators), *shape)``, one generator per sample."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in generators])
+
+
+def _per_sample_step(step: Callable, model_output, timestep, x, generators, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    # MONAI's step() draws one noise tensor for the whole batch from one generator; stepping sample by
+    # sample (cheap next to the network) keeps each sample's noise tied to its own generator.
+    prev, x0 = zip(*(step(model_output[i : i + 1], timestep, x[i : i + 1], generator=g, **kwargs) for i, g in enumerate(generators)))
+    return torch.cat(prev), torch.cat(x0)
+
+
+def respaced_ddpm(scheduler: DDPMScheduler, steps: int) -> tuple[DDPMScheduler, torch.Tensor]:
+    """A DDPM scheduler over ``steps`` of the trained timesteps, with betas recomputed between them.
+
+    MONAI's ``DDPMScheduler.step`` assumes consecutive timesteps (it steps t -> t-1), so sampling in
+    fewer steps than trained needs the respacing of Nichol & Dhariwal 2021 ("Improved DDPM", sec. 4):
+    ``beta'_i = 1 - abar(t_i) / abar(t_{i-1})`` over the kept timesteps. Returns the respaced scheduler
+    (indexed 0..steps-1) and the original timesteps that the network sees, in descending order.
+    """
+    total = scheduler.num_train_timesteps
+    kept = torch.linspace(total - 1, 0, steps).round().long().flip(0)  # ascending
+    abar = scheduler.alphas_cumprod[kept]
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    respaced = DDPMScheduler(num_train_timesteps=steps, prediction_type=scheduler.prediction_type, clip_sample=scheduler.clip_sample)
+    respaced.betas = 1.0 - abar / abar_prev
+    respaced.alphas = 1.0 - respaced.betas
+    respaced.alphas_cumprod = abar
+    respaced.set_timesteps(steps)
+    return respaced, kept.flip(0)
+
+
+@torch.no_grad()
+def ddpm_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], callback: Callback = None) -> torch.Tensor:
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), respaced when fewer steps than trained."""
+    assert isinstance(scheduler, DDPMScheduler)
+    steps = len(scheduler.timesteps)
+    if steps == scheduler.num_train_timesteps:
+        chain, model_times = scheduler, scheduler.timesteps
+    else:
+        chain, model_times = respaced_ddpm(scheduler, steps)
+    for i, (index, t) in enumerate(zip(chain.timesteps, model_times)):
+        # 1. predict (epsilon | v) at the original timestep the network was trained on
+        output = model(x, t.repeat(x.shape[0]).to(x.device))
+        # 2. step x_t -> x_{t-1} on the (respaced) chain
+        x, _ = _per_sample_step(chain.step, output.float(), int(index), x, generators)
+        if callback is not None:
+            callback(i + 1, steps)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], eta: float = 0.0, callback: Callback = None
+) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12); deterministic for ``eta=0``."""
+    assert isinstance(scheduler, DDIMScheduler)
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        # 1. predict (epsilon | v)
+        output = model(x, t.repeat(x.shape[0]).to(x.device))
+        # 2. step x_t -> x_{t-Δ}
+        if eta > 0:
+            x, _ = _per_sample_step(scheduler.step, output.float(), int(t), x, generators, eta=eta)
+        else:
+            x, _ = scheduler.step(output.float(), int(t), x, eta=0.0)
+        if callback is not None:
+            callback(i + 1, steps)
+    return x
+
+
+@torch.no_grad()
+def rflow_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], callback: Callback = None) -> torch.Tensor:
+    """Euler integration of the rectified-flow ODE (Liu et al. 2022) from noise (t=T) to data (t=0)."""
+    assert isinstance(scheduler, RFlowScheduler)
+    timesteps = scheduler.timesteps
+    next_timesteps = torch.cat([timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)])
+    for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
+        # 1. predict the velocity
+        output = model(x, t.repeat(x.shape[0]).to(x.device))
+        # 2. Euler step x_t -> x_{t_next}
+        x, _ = scheduler.step(output.float(), t, x, t_next)
+        if callback is not None:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "rflow": rflow_sample}
+
+
+def generate(
+    model: torch.nn.Module,
+    scheduler: Scheduler,
+    *,
+    sampler: str,
+    image_shape: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    eta: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    callback: Callback = None,
+) -> torch.Tensor:
+    """Draw ``len(seeds)`` samples of ``image_shape`` (channels first), batch by batch, on ``device``.
+
+    Sample ``i`` starts from noise drawn with ``seeds[i]`` and uses its own generator for every
+    stochastic step. Returns a CPU float tensor ``(N, *image_shape)``.
+
+    Raises:
+        ValueError: an unknown sampler name.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
+    sample_fn = SAMPLERS[sampler]
+    options = {"eta": eta} if sampler == "ddim" else {}
+    model.eval()
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model(x, timesteps=t)
+
+    steps_per_batch = len(scheduler.timesteps)
+    total_batches = (len(seeds) + batch_size - 1) // batch_size
+    out = []
+    for b in range(total_batches):
+        batch_seeds = seeds[b * batch_size : (b + 1) * batch_size]
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch_seeds]
+        x = initial_noise(image_shape, generators, device)
+
+        def report(step: int, _total: int, _b: int = b) -> None:
+            if callback is not None:
+                callback(_b * steps_per_batch + step, total_batches * steps_per_batch)
+
+        out.append(sample_fn(network, x, scheduler, generators=generators, callback=report, **options).float().cpu())
+    return torch.cat(out)

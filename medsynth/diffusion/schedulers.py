@@ -1,0 +1,62 @@
+"""MONAI schedulers built from the config: one place that knows which scheduler serves which sampler."""
+
+from __future__ import annotations
+
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+
+from medsynth.config import DiffusionConfig
+
+
+def _schedule_args(diffusion: DiffusionConfig) -> dict:
+    # MONAI's "cosine" schedule takes no beta range; the beta schedules do.
+    if diffusion.schedule == "cosine":
+        return {}
+    return {"beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end}
+
+
+def build_train_scheduler(diffusion: DiffusionConfig, *, spatial_dims: int) -> Scheduler:
+    """The forward process used in training (DDPM, or rectified flow)."""
+    if diffusion.scheduler == "rflow":
+        # RFlowScheduler defaults to spatial_dim=3; set it for 2D (DESIGN.md pitfalls).
+        return RFlowScheduler(
+            num_train_timesteps=diffusion.num_train_timesteps,
+            use_discrete_timesteps=True,
+            sample_method="uniform",
+            spatial_dim=spatial_dims,
+        )
+    return DDPMScheduler(
+        num_train_timesteps=diffusion.num_train_timesteps,
+        schedule=diffusion.schedule,
+        prediction_type=diffusion.prediction_type,
+        clip_sample=True,
+        **_schedule_args(diffusion),
+    )
+
+
+def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int) -> Scheduler:
+    """The reverse-process scheduler for ``sampler`` with ``steps`` inference steps.
+
+    Raises:
+        ValueError: a sampler that does not fit the trained process, or too many steps.
+    """
+    if steps > diffusion.num_train_timesteps:
+        raise ValueError(f"steps={steps} exceeds diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
+    if (sampler == "rflow") != (diffusion.scheduler == "rflow"):
+        raise ValueError(f"sampler '{sampler}' does not fit a model trained with scheduler '{diffusion.scheduler}'")
+    scheduler: Scheduler
+    if sampler == "rflow":
+        scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
+    elif sampler == "ddim":
+        scheduler = DDIMScheduler(
+            num_train_timesteps=diffusion.num_train_timesteps,
+            schedule=diffusion.schedule,
+            prediction_type=diffusion.prediction_type,
+            clip_sample=True,
+            **_schedule_args(diffusion),
+        )
+    elif sampler == "ddpm":
+        scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
+    else:
+        raise ValueError(f"unknown sampler '{sampler}' (allowed: ddpm, ddim, rflow)")
+    scheduler.set_timesteps(steps)
+    return scheduler

@@ -1,0 +1,42 @@
+"""Writing NIfTI images atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medsynth.io.atomic import atomic_write
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtype: type | None = None, description: str | None = None) -> Path:
+    """Write ``array`` (spatial axes only) with ``affine`` as a NIfTI-1 file, atomically.
+
+    Args:
+        path: ``*.nii.gz`` or ``*.nii``.
+        array: 2D or 3D array in RAS+ voxel order.
+        affine: 4x4 voxel-to-world (mm) matrix.
+        dtype: on-disk dtype (default: the array's).
+        description: short text for the header's ``descrip`` field (max 80 bytes).
+    """
+    path = Path(path)
+    data = np.asarray(array if dtype is None else array.astype(dtype))
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    if description:
+        image.header["descrip"] = description.encode("ascii", "replace")[:79]
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    # nibabel picks the format from the file name, so the temporary file keeps the suffix.
+    return atomic_write(path, lambda tmp: nib.save(image, tmp.with_name(tmp.name + suffix)) or (tmp.with_name(tmp.name + suffix)).replace(tmp))
+
+
+def spacing_affine(spacing: tuple[float, ...] | list[float], shape: tuple[int, ...]) -> np.ndarray:
+    """A RAS affine with the given voxel spacing whose world origin is the grid centre."""
+    spacing = list(spacing) + [1.0] * (3 - len(spacing))
+    affine = np.diag([*spacing, 1.0]).astype(np.float64)
+    size = list(shape) + [1] * (3 - len(shape))
+    affine[:3, 3] = [-(n - 1) * s / 2.0 for n, s in zip(size, spacing)]
+    return affine

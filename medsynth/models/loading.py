@@ -1,0 +1,46 @@
+"""Loading a trained medsynth model file (``model.pt``): network, process, intensity convention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from medsynth.config import DiffusionConfig
+from medsynth.errors import MedsynthError
+from medsynth.training.checkpoint import MODEL_FORMAT, load_state
+
+
+@dataclass
+class TrainedModel:
+    """A diffusion network with everything needed to sample from it and map samples back to units."""
+
+    network: DiffusionModelUNet
+    diffusion: DiffusionConfig
+    spatial_dims: int
+    image_size: list[int]
+    intensity: dict
+    step: int
+    path: Path
+
+
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """Rebuild the EMA network from a model file written by training (``weights_only`` load).
+
+    Raises:
+        MedsynthError: the file is missing, unreadable, or not a medsynth model.
+    """
+    path = Path(path)
+    state = load_state(path, expected_format=MODEL_FORMAT)
+    try:
+        kwargs = dict(state["unet"])
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        network = DiffusionModelUNet(spatial_dims=int(state["spatial_dims"]), **kwargs)
+        network.load_state_dict(state["state_dict"])
+        diffusion = DiffusionConfig.model_validate(state["diffusion"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise MedsynthError(f"{path}: not a usable medsynth model ({str(exc).splitlines()[0][:120]})") from None
+    network.to(device).eval().requires_grad_(False)
+    return TrainedModel(network, diffusion, int(state["spatial_dims"]), list(state["image_size"]), dict(state["intensity"]), int(state["step"]), path)

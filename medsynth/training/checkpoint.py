@@ -1,0 +1,79 @@
+"""Checkpoints (full training state) and model files (EMA weights + how to rebuild the network).
+
+Both hold only tensors and plain Python values, are written atomically, and are read with
+``torch.load(weights_only=True)``: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsynth.errors import MedsynthError
+from medsynth.io.atomic import atomic_write
+
+CHECKPOINT_FORMAT = "medsynth-checkpoint"
+MODEL_FORMAT = "medsynth-model"
+FORMAT_VERSION = 1
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path, *, expected_format: str) -> dict[str, Any]:
+    """Load a medsynth checkpoint or model file safely.
+
+    Raises:
+        MedsynthError: missing file, not a torch file, a pickle that needs code execution, or a file
+            that is not the expected medsynth format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise MedsynthError(f"{path}: not a readable medsynth {expected_format.split('-')[1]} file ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        raise MedsynthError(f"{path}: not a medsynth {expected_format.split('-')[1]} file (format tag '{expected_format}' missing)")
+    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+        raise MedsynthError(f"{path}: written by a newer medsynth (format version {state['format_version']})")
+    return state
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state, as tensors and ints (``weights_only`` accepts both)."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # The legacy np.random.get_state() tuple holds an ndarray that weights_only rejects: store
+        # its parts as a tensor and ints.
+        "numpy": _numpy_global_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _numpy_global_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.as_tensor(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+    )
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

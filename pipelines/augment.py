@@ -1,0 +1,107 @@
+"""augment: synthetic training cases with provenance + a merged datalist for a MONAI training script.
+
+Outputs (``output_dir/augment/``): ``synthetic/synthetic_XXXX.nii.gz`` each with a
+``synthetic_XXXX.json`` provenance sidecar (``"synthetic": true``, model, training run id, seed,
+sampler, config digest, code version), and ``datalist_augmented.json``: the real training cases plus
+synthetic ones at ``augment.ratio`` synthetic per real case (validation stays real only). Paths are
+relative to this folder, so ``monai.data.load_decathlon_datalist(path)`` reads it as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from medsynth.config import digest, to_plain
+from medsynth.io.atomic import atomic_write_json, file_digest
+from medsynth.models.loading import load_trained_model
+from medsynth.synthesis import synthesise, to_units, write_scan
+from medsynth.tracking import code_version
+from pipelines.stage import StageContext, StageSpec
+
+
+def resolved(config) -> dict[str, Any]:
+    """The augment section with the sampler settings it inherits from ``sample`` filled in."""
+    section = to_plain(config.augment)
+    section["sampler"] = section["sampler"] or config.sample.sampler
+    section["steps"] = section["steps"] or config.sample.steps
+    section["eta"] = config.sample.eta
+    section["batch_size"] = config.sample.batch_size
+    return section
+
+
+def _relative(entry: dict, prepare_dir: Path, out_dir: Path) -> dict:
+    item = dict(entry)
+    for key in ("image", "label"):
+        if key in item and not os.path.isabs(item[key]):
+            item[key] = os.path.relpath(prepare_dir / item[key], out_dir)
+    return item
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    config, work = ctx.config, ctx.work
+    cfg = resolved(config)
+    prepare_dir = ctx.inputs["prepare"]
+    final_dir = Path(config.output_dir) / "augment"
+    summary = json.loads((prepare_dir / "cache" / "summary.json").read_text())
+    real = json.loads((prepare_dir / "datalist.json").read_text())
+    n_real = len(real["training"])
+    wanted = max(1, math.ceil(cfg["ratio"] * n_real))
+    count = cfg["num_samples"] or wanted
+
+    model_path = ctx.inputs["train"] / "model.pt"
+    trained = load_trained_model(model_path, ctx.dist.device)
+    train_summary = ctx.upstream_manifest("train").get("summary", {})
+    seeds = [cfg["seed"] + i for i in range(count)]
+    images, seconds = synthesise(trained, sampler=cfg["sampler"], steps=cfg["steps"], seeds=seeds, batch_size=cfg["batch_size"],
+                                 device=ctx.dist.device, eta=cfg["eta"], desc="augment")
+    units = to_units(images, trained.intensity)
+
+    provenance_base = {
+        "synthetic": True,
+        "generator": "medsynth",
+        "model_uri": train_summary.get("model_uri"),
+        "model_file": str(model_path.resolve()),
+        "model_sha256": file_digest(model_path),
+        "model_step": trained.step,
+        "train_run_id": train_summary.get("mlflow_run_id"),
+        "augment_run_id": ctx.tracker.run_id or None,
+        "sampler": cfg["sampler"],
+        "steps": cfg["steps"],
+        "config_digest": digest(to_plain(config)),
+        "code_version": code_version(),
+        "modality": trained.intensity["modality"],
+    }
+    synthetic = []
+    for i, (image, seed) in enumerate(zip(units, seeds)):
+        name = f"synthetic_{i:04d}"
+        write_scan(work / "synthetic" / f"{name}.nii.gz", image[0], summary["spacing_mm"], modality=trained.intensity["modality"],
+                   description=f"medsynth SYNTHETIC seed {seed}")
+        atomic_write_json(work / "synthetic" / f"{name}.json", provenance_base | {"seed": seed, "index": i})
+        synthetic.append({"image": f"synthetic/{name}.nii.gz", "case_id": name, "modality": trained.intensity["modality"],
+                          "synthetic": True, "provenance": f"synthetic/{name}.json"})
+
+    used = synthetic[: min(count, wanted)]
+    merged = {
+        "description": f"{n_real} real + {len(used)} synthetic training cases (medsynth augment)",
+        "training": [_relative(e, prepare_dir, final_dir) for e in real["training"]] + used,
+        "validation": [_relative(e, prepare_dir, final_dir) for e in real["validation"]],
+    }
+    atomic_write_json(work / "datalist_augmented.json", merged)
+    metrics = {"augment/num_real": n_real, "augment/num_synthetic": len(used), "augment/effective_ratio": len(used) / n_real,
+               "augment/seconds": seconds}
+    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_artifact(work / "datalist_augmented.json")
+    return metrics
+
+
+SPEC = StageSpec(
+    name="augment",
+    run=run,
+    sections=resolved,
+    inputs=("prepare", "train"),
+    description="synthetic cases with provenance + merged datalist",
+)

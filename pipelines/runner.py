@@ -1,0 +1,133 @@
+"""Order the stages, skip the unchanged ones, run the rest inside MLflow runs.
+
+``medsynth run CONFIG`` opens one parent MLflow run and one nested run per stage that runs;
+``medsynth <stage> CONFIG`` runs one stage in a run of its own. A pipeline whose every stage is
+unchanged opens no run at all and says so. Under ``torchrun`` every rank takes part in training;
+the other stages run on rank 0 while the rest wait.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from medsynth.config import STAGES, Config
+from medsynth.io.atomic import staged_folder
+from medsynth.training.distributed import DistContext, barrier
+from pipelines import augment, evaluate, prepare, sample, train
+from pipelines.stage import StageContext, StageSpec, cache_key, is_fresh, stage_dir, upstream_digests, write_manifest
+
+SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (prepare.SPEC, train.SPEC, sample.SPEC, evaluate.SPEC, augment.SPEC)}
+assert tuple(SPECS) == STAGES
+
+
+def say(message: str, ctx: DistContext) -> None:
+    if ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]]:
+    """(stage, fresh) for each stage, assuming the earlier ones keep their outputs."""
+    out = []
+    for name in names:
+        spec = SPECS[name]
+        try:
+            key = cache_key(spec, config, upstream_digests(spec, config))
+        except Exception:  # noqa: BLE001 - an upstream that has not run yet: this stage must run
+            out.append((name, False))
+            continue
+        out.append((name, not force and is_fresh(stage_dir(config, name), key)))
+    return out
+
+
+def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: list[str] | None = None, force: bool = False, nested: bool = True) -> dict[str, dict]:
+    """Run ``stages`` (default: the config's) in pipeline order.
+
+    Args:
+        config: the resolved config.
+        config_path: the YAML file it came from (recorded in runs and outputs).
+        ctx: the process group (rank 0 alone logs and writes).
+        stages: the stages to run; ``None`` means ``config.stages``.
+        force: rerun stages even when their cache key is unchanged.
+        nested: one parent run with nested stage runs (``medsynth run``); otherwise one run per stage.
+
+    Returns:
+        The manifest of every stage, run or skipped.
+    """
+    names = [s for s in STAGES if s in (stages if stages is not None else config.stages)]
+    steps = plan(config, names, force)
+    if all(fresh for _, fresh in steps):
+        for name in names:
+            say(f"{name}: unchanged, skipped ({stage_dir(config, name)})", ctx)
+        return {}
+
+    from medsynth import tracking
+
+    results: dict[str, dict] = {}
+    if ctx.is_main:
+        tracking.configure(config)
+    parent = (
+        tracking.start_run(config, run_name=config.name, stage=None, nested=False, config_path=config_path)
+        if nested and ctx.is_main
+        else _null_context()
+    )
+    with parent as parent_tracker:
+        for name in names:
+            results[name] = _run_stage(SPECS[name], config, config_path, ctx, force=force, nested=nested, tracking=tracking)
+        if parent_tracker is not None and ctx.is_main:
+            parent_tracker.set_tags({"medsynth.stages": ",".join(names)})
+    return results
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistContext, *, force: bool, nested: bool, tracking) -> dict:
+    inputs = upstream_digests(spec, config)
+    key = cache_key(spec, config, inputs)
+    final = stage_dir(config, spec.name)
+    if not force and is_fresh(final, key):
+        say(f"{spec.name}: unchanged, skipped ({final})", ctx)
+        return {}
+    distributed_stage = spec.name == "train"
+    if not ctx.is_main and not distributed_stage:
+        barrier(ctx)
+        return {}
+    say(f"{spec.name}: running -> {final}", ctx)
+    started = time.time()
+    # Training keeps a fixed work folder with its checkpoints so that an interrupted run can resume.
+    work = Path(config.output_dir) / f".{spec.name}.partial" if distributed_stage else None
+    run = (
+        tracking.start_run(config, run_name=f"{config.name}/{spec.name}", stage=spec.name, nested=nested, config_path=config_path)
+        if ctx.is_main
+        else _null_context()
+    )
+    manifest: dict = {}
+    try:
+        with run as tracker:
+            tracker = tracker if tracker is not None else tracking.NullTracker()
+            if ctx.is_main:
+                with staged_folder(final, work=work, keep_on_error=distributed_stage) as folder:
+                    stage_ctx = StageContext(spec.name, config, config_path, folder, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
+                    stage_ctx.summary = spec.run(stage_ctx) or {}
+                    manifest = write_manifest(stage_ctx, key, inputs, tracking.code_version(), started)
+                    tracker.log_artifact(folder / "config.yaml")
+                    tracker.log_artifact(folder / "manifest.json")
+            else:
+                stage_ctx = StageContext(spec.name, config, config_path, work, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
+                spec.run(stage_ctx)
+    except BaseException:
+        # Nothing half-written: a training work folder survives only if it holds a checkpoint to resume.
+        if distributed_stage and ctx.is_main and work is not None and not (work / "checkpoints" / "last.pt").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    barrier(ctx)
+    say(f"{spec.name}: done in {time.time() - started:.1f}s", ctx)
+    return manifest
