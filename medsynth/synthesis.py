@@ -38,7 +38,8 @@ def synthesise(
     trained.network.to(device)
     channels = trained.network.in_channels
     started = time.perf_counter()
-    with tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True) as bar:
+    # disable=None: bars on a terminal, silence in logs and CI.
+    with tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True, disable=None) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -36,17 +36,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config, work = ctx.config, ctx.work
     data = config.data
     if data.source == "phantom":
-        with tqdm(total=data.phantom.count, desc="prepare: phantoms", unit="case") as bar:
+        with tqdm(total=data.phantom.count, desc="prepare: phantoms", unit="case", disable=None) as bar:
             cases, volumes, label_maps = phantom_cases(data, work, config.seed, bar.update)
         modality = config.modality
         label_names = {v: k for k, v in (CT_LABELS if modality == "ct" else BRAIN_LABELS).items()}
     else:
-        with tqdm(desc="prepare: reading", unit="item") as bar:
+        with tqdm(desc="prepare: reading", unit="item", disable=None) as bar:
             cases, volumes, modality = folder_cases(data, work, bar.update)
         label_maps, label_names = None, {}
 
     train_idx, val_idx = split_cases(len(cases), data.val_fraction, config.seed)
-    with tqdm(total=len(cases), desc="prepare: preprocessing", unit="case") as bar:
+    with tqdm(total=len(cases), desc="prepare: preprocessing", unit="case", disable=None) as bar:
         prepared = preprocess_cases(cases, volumes, label_maps, data, modality, bar.update)
     train = _subset(prepared, {cases[i].case_id for i in train_idx})
     val = _subset(prepared, {cases[i].case_id for i in val_idx})

@@ -9,7 +9,6 @@ the other stages run on rank 0 while the rest wait.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ assert tuple(SPECS) == STAGES
 
 
 def say(message: str, ctx: DistContext) -> None:
+    """Stage status on stdout (stderr is kept for progress bars and the one-line error)."""
     if ctx.is_main:
-        print(message, file=sys.stderr, flush=True)
+        print(message, flush=True)
 
 
 def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]]:

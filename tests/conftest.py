@@ -19,7 +19,6 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One throw-away sqlite store for the whole session (creating one costs a few seconds)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.setdefault("TQDM_DISABLE", "1")
     return uri
 
 

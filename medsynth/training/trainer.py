@@ -200,7 +200,7 @@ def train_diffusion(
 
     # 3. loop
     window_loss, window_images, window_start = [], 0, time.perf_counter()
-    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", unit="step", disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", unit="step", disable=None if ctx.is_main else True, dynamic_ncols=True)
     completed, updating = start, False
     try:
         for step in range(start, tcfg.max_steps):

@@ -19,7 +19,7 @@ from monai.data import load_decathlon_datalist
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = main(args)
     captured = capsys.readouterr()
-    return code, captured.err
+    return code, captured.out + captured.err
 
 
 @pytest.mark.slow
