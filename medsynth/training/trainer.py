@@ -1,6 +1,6 @@
 """The diffusion training loop: MONAI ``DiffusionModelUNet`` + scheduler through ``DiffusionInferer``.
 
-Exact resume: the data order and the per-step noise are pure functions of ``(seed, step, rank)``, and
+Exact resume: the data order and the per-step noise are pure functions of ``(seed, step)``, and
 a checkpoint holds every other piece of state (model, EMA, optimiser, LR scheduler, grad scaler,
 global RNG states, step). An interrupted run resumed with ``train.resume=true`` ends with the same
 weights as one that was never interrupted (on CPU; GPU kernels are not bitwise deterministic).
@@ -67,9 +67,9 @@ def batch_indices(step: int, batch: int, count: int, seed: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator for one step's noise and timesteps: a pure function of (seed, step, rank)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one step's noise and timesteps: a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
@@ -205,13 +205,16 @@ def train_diffusion(
     try:
         for step in range(start, tcfg.max_steps):
             model.train()
-            index = batch_indices(step, tcfg.batch_size, len(data), config.seed)[ctx.rank :: ctx.world_size]
+            # Every rank draws the whole global batch's indices, noise and timesteps and keeps its
+            # share, so N processes train exactly what one process would (up to summation order).
+            shard = slice(ctx.rank, None, ctx.world_size)
+            index = batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard]
             x0 = data[index].to(device)
             if tcfg.channels_last:
                 x0 = x0.contiguous(memory_format=_memory_format(spatial_dims))
-            generator = step_generator(config.seed, step, ctx.rank, device)
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            t = sample_timesteps(scheduler, len(x0), generator=generator, device=device)
+            generator = step_generator(config.seed, step, device)
+            noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
+            t = sample_timesteps(scheduler, tcfg.batch_size, generator=generator, device=device)[shard]
 
             # 1. predict (epsilon | v | velocity) for the noised batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -1,0 +1,117 @@
+"""Training: exact resume after an interruption, safe checkpoints, schedules, data order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, deep_update
+from medsynth.config import Config
+from medsynth.errors import MedsynthError
+from medsynth.training.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
+from medsynth.training.distributed import DistContext
+from medsynth.training.trainer import batch_indices, lr_factor, train_diffusion
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def tiny_config(**train) -> Config:
+    return Config.model_validate(deep_update(TINY, {"train": {"max_steps": 6, "checkpoint_every": 2, "log_every": 1, "val_every": 3, **train}}))
+
+
+def data(spatial=(16, 16), n=12) -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, (n, 1, *spatial)).astype(np.float32)
+
+
+class Interrupt:
+    """Raises KeyboardInterrupt after a given step, as Ctrl-C between steps would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __call__(self, step: int) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 4])
+def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path, interrupt_at: int) -> None:
+    images = data()
+    straight = train_diffusion(tiny_config(), images[:10], images[10:], tmp_path / "a", CPU)
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(tiny_config(), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at))
+    assert load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)["step"] == interrupt_at
+    resumed = train_diffusion(tiny_config(resume=True), images[:10], images[10:], tmp_path / "b", CPU)
+    assert resumed.resumed_from == interrupt_at
+
+    a = load_state(straight.checkpoint_path, expected_format=CHECKPOINT_FORMAT)
+    b = load_state(resumed.checkpoint_path, expected_format=CHECKPOINT_FORMAT)
+    for part in ("model",):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), key
+    for key, value in a["ema"]["shadow"].items():
+        assert torch.equal(value, b["ema"]["shadow"][key]), key
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    assert [h["train/loss"] for h in a["history"]][interrupt_at:] == [h["train/loss"] for h in b["history"]][interrupt_at:]
+
+
+def test_same_seed_same_weights_different_seed_differs(tmp_path: Path) -> None:
+    images = data()
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        config = tiny_config(max_steps=2)
+        config.seed = seed
+        result = train_diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
+        runs.append(load_state(result.model_path, expected_format=MODEL_FORMAT)["state_dict"])
+    key = next(iter(runs[0]))
+    assert torch.equal(runs[0][key], runs[1][key]) and not torch.equal(runs[0][key], runs[2][key])
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    images = data()
+    train_diffusion(tiny_config(max_steps=2), images[:10], images[10:], tmp_path, CPU)
+    other = Config.model_validate(deep_update(TINY, {"model": {"channels": [8, 16]}, "train": {"resume": True}}))
+    with pytest.raises(MedsynthError, match="different model"):
+        train_diffusion(other, images[:10], images[10:], tmp_path, CPU)
+
+
+def test_3d_training_step_and_model_file(tmp_path: Path) -> None:
+    config = Config.model_validate(deep_update(TINY, {"data": {"spatial_dims": 3, "image_size": [16, 16, 16], "phantom": {"shape": [16, 16, 16]}},
+                                                      "train": {"max_steps": 1, "batch_size": 2, "val_images": 2}}))
+    images = data((16, 16, 16), 4)
+    result = train_diffusion(config, images[:3], images[3:], tmp_path, CPU)
+    state = load_state(result.model_path, expected_format=MODEL_FORMAT)
+    assert state["spatial_dims"] == 3 and state["image_size"] == [16, 16, 16]
+
+
+def test_checkpoints_are_loaded_without_unpickling_code(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": Path("/etc/passwd")}, evil)  # needs a pickled class
+    with pytest.raises(MedsynthError, match="not a readable"):
+        load_state(evil, expected_format=CHECKPOINT_FORMAT)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(MedsynthError, match="not a medsynth"):
+        load_state(other, expected_format=CHECKPOINT_FORMAT)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not torch")
+    with pytest.raises(MedsynthError):
+        load_state(garbage, expected_format=MODEL_FORMAT)
+
+
+def test_lr_warmup_then_cosine_to_floor() -> None:
+    factors = [lr_factor(s, warmup=10, total=100, floor=0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, warmup=10, total=100, floor=0.1) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_seeded_stream_of_permutations() -> None:
+    first_epoch = np.concatenate([batch_indices(s, 4, 12, seed=3) for s in range(3)])
+    assert sorted(first_epoch) == list(range(12))
+    assert np.array_equal(batch_indices(5, 4, 12, seed=3), batch_indices(5, 4, 12, seed=3))
+    assert not np.array_equal(batch_indices(0, 12, 12, seed=3), batch_indices(0, 12, 12, seed=4))
+    assert len(batch_indices(0, 20, 12, seed=0)) == 20  # batches larger than the data wrap around epochs
