@@ -141,7 +141,7 @@ class DiffusionConfig(StrictModel):
     beta_start: float = Field(0.0015, gt=0.0, lt=1.0)
     beta_end: float = Field(0.0195, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    min_snr_gamma: float | None = Field(5.0, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: off")
+    min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
 
 
 class TrainConfig(StrictModel):

@@ -48,6 +48,10 @@ def _quiet_mlflow() -> None:
     # output should stay readable. Warnings and errors still show.
     for name in ("alembic", "mlflow", "mlflow.store.db.utils", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # medsynth logs its own model with the pickle flavour on purpose (the network takes two inputs,
+    # which MLflow's pt2 export cannot trace without an example); the caution it prints is noted in
+    # docs/user_guide.md instead of on every run.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -83,7 +87,10 @@ class Tracker:
 
     def log_dataset(self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None) -> str:
         """Log a data set with ``mlflow.log_input``; returns MLflow's digest of it."""
-        dataset = self._mlflow.data.from_numpy(features, source=source, targets=targets, name=name)
+        with warnings.catch_warnings():
+            # A local path matches two equivalent MLflow source types; MLflow picks one and warns.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = self._mlflow.data.from_numpy(features, source=source, targets=targets, name=name)
         self._mlflow.log_input(dataset, context=context)
         return dataset.digest
 

@@ -35,11 +35,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics = evaluate_fidelity(
         torch.from_numpy(real), torch.from_numpy(fake), spatial_dims=config.data.spatial_dims,
         real_labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)), class_names=class_names,
+        bins=cfg.histogram_bins,
     )
     metrics = {f"eval/{k}": float(v) for k, v in metrics.items()}
     details = {"num_real": len(real), "num_fake": len(fake), "ssim_settings": ssim_settings(tuple(real.shape[2:])),
                "labels": labels is not None, "evaluate_config": to_plain(cfg), "metrics": metrics}
-    atomic_write_json(work / "metrics.json", details)
+    # JSON has no NaN: a class that no synthetic voxel was assigned to is recorded as null.
+    atomic_write_json(work / "metrics.json", details | {"metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}})
     evaluation_figure(real, fake, metrics, work / "evaluation.png")
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_params({"eval.ssim_settings": json.dumps(details["ssim_settings"], default=str)})

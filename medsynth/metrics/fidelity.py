@@ -379,6 +379,7 @@ def evaluate_fidelity(
     spatial_dims: int,
     real_labels: torch.Tensor | None = None,
     class_names: dict[int, str] | None = None,
+    bins: int = 64,
 ) -> dict[str, float]:
     """All fidelity metrics of a synthetic set against a real one, as one flat dict.
 
@@ -392,6 +393,7 @@ def evaluate_fidelity(
         spatial_dims: 2 or 3.
         real_labels: label maps of ``real`` ``(N, 1, *spatial)``; needs single-channel images.
         class_names: label value → name, for the per-class keys.
+        bins: histogram bins over [-1, 1] for the per-class intensity distances.
 
     Returns:
         ``{metric name: value}``.
@@ -410,5 +412,5 @@ def evaluate_fidelity(
     for metric in FIDELITY_METRICS.values():
         result.update(metric(real, fake, spatial_dims=spatial_dims))
     if real_labels is not None:
-        result.update(class_intensity_distance(real, real_labels, fake, class_names=class_names))
+        result.update(class_intensity_distance(real, real_labels, fake, class_names=class_names, bins=bins))
     return result

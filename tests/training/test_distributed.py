@@ -30,6 +30,8 @@ def test_torchrun_two_cpu_processes_match_one_process(write_config, tmp_path: Pa
     assert main(["train", str(config), "--force"]) == 0
     single = load_state(out / "train" / "model.pt", expected_format=MODEL_FORMAT)["state_dict"]
     # The global batch is split across ranks and gradients are averaged: the same update up to
-    # floating-point summation order.
-    for key, value in single.items():
-        assert torch.allclose(value, distributed[key], atol=1e-4, rtol=1e-3), key
+    # floating-point summation order. Adam turns summation noise on near-zero gradients into steps of
+    # up to lr (1e-3) on a few weights, so: almost every weight equal, none off by a whole step. With
+    # other noise or data, the typical weight would differ by about lr.
+    diff = torch.cat([(single[k].float() - distributed[k].float()).abs().flatten() for k in single])
+    assert diff.median() < 1e-6 and diff.max() < 1e-3, (diff.median(), diff.max())
