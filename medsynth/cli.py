@@ -72,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_paths(config, args.config)
         stages = _stages(args.stages) if args.command == "run" else [args.command]
 
+        from pipelines.runner import report_if_unchanged, run_pipeline
+
+        if report_if_unchanged(config, stages, args.force):
+            return 0
         from medsynth.training.distributed import setup, teardown
-        from pipelines.runner import run_pipeline
 
         ctx = setup(config.device)
         try:

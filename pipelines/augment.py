@@ -20,17 +20,9 @@ from medsynth.io.atomic import atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import synthesise, to_units, write_scan
 from medsynth.tracking import code_version
-from pipelines.stage import StageContext, StageSpec
+from pipelines.specs import augment_section
+from pipelines.stage import StageContext
 
-
-def resolved(config) -> dict[str, Any]:
-    """The augment section with the sampler settings it inherits from ``sample`` filled in."""
-    section = to_plain(config.augment)
-    section["sampler"] = section["sampler"] or config.sample.sampler
-    section["steps"] = section["steps"] or config.sample.steps
-    section["eta"] = config.sample.eta
-    section["batch_size"] = config.sample.batch_size
-    return section
 
 
 def _relative(entry: dict, prepare_dir: Path, out_dir: Path) -> dict:
@@ -43,7 +35,7 @@ def _relative(entry: dict, prepare_dir: Path, out_dir: Path) -> dict:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work = ctx.config, ctx.work
-    cfg = resolved(config)
+    cfg = augment_section(config)
     prepare_dir = ctx.inputs["prepare"]
     final_dir = Path(config.output_dir) / "augment"
     summary = json.loads((prepare_dir / "cache" / "summary.json").read_text())
@@ -97,11 +89,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_artifact(work / "datalist_augmented.json")
     return metrics
 
-
-SPEC = StageSpec(
-    name="augment",
-    run=run,
-    sections=resolved,
-    inputs=("prepare", "train"),
-    description="synthetic cases with provenance + merged datalist",
-)

@@ -18,7 +18,7 @@ from medsynth.errors import MedsynthError
 from medsynth.figures import evaluation_figure
 from medsynth.io.atomic import atomic_write_json
 from medsynth.metrics.fidelity import evaluate_fidelity, ssim_settings
-from pipelines.stage import StageContext, StageSpec
+from pipelines.stage import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -49,11 +49,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_artifact(work / "metrics.json")
     return metrics
 
-
-SPEC = StageSpec(
-    name="evaluate",
-    run=run,
-    sections=lambda c: {"evaluate": to_plain(c.evaluate)},
-    inputs=("prepare", "sample"),
-    description="MMD, MS-SSIM diversity, per-class intensity distances",
-)

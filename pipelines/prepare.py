@@ -17,7 +17,7 @@ from medsynth.data.phantoms import BRAIN_LABELS, CT_LABELS
 from medsynth.data.prepare import Prepared, datalist, folder_cases, phantom_cases, preprocess_cases, save_split, split_cases
 from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_write_json
-from pipelines.stage import StageContext, StageSpec
+from pipelines.stage import StageContext
 
 
 def _subset(prepared: Prepared, case_ids: set[str]) -> Prepared:
@@ -79,20 +79,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return summary["cases"] | summary["inputs"]
 
 
-SPEC = StageSpec(
-    name="prepare",
-    run=run,
-    sections=lambda c: {"data": to_plain(c.data)},
-    inputs=(),
-    description="phantoms or your folder -> NIfTI + datalist.json + cached model inputs",
-)
-
-
-def load_summary(ctx: StageContext) -> dict[str, Any]:
-    import json
-
-    return json.loads((ctx.inputs["prepare"] / "cache" / "summary.json").read_text())
-
-
-def config_modality(config: Config) -> str:
-    return config.modality

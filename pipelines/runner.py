@@ -8,24 +8,32 @@ the other stages run on rank 0 while the rest wait.
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medsynth.config import STAGES, Config
 from medsynth.io.atomic import staged_folder
-from medsynth.training.distributed import DistContext, barrier
-from pipelines import augment, evaluate, prepare, sample, train
+from pipelines.specs import SPECS
 from pipelines.stage import StageContext, StageSpec, cache_key, is_fresh, stage_dir, upstream_digests, write_manifest
 
-SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (prepare.SPEC, train.SPEC, sample.SPEC, evaluate.SPEC, augment.SPEC)}
-assert tuple(SPECS) == STAGES
+if TYPE_CHECKING:
+    from medsynth.training.distributed import DistContext
 
 
-def say(message: str, ctx: DistContext) -> None:
-    """Stage status on stdout (stderr is kept for progress bars and the one-line error)."""
-    if ctx.is_main:
+def say(message: str, ctx: DistContext | None = None) -> None:
+    """Stage status on stdout (stderr is kept for progress bars and the one-line error); rank 0 only."""
+    is_main = ctx.is_main if ctx is not None else os.environ.get("RANK", "0") == "0"
+    if is_main:
         print(message, flush=True)
+
+
+def selected(config: Config, stages: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order."""
+    return [s for s in STAGES if s in (stages if stages is not None else config.stages)]
 
 
 def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]]:
@@ -42,6 +50,19 @@ def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]
     return out
 
 
+def report_if_unchanged(config: Config, stages: list[str] | None, force: bool) -> bool:
+    """When every selected stage is unchanged, say so and return True.
+
+    Needs neither torch nor MLflow, so a fully cached pipeline answers in about a second.
+    """
+    names = selected(config, stages)
+    if force or not all(fresh for _, fresh in plan(config, names, force)):
+        return False
+    for name in names:
+        say(f"{name}: unchanged, skipped ({stage_dir(config, name)})")
+    return True
+
+
 def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: list[str] | None = None, force: bool = False, nested: bool = True) -> dict[str, dict]:
     """Run ``stages`` (default: the config's) in pipeline order.
 
@@ -56,12 +77,9 @@ def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: 
     Returns:
         The manifest of every stage, run or skipped.
     """
-    names = [s for s in STAGES if s in (stages if stages is not None else config.stages)]
-    steps = plan(config, names, force)
-    if all(fresh for _, fresh in steps):
-        for name in names:
-            say(f"{name}: unchanged, skipped ({stage_dir(config, name)})", ctx)
+    if report_if_unchanged(config, stages, force):
         return {}
+    names = selected(config, stages)
 
     from medsynth import tracking
 
@@ -90,6 +108,9 @@ class _null_context:
 
 
 def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistContext, *, force: bool, nested: bool, tracking) -> dict:
+    from medsynth.training.distributed import barrier
+
+    run_fn = importlib.import_module(spec.module).run
     inputs = upstream_digests(spec, config)
     key = cache_key(spec, config, inputs)
     final = stage_dir(config, spec.name)
@@ -116,13 +137,13 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
             if ctx.is_main:
                 with staged_folder(final, work=work, keep_on_error=distributed_stage) as folder:
                     stage_ctx = StageContext(spec.name, config, config_path, folder, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
-                    stage_ctx.summary = spec.run(stage_ctx) or {}
+                    stage_ctx.summary = run_fn(stage_ctx) or {}
                     manifest = write_manifest(stage_ctx, key, inputs, tracking.code_version(), started)
                     tracker.log_artifact(folder / "config.yaml")
                     tracker.log_artifact(folder / "manifest.json")
             else:
                 stage_ctx = StageContext(spec.name, config, config_path, work, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
-                spec.run(stage_ctx)
+                run_fn(stage_ctx)
     except BaseException:
         # Nothing half-written: a training work folder survives only if it holds a checkpoint to resume.
         if distributed_stage and ctx.is_main and work is not None and not (work / "checkpoints" / "last.pt").is_file():

@@ -17,7 +17,7 @@ from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import synthesise, to_units, write_scan
-from pipelines.stage import StageContext, StageSpec
+from pipelines.stage import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -44,11 +44,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_artifact(work / "grid.png")
     return {"num_samples": len(images), "seconds": round(seconds, 2)}
 
-
-SPEC = StageSpec(
-    name="sample",
-    run=run,
-    sections=lambda c: {"sample": to_plain(c.sample)},
-    inputs=("prepare", "train"),
-    description="DDPM / DDIM / RFlow sampling to NIfTI + grid",
-)

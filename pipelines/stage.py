@@ -13,13 +13,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from medsynth import __version__
 from medsynth.config import Config, digest, to_plain, to_yaml
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json, atomic_write_text, file_digest
-from medsynth.training.distributed import DistContext
+
+if TYPE_CHECKING:
+    from medsynth.training.distributed import DistContext
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -44,10 +46,11 @@ class StageContext:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage: its function, the config sections and upstream stages its outputs depend on."""
+    """A stage: the module whose ``run(ctx)`` runs it, the config sections and upstream stages its
+    outputs depend on."""
 
     name: str
-    run: Callable[[StageContext], dict[str, Any]]
+    module: str
     sections: Callable[[Config], dict[str, Any]]
     inputs: tuple[str, ...]
     description: str

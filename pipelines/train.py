@@ -18,7 +18,7 @@ from medsynth.figures import loss_curve
 from medsynth.io.atomic import atomic_write_json
 from medsynth.models.loading import load_trained_model
 from medsynth.training.trainer import train_diffusion
-from pipelines.stage import StageContext, StageSpec
+from pipelines.stage import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -64,13 +64,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "images_per_s": last.get("train/images_per_s"), "resumed_from": result.resumed_from, "model_uri": model_uri,
             "mlflow_run_id": ctx.tracker.run_id or None}
 
-
-SPEC = StageSpec(
-    name="train",
-    run=run,
-    # resume changes how the result is reached, not the result.
-    sections=lambda c: {"model": to_plain(c.model), "diffusion": to_plain(c.diffusion),
-                        "train": {k: v for k, v in to_plain(c.train).items() if k != "resume"}},
-    inputs=("prepare",),
-    description="DDPM/RFlow training with EMA, checkpoints, exact resume, DDP",
-)
