@@ -7,7 +7,8 @@ images/s is printed, because absolute numbers on shared machines are noisy.
     python benchmarks/train_throughput.py --config configs/quickstart.yaml --steps 40 --repeats 3
 
 medsynth's step does more than the tutorial loop (Min-SNR weighting, gradient clipping, EMA update,
-LR schedule, channels_last, per-step seeded noise); the ratio shows what that costs or saves.
+LR schedule, per-step seeded noise, channels_last when configured); the ratio shows what that
+costs or saves.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     val_images: int = Field(64, ge=1, description="Held-out images used for the validation loss")
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
-    channels_last: bool = True
+    channels_last: bool = Field(False, description="channels-last memory format (helps on GPUs; measured 10 % slower on a 2-core CPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
 
 

@@ -66,7 +66,7 @@ def loss_curve(history: list[dict[str, float]], path: str | Path) -> Path:
     """Training loss (and validation loss where measured) against step, log scale."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train/loss"] for h in history], label="train loss (Min-SNR weighted)")
+    ax.plot(steps, [h["train/loss"] for h in history], label="train loss")
     val = [(h["step"], h["val/loss"]) for h in history if "val/loss" in h and np.isfinite(h["val/loss"])]
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss (EMA, unweighted)")
