@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medsynth.config import Config, to_plain
+from medsynth.config import to_plain
 from medsynth.data.phantoms import BRAIN_LABELS, CT_LABELS
 from medsynth.data.prepare import Prepared, datalist, folder_cases, phantom_cases, preprocess_cases, save_split, split_cases
 from medsynth.figures import sample_grid

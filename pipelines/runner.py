@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medsynth.config import STAGES, Config
+from medsynth.errors import MedsynthError
 from medsynth.io.atomic import staged_folder
 from pipelines.specs import SPECS
 from pipelines.stage import StageContext, StageSpec, cache_key, is_fresh, stage_dir, upstream_digests, write_manifest
@@ -107,11 +108,25 @@ class _null_context:
         return False
 
 
+def check_upstream_current(spec: StageSpec, config: Config) -> None:
+    """Refuse to build on outputs that an earlier stage made from a different config."""
+    for upstream in spec.inputs:
+        upstream_spec = SPECS[upstream]
+        check_upstream_current(upstream_spec, config)
+        key = cache_key(upstream_spec, config, upstream_digests(upstream_spec, config))
+        if not is_fresh(stage_dir(config, upstream), key):
+            raise MedsynthError(
+                f"the outputs of stage '{upstream}' in {stage_dir(config, upstream)} were made with another config; "
+                f"run 'medsynth {upstream}' (or 'medsynth run') with this config first"
+            )
+
+
 def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistContext, *, force: bool, nested: bool, tracking) -> dict:
     from medsynth.training.distributed import barrier
 
     run_fn = importlib.import_module(spec.module).run
     inputs = upstream_digests(spec, config)
+    check_upstream_current(spec, config)
     key = cache_key(spec, config, inputs)
     final = stage_dir(config, spec.name)
     if not force and is_fresh(final, key):

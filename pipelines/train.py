@@ -28,7 +28,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_split(cache, "train")
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):
-        raise ValueError(f"cached inputs are {list(train['images'].shape[2:])}, config says data.image_size {config.data.image_size}")
+        raise MedsynthError(f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; rerun 'medsynth prepare'")
 
     if ctx.dist.is_main and config.train.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"train: resuming from {work / 'checkpoints' / 'last.pt'}", file=sys.stderr)

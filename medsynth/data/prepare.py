@@ -95,7 +95,7 @@ def folder_cases(data: DataConfig, out_dir: Path, progress: Progress = None) -> 
     cases: list[Case] = []
     volumes: list[Volume] = []
     for kind, path in found:
-        for k, volume in enumerate(read_any(kind, path)):
+        for volume in read_any(kind, path):
             if data.spatial_dims == 3 and (volume.array.ndim != 3 or min(volume.array.shape) < 2):
                 raise MedsynthError(f"{volume.source}: expected a 3D volume for spatial_dims 3, got shape {volume.array.shape}")
             if volume.array.ndim > max_dims:

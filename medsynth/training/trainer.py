@@ -137,7 +137,6 @@ def train_diffusion(
     device = ctx.device
     if tcfg.batch_size % ctx.world_size:
         raise MedsynthError(f"train.batch_size {tcfg.batch_size} is not divisible by the {ctx.world_size} processes")
-    local_batch = tcfg.batch_size // ctx.world_size
     amp_dtype = autocast_dtype(tcfg.precision, device)
     checkpoint_path = work_dir / "checkpoints" / "last.pt"
 

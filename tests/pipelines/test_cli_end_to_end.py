@@ -82,6 +82,9 @@ def test_quick_pipeline_2d_outputs_cache_and_mlflow(write_config, tmp_path: Path
     # --force reruns a single stage.
     code, err = run_cli(["prepare", str(config), "--force"], capsys)
     assert code == 0 and "prepare: running" in err
+    # One stage alone refuses to build on outputs made from another data config.
+    code, err = run_cli(["sample", str(config), "data.phantom.count=11"], capsys)
+    assert code == 2 and "stage 'prepare'" in err and "another config" in err
 
 
 @pytest.mark.slow
