@@ -3,7 +3,8 @@
 Each phantom is built from a handful of ellipsoids and smooth random fields on the normalised grid
 ``[-1, 1]^d`` (``np.meshgrid(indexing="ij")``), so one code path makes a 2D axial slice (axes x, y) and
 a 3D volume (axes x, y, z, z cranio-caudal). Orientation: x runs from the patient's right to left and
-y from anterior to posterior, so ``image.T`` shown with ``imshow`` is in the radiological convention.
+y from anterior to posterior, so ``image.T`` shown with ``imshow`` is in the radiological convention;
+:data:`PHANTOM_AXIS_SIGNS` says how these axes sit in RAS world coordinates, for the NIfTI affine.
 
 All randomness comes from the ``rng`` argument and every random parameter is drawn up front, whatever
 the options: the same seed gives the same anatomy with and without a lesion or a bias field, and the
@@ -46,6 +47,9 @@ CT_LABELS: dict[str, int] = {
     "lesion": 6,
 }
 PHANTOM_KINDS: tuple[str, ...] = ("brain_mri", "body_ct")
+# Array axes in RAS world terms: x runs right -> left (along RAS +x), y runs
+# anterior -> posterior (against RAS +A), z runs superior -> inferior (against RAS +S).
+PHANTOM_AXIS_SIGNS = (1.0, -1.0, -1.0)
 MIN_PHANTOM_SIZE = 16
 
 # Lowest value a CT scanner stores; noise in air is clipped there as on a real scanner.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medsynth.config import DataConfig
-from medsynth.data.phantoms import generate_phantom
+from medsynth.data.phantoms import PHANTOM_AXIS_SIGNS, generate_phantom
 from medsynth.data.transforms import Intensity, intensity_for, model_inputs
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json
@@ -61,7 +61,7 @@ def phantom_cases(data: DataConfig, out_dir: Path, seed: int, progress: Progress
     """
     cfg = data.phantom
     spacing = [cfg.fov_mm / cfg.shape[0]] * len(cfg.shape)
-    affine = spacing_affine(spacing, tuple(cfg.shape))
+    affine = spacing_affine(spacing, tuple(cfg.shape), signs=PHANTOM_AXIS_SIGNS)
     cases, volumes, label_maps = [], [], []
     for i in range(cfg.count):
         phantom = generate_phantom(

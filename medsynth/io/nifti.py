@@ -33,10 +33,17 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtyp
     return atomic_write(path, lambda tmp: nib.save(image, tmp.with_name(tmp.name + suffix)) or (tmp.with_name(tmp.name + suffix)).replace(tmp))
 
 
-def spacing_affine(spacing: tuple[float, ...] | list[float], shape: tuple[int, ...]) -> np.ndarray:
-    """A RAS affine with the given voxel spacing whose world origin is the grid centre."""
+def spacing_affine(spacing: tuple[float, ...] | list[float], shape: tuple[int, ...], *, signs: tuple[float, ...] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """A RAS affine with the given voxel spacing whose world origin is the grid centre.
+
+    Args:
+        spacing: voxel size per axis, mm.
+        shape: the grid (2 or 3 sides).
+        signs: +1 where the array axis runs along +R/+A/+S, -1 where it runs the other way.
+    """
     spacing = list(spacing) + [1.0] * (3 - len(spacing))
-    affine = np.diag([*spacing, 1.0]).astype(np.float64)
     size = list(shape) + [1] * (3 - len(shape))
-    affine[:3, 3] = [-(n - 1) * s / 2.0 for n, s in zip(size, spacing)]
+    steps = [s * d for s, d in zip(spacing, signs)]
+    affine = np.diag([*steps, 1.0]).astype(np.float64)
+    affine[:3, 3] = [-(n - 1) * s / 2.0 for n, s in zip(size, steps)]
     return affine

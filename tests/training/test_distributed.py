@@ -35,3 +35,15 @@ def test_torchrun_two_cpu_processes_match_one_process(write_config, tmp_path: Pa
     # other noise or data, the typical weight would differ by about lr.
     diff = torch.cat([(single[k].float() - distributed[k].float()).abs().flatten() for k in single])
     assert diff.median() < 1e-6 and diff.max() < 1e-3, (diff.median(), diff.max())
+
+
+@pytest.mark.slow
+def test_torchrun_whole_pipeline(write_config, tmp_path: Path) -> None:
+    config = write_config({"train": {"max_steps": 2}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medsynth", "run", str(config)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("prepare", "train", "sample", "evaluate", "augment"):
+        assert done.stdout.count(f"{stage}: done") == 1  # run once, reported by rank 0
+        assert (tmp_path / "out" / stage / "manifest.json").is_file()
