@@ -6,6 +6,7 @@ Both hold only tensors and plain Python values, are written atomically, and are 
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,14 @@ FORMAT_VERSION = 1
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint.
+
+    Serialised through a buffer because ``torch.save`` names the archive inside the file after the
+    file it writes to; the random temporary name would make equal states differ byte for byte.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def load_state(path: str | Path, *, expected_format: str) -> dict[str, Any]:

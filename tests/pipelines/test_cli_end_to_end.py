@@ -101,3 +101,20 @@ def test_pipeline_3d_runs_end_to_end(write_config, tmp_path: Path, capsys) -> No
 def test_single_stage_needs_its_inputs(write_config, capsys) -> None:
     code, err = run_cli(["sample", str(write_config())], capsys)
     assert code == 2 and "needs the outputs of stage 'prepare'" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_identical_outputs(write_config, tmp_path: Path, capsys) -> None:
+    digests = []
+    for name in ("first", "second"):
+        config = write_config({"output_dir": str(tmp_path / name), "stages": ["prepare", "train", "sample"]}, name=f"{name}.yaml")
+        assert main(["run", str(config)]) == 0
+        outputs = {}
+        for stage in ("prepare", "train", "sample"):
+            manifest = json.loads((tmp_path / name / stage / "manifest.json").read_text())["outputs"]
+            outputs.update({f"{stage}/{k}": v["sha256"] for k, v in manifest.items()})
+        digests.append(outputs)
+    capsys.readouterr()
+    for key in ("prepare/cache/train_images.npy", "prepare/images/phantom_0000.nii.gz", "train/model.pt", "sample/samples.npy",
+                "sample/images/sample_0000.nii.gz"):
+        assert digests[0][key] == digests[1][key], key
