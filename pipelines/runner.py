@@ -37,18 +37,24 @@ def selected(config: Config, stages: list[str] | None) -> list[str]:
     return [s for s in STAGES if s in (stages if stages is not None else config.stages)]
 
 
-def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]]:
-    """(stage, fresh) for each stage, assuming the earlier ones keep their outputs."""
-    out = []
-    for name in names:
+def is_current(name: str, config: Config, memo: dict[str, bool] | None = None) -> bool:
+    """Whether a stage's outputs match this config: its own cache key, and every upstream's too."""
+    memo = {} if memo is None else memo
+    if name not in memo:
         spec = SPECS[name]
         try:
             key = cache_key(spec, config, upstream_digests(spec, config))
-        except Exception:  # noqa: BLE001 - an upstream that has not run yet: this stage must run
-            out.append((name, False))
-            continue
-        out.append((name, not force and is_fresh(stage_dir(config, name), key)))
-    return out
+        except MedsynthError:  # an upstream that has not run yet
+            memo[name] = False
+        else:
+            memo[name] = is_fresh(stage_dir(config, name), key) and all(is_current(u, config, memo) for u in spec.inputs)
+    return memo[name]
+
+
+def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]]:
+    """(stage, fresh) for each stage, assuming the earlier ones keep their outputs."""
+    memo: dict[str, bool] = {}
+    return [(name, not force and is_current(name, config, memo)) for name in names]
 
 
 def report_if_unchanged(config: Config, stages: list[str] | None, force: bool) -> bool:
@@ -111,10 +117,7 @@ class _null_context:
 def check_upstream_current(spec: StageSpec, config: Config) -> None:
     """Refuse to build on outputs that an earlier stage made from a different config."""
     for upstream in spec.inputs:
-        upstream_spec = SPECS[upstream]
-        check_upstream_current(upstream_spec, config)
-        key = cache_key(upstream_spec, config, upstream_digests(upstream_spec, config))
-        if not is_fresh(stage_dir(config, upstream), key):
+        if not is_current(upstream, config):
             raise MedsynthError(
                 f"the outputs of stage '{upstream}' in {stage_dir(config, upstream)} were made with another config; "
                 f"run 'medsynth {upstream}' (or 'medsynth run') with this config first"

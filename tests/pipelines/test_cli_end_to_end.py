@@ -75,6 +75,9 @@ def test_quick_pipeline_2d_outputs_cache_and_mlflow(write_config, tmp_path: Path
     code, err = run_cli(["run", str(config)], capsys)
     assert code == 0 and err.count("unchanged, skipped") == 5
     assert len(client.search_runs([experiment.experiment_id])) == before
+    # A stage whose own outputs are unchanged still refuses upstream outputs made from another config.
+    code, err = run_cli(["evaluate", str(config), "data.phantom.count=11"], capsys)
+    assert code == 2 and "stage 'prepare'" in err and "another config" in err
     # A changed sample section reruns sample and what reads it, not prepare/train.
     code, err = run_cli(["run", str(config), "sample.seed=5"], capsys)
     assert code == 0
