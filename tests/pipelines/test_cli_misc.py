@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -45,3 +47,14 @@ def test_failing_stage_run_ends_failed_with_the_error(write_config, tmp_path: Pa
     assert "holds no NIfTI files" in stage_run.data.tags["medsynth.error"]
     parent = next(r for r in runs if "medsynth.stage" not in r.data.tags)
     assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_rectified_flow_trains_and_samples(write_config, tmp_path: Path, capsys) -> None:
+    config = write_config({"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": "rflow", "steps": 4},
+                           "stages": ["prepare", "train", "sample"], "tracking": {"log_model": False}})
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    samples = np.load(tmp_path / "out" / "sample" / "samples.npy")
+    assert samples.shape == (4, 1, 16, 16) and np.isfinite(samples).all()
+    record = json.loads((tmp_path / "out" / "sample" / "samples.json").read_text())
+    assert record["sampler"] == "rflow" and record["steps"] == 4
