@@ -21,10 +21,10 @@ def test_body_ct_anatomy_in_world_coordinates(tmp_path: Path, shape: list[int]) 
         labels_img = nib.load(tmp_path / case.label)
         labels = np.asarray(labels_img.dataobj)
 
-        def world_centroid(mask: np.ndarray) -> np.ndarray:
+        def world_centroid(mask: np.ndarray, affine: np.ndarray = labels_img.affine) -> np.ndarray:
             index = np.argwhere(mask).mean(axis=0)
             index = np.concatenate([index, np.zeros(3 - len(index))])
-            return labels_img.affine[:3, :3] @ index + labels_img.affine[:3, 3]
+            return affine[:3, :3] @ index + affine[:3, 3]
 
         body = world_centroid(labels > 0)
         assert world_centroid(labels == CT_LABELS["bone"])[1] < body[1]  # spine is posterior (RAS -y)
