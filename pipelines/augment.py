@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from medsynth.config import digest, to_plain
+from medsynth.data.prepare import load_summary
 from medsynth.io.atomic import atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import synthesise, to_units, write_scan
 from medsynth.tracking import code_version
 from pipelines.specs import augment_section
 from pipelines.stage import StageContext
-
 
 
 def _relative(entry: dict, prepare_dir: Path, out_dir: Path) -> dict:
@@ -38,7 +38,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = augment_section(config)
     prepare_dir = ctx.inputs["prepare"]
     final_dir = Path(config.output_dir) / "augment"
-    summary = json.loads((prepare_dir / "cache" / "summary.json").read_text())
+    summary = load_summary(prepare_dir / "cache")
     real = json.loads((prepare_dir / "datalist.json").read_text())
     n_real = len(real["training"])
     wanted = max(1, math.ceil(cfg["ratio"] * n_real))

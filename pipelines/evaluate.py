@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from medsynth.config import to_plain
+from medsynth.data.prepare import load_summary
 from medsynth.errors import MedsynthError
 from medsynth.figures import evaluation_figure
 from medsynth.io.atomic import atomic_write_json
@@ -24,7 +25,7 @@ from pipelines.stage import StageContext
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.evaluate
     cache = ctx.inputs["prepare"] / "cache"
-    summary = json.loads((cache / "summary.json").read_text())
+    summary = load_summary(cache)
     fake = np.load(ctx.inputs["sample"] / "samples.npy", allow_pickle=False)
     real = np.load(cache / "val_images.npy", allow_pickle=False)[: cfg.num_real]
     labels_path = cache / "val_labels.npy"

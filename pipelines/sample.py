@@ -7,12 +7,12 @@ sampler, steps, model).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from medsynth.config import to_plain
+from medsynth.data.prepare import load_summary
 from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json
 from medsynth.models.loading import load_trained_model
@@ -22,7 +22,7 @@ from pipelines.stage import StageContext
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.sample
-    summary = json.loads((ctx.inputs["prepare"] / "cache" / "summary.json").read_text())
+    summary = load_summary(ctx.inputs["prepare"] / "cache")
     trained = load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device)
     seeds = [cfg.seed + i for i in range(cfg.num_samples)]
     images, seconds = synthesise(trained, sampler=cfg.sampler, steps=cfg.steps, seeds=seeds, batch_size=cfg.batch_size, device=ctx.dist.device, eta=cfg.eta)

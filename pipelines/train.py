@@ -7,12 +7,11 @@ weights), ``checkpoints/last.pt`` (full state), ``loss_curve.png``, ``history.js
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 from medsynth.config import to_plain
-from medsynth.data.prepare import load_split
+from medsynth.data.prepare import load_split, load_summary
 from medsynth.errors import MedsynthError
 from medsynth.figures import loss_curve
 from medsynth.io.atomic import atomic_write_json
@@ -24,7 +23,7 @@ from pipelines.stage import StageContext
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work = ctx.config, ctx.work
     cache = ctx.inputs["prepare"] / "cache"
-    summary = json.loads((cache / "summary.json").read_text())
+    summary = load_summary(cache)
     train = load_split(cache, "train")
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):

@@ -177,6 +177,11 @@ def load_split(cache_dir: Path, split: str) -> dict[str, np.ndarray | list | Non
     }
 
 
+def load_summary(cache_dir: Path) -> dict:
+    """The prepare stage's ``cache/summary.json`` (modality, spacing, intensity convention, labels)."""
+    return json.loads((cache_dir / "summary.json").read_text())
+
+
 def datalist(cases: list[Case], train_idx: list[int], val_idx: list[int], modality: str) -> dict:
     """A MONAI-style datalist of the cases (paths relative to the datalist's folder or absolute)."""
 

@@ -83,17 +83,6 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return sha.hexdigest()
 
 
-def tree_digests(folder: str | Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under ``folder``, keyed by relative POSIX path, sorted."""
-    folder = Path(folder)
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel in exclude or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        out[rel] = file_digest(path)
-    return out
-
 
 def atomic_save_npy(path: str | Path, array: Any) -> Path:
     """``np.save`` through a temporary file (no pickles: ``allow_pickle=False``)."""

@@ -37,9 +37,6 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
 
 def setup(requested_device: str = "auto") -> DistContext:
     """Join the process group when launched by ``torchrun``; a single process otherwise.
