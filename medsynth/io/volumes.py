@@ -72,6 +72,7 @@ class Volume:
     affine: np.ndarray
     source: str
     modality: str | None = None
+    files: list[str] = field(default_factory=list, repr=False)  # DICOM: the slice files, in slice order
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -411,7 +412,7 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
     parents = {str(f.parent) for f in files}
     source = parents.pop() if len(parents) == 1 else os.path.commonpath([str(f.parent) for f in files])
     modality = _MODALITIES.get(str(headers[0].get("Modality", "")).upper())
-    return Volume(array=array, affine=_LPS_TO_RAS @ affine_lps, source=source, modality=modality)
+    return Volume(array=array, affine=_LPS_TO_RAS @ affine_lps, source=source, modality=modality, files=[str(f) for f in files])
 
 
 # --- DICOM: a folder -----------------------------------------------------------------------------
