@@ -307,7 +307,8 @@ def test_dicom_without_positions_falls_back_to_instance_number(tmp_path):
 def test_dicom_volume_carries_no_patient_identifiers(tmp_path):
     write_ct_series(tmp_path, hu_volume(shape=(4, 4, 2)))
     volume = read_dicom_series(tmp_path)[0]
-    assert set(vars(volume)) == {"array", "affine", "source", "modality"}
+    assert set(vars(volume)) == {"array", "affine", "source", "modality", "files"}
+    assert len(volume.files) == 2 and not any(FAKE_PATIENT_ID in f for f in volume.files)
     assert FAKE_PATIENT_NAME not in repr(volume) and FAKE_PATIENT_ID not in repr(volume)
 
 
