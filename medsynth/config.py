@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medsynth.errors import MedsynthError
 
-STAGES = ("prepare", "train", "sample", "evaluate", "augment")
+STAGES = ("prepare", "train", "sample", "denoise", "evaluate", "augment")
+# What ``stages`` means when a config does not say: the synthesis pipeline.
+DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
+StageName = Literal["prepare", "train", "sample", "denoise", "evaluate", "augment"]
+DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
 class StrictModel(BaseModel):
@@ -59,6 +63,11 @@ class PhantomConfig(StrictModel):
     fov_mm: float = Field(200.0, gt=0, description="Field of view along the first axis, in mm")
     bias_field: bool = True
     lesion_probability: float = Field(0.5, ge=0.0, le=1.0)
+    noise: float | None = Field(
+        None, ge=0.0,
+        description="Acquisition noise of the phantoms: brain_mri Rician std relative to white matter (default 0.01), "
+        "body_ct Gaussian std in HU (default 8); 0 for clean references (denoising)",
+    )
 
     @field_validator("shape")
     @classmethod
@@ -193,6 +202,64 @@ class AugmentConfig(StrictModel):
     seed: int = Field(100000, ge=0, description="Synthetic case i uses seed + i")
 
 
+class DenoiseConfig(StrictModel):
+    """Denoising held-out scans with simulated noise (and optionally your own noisy scans)."""
+
+    methods: list[Literal["diffusion", "nlm", "tv", "wavelet", "bm3d"]] = Field(
+        default_factory=lambda: ["diffusion", "nlm", "tv", "wavelet"],
+        description="Methods compared; bm3d needs the optional extra medsynth[bm3d]",
+    )
+    mode: Literal["tweedie", "ddim", "ancestral"] = Field(
+        "tweedie", description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; ancestral: posterior draws"
+    )
+    steps: int = Field(10, ge=1, description="Reverse steps (ddim / ancestral)")
+    samples: int = Field(1, ge=1, description="Posterior draws averaged (ancestral); >1 also writes an uncertainty map")
+    sigma: Literal["auto", "oracle"] | float = Field(
+        "auto", description="Noise level given to every method: auto = estimated from each image; oracle = the simulated level; "
+        "or a number in the image's units"
+    )
+    noise: Literal["rician", "gaussian", "low_dose_ct", "low_dose_ct_image"] | None = Field(
+        None, description="Simulated noise; null: rician for MR, low_dose_ct (projection domain) for CT"
+    )
+    levels: list[float] | None = Field(
+        None, description="rician/gaussian: std as a fraction of the foreground 99th percentile (default [0.025, 0.05, 0.1]); "
+        "low-dose CT: dose fractions (default [0.25, 0.1])",
+    )
+    photons: float = Field(2.0e5, gt=0.0, description="Full-dose incident photons per ray (low_dose_ct)")
+    num_images: int = Field(8, ge=1, description="Held-out cases denoised per noise level")
+    seed: int = Field(2000, ge=0, description="Noise of case i at level j uses seed + 1000 * j + i")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Sliding-window overlap for images larger than the model")
+    sw_batch_size: int = Field(16, ge=1, description="Windows per network call")
+    figure_level: int = Field(-1, description="Index into levels of the noise level shown in the side-by-side figure")
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, value: str | float) -> str | float:
+        if isinstance(value, float) and not value >= 0:
+            raise ValueError("must be auto, oracle or a number >= 0")
+        return value
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not 0 < v <= 1 for v in value)):
+            raise ValueError("expected a non-empty list of numbers in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DenoiseConfig:
+        if self.samples > 1 and self.mode != "ancestral":
+            raise ValueError(f"samples > 1 needs mode 'ancestral' (mode '{self.mode}' is deterministic)")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        return self
+
+    def noise_levels(self, noise: str) -> list[float]:
+        if self.levels is not None:
+            return list(self.levels)
+        return [0.25, 0.1] if noise.startswith("low_dose_ct") else [0.025, 0.05, 0.1]
+
+
 class Config(StrictModel):
     """A whole medsynth pipeline."""
 
@@ -200,9 +267,7 @@ class Config(StrictModel):
     output_dir: Path = Path("runs/medsynth")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    stages: list[Literal["prepare", "train", "sample", "evaluate", "augment"]] = Field(
-        default_factory=lambda: list(STAGES)
-    )
+    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -211,6 +276,7 @@ class Config(StrictModel):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -223,7 +289,16 @@ class Config(StrictModel):
                     f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
                     f"'{self.diffusion.scheduler}' (allowed: {allowed})"
                 )
+        noise = self.denoise.noise
+        if noise is not None and (noise.startswith("low_dose_ct") != (self.modality == "ct")):
+            allowed = "low_dose_ct, low_dose_ct_image" if self.modality == "ct" else "rician, gaussian"
+            raise ValueError(f"denoise.noise '{noise}' does not fit modality '{self.modality}' (allowed: {allowed})")
         return self
+
+    @property
+    def denoise_noise(self) -> str:
+        """The simulated noise model: ``denoise.noise``, or the modality's own."""
+        return self.denoise.noise or ("low_dose_ct" if self.modality == "ct" else "rician")
 
     @property
     def modality(self) -> str:

@@ -1,4 +1,4 @@
-"""Figures written as PNG files: sample grids, loss curves, evaluation summaries.
+"""Figures written as PNG files: sample grids, loss curves, evaluation summaries, denoising comparisons.
 
 Images come in channel-first, normalised to [-1, 1]; volumes are shown as the mid-slices of the three
 planes. matplotlib runs headless (Agg) and every figure is written atomically.
@@ -93,5 +93,51 @@ def evaluation_figure(real: np.ndarray, fake: np.ndarray, metrics: dict[str, flo
     ax_bar.set_yticks(range(len(names)), names, fontsize=7)
     ax_bar.set_title("metrics (lower is closer, except diversity)")
     ax_bar.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def psnr_plot(rows: list[dict], path: str | Path, *, level_label: str) -> Path:
+    """PSNR (whole image and foreground) against the noise level, one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, key, title in zip(axes, ("psnr", "psnr_fg"), ("whole image", "foreground")):
+        for method in methods:
+            points = sorted((r["level"], r[key]) for r in rows if r["method"] == method)
+            ax.plot(*zip(*points), "o--" if method == "noisy" else "o-", label=method)
+        ax.set_xlabel(level_label)
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(f"PSNR, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """Side by side: noisy / each method / clean (top), and each one's absolute error (bottom).
+
+    Volumes show their middle slice across the last axis; all images share one grey window (the
+    clean scan's 1st-99th percentile), all error maps one colour scale.
+    """
+    def plane(image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        return (image[..., image.shape[-1] // 2] if image.ndim == 3 else image).T
+
+    names = [*panels, "clean"]
+    low, high = np.percentile(clean, [1, 99])
+    error_max = float(np.percentile(np.abs(panels[next(iter(panels))] - clean), 99)) or 1.0
+    fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 4.8), squeeze=False)
+    for k, name in enumerate(names):
+        image = clean if name == "clean" else panels[name]
+        axes[0, k].imshow(plane(image), cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
+        axes[0, k].set_title(name, fontsize=9)
+        axes[0, k].set_axis_off()
+        axes[1, k].set_axis_off()
+        if name != "clean":
+            axes[1, k].imshow(plane(np.abs(image - clean)), cmap="magma", vmin=0, vmax=error_max, origin="lower", interpolation="nearest")
+            axes[1, k].set_title("|error|", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -94,6 +94,11 @@ class Tracker:
         self._mlflow.log_input(dataset, context=context)
         return dataset.digest
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A table (one dict per row, same keys) shown in the MLflow UI's artifact and evaluation views."""
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
+        self._mlflow.log_table(data=columns, artifact_file=artifact_file)
+
     def log_model(self, model: Any, *, registered_name: str | None, alias: str, metadata: dict[str, Any]) -> str | None:
         """``mlflow.pytorch.log_model`` under the name ``model``; register it and set ``alias``.
 
@@ -114,6 +119,64 @@ class Tracker:
         version = info.registered_model_version
         client.set_registered_model_alias(registered_name, alias, str(version))
         return f"models:/{registered_name}@{alias}"
+
+
+def fetch_model_file(uri: str, dst_dir: str | Path, *, tracking_uri: str | None = None) -> Path:
+    """Download the weights-only ``model.pt`` that training logged beside an MLflow model.
+
+    The pickled MLflow model itself is never loaded (that would run code from the store); training
+    logs the state-dict file as the run artifact ``medsynth/model.pt``, and this fetches it.
+
+    Args:
+        uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/<name>/latest``,
+            ``runs:/<run_id>`` (its ``medsynth/model.pt``) or ``runs:/<run_id>/<path to a .pt file>``.
+        dst_dir: where to put the file.
+        tracking_uri: the store; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+
+    Raises:
+        MedsynthError: a malformed URI, or a model / run / file the store does not have.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from medsynth.errors import MedsynthError
+
+    _quiet_mlflow()
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(store)
+    client = mlflow.MlflowClient()
+    artifact = "medsynth/model.pt"
+    try:
+        if uri.startswith("models:/"):
+            ref = uri.removeprefix("models:/")
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            elif "/" in ref:
+                name, number = ref.rsplit("/", 1)
+                if number == "latest":
+                    versions = client.search_model_versions(f"name='{name}'")
+                    if not versions:
+                        raise MedsynthError(f"--model-uri {uri}: registered model '{name}' has no versions in {store}")
+                    version = max(versions, key=lambda v: int(v.version))
+                else:
+                    version = client.get_model_version(name, number)
+            else:
+                raise MedsynthError(f"--model-uri {uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+            run_id = version.run_id
+        elif uri.startswith("runs:/"):
+            run_id, _, path = uri.removeprefix("runs:/").partition("/")
+            if path.endswith(".pt"):
+                artifact = path
+        else:
+            raise MedsynthError(f"--model-uri {uri}: expected a models:/ or runs:/ URI")
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst_dir), tracking_uri=store)
+    except MlflowException as exc:
+        message = " ".join(str(exc.message if hasattr(exc, "message") else exc).split())[:200]
+        raise MedsynthError(f"--model-uri {uri}: not found in {store} ({message})") from None
+    except OSError as exc:
+        raise MedsynthError(f"--model-uri {uri}: no medsynth model file '{artifact}' in that run ({exc.strerror or exc})") from None
+    return Path(local)
 
 
 class NullTracker:

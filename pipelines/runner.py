@@ -47,7 +47,7 @@ def is_current(name: str, config: Config, memo: dict[str, bool] | None = None) -
         except MedsynthError:  # an upstream that has not run yet
             memo[name] = False
         else:
-            memo[name] = is_fresh(stage_dir(config, name), key) and all(is_current(u, config, memo) for u in spec.inputs)
+            memo[name] = is_fresh(stage_dir(config, name), key) and all(is_current(u, config, memo) for u in spec.upstream(config))
     return memo[name]
 
 
@@ -116,7 +116,7 @@ class _null_context:
 
 def check_upstream_current(spec: StageSpec, config: Config) -> None:
     """Refuse to build on outputs that an earlier stage made from a different config."""
-    for upstream in spec.inputs:
+    for upstream in spec.upstream(config):
         if not is_current(upstream, config):
             raise MedsynthError(
                 f"the outputs of stage '{upstream}' in {stage_dir(config, upstream)} were made with another config; "
@@ -154,13 +154,13 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
             tracker = tracker if tracker is not None else tracking.NullTracker()
             if ctx.is_main:
                 with staged_folder(final, work=work, keep_on_error=distributed_stage) as folder:
-                    stage_ctx = StageContext(spec.name, config, config_path, folder, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
+                    stage_ctx = StageContext(spec.name, config, config_path, folder, {u: stage_dir(config, u) for u in spec.upstream(config)}, tracker, ctx)
                     stage_ctx.summary = run_fn(stage_ctx) or {}
                     manifest = write_manifest(stage_ctx, key, inputs, tracking.code_version(), started)
                     tracker.log_artifact(folder / "config.yaml")
                     tracker.log_artifact(folder / "manifest.json")
             else:
-                stage_ctx = StageContext(spec.name, config, config_path, work, {u: stage_dir(config, u) for u in spec.inputs}, tracker, ctx)
+                stage_ctx = StageContext(spec.name, config, config_path, work, {u: stage_dir(config, u) for u in spec.upstream(config)}, tracker, ctx)
                 run_fn(stage_ctx)
     except BaseException:
         # Nothing half-written: a training work folder survives only if it holds a checkpoint to resume.

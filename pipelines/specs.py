@@ -20,6 +20,21 @@ def augment_section(config: Config) -> dict[str, Any]:
     return section
 
 
+def evaluate_inputs(config: Config) -> tuple[str, ...]:
+    """evaluate reads the samples, the denoised scans, or both: whichever the config's stages make."""
+    inputs = ("prepare",)
+    if "sample" in config.stages or "denoise" not in config.stages:
+        inputs += ("sample",)
+    if "denoise" in config.stages:
+        inputs += ("denoise",)
+    return inputs
+
+
+def denoise_section(config: Config) -> dict[str, Any]:
+    """The denoise section with the noise model it resolves to (``null`` means the modality's own)."""
+    return {"denoise": to_plain(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
+
+
 SPECS: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -32,8 +47,10 @@ SPECS: dict[str, StageSpec] = {
                   ("prepare",), "DDPM/RFlow training with EMA, checkpoints, exact resume, DDP"),
         StageSpec("sample", "pipelines.sample", lambda c: {"sample": to_plain(c.sample)}, ("prepare", "train"),
                   "DDPM / DDIM / RFlow sampling to NIfTI + grid"),
-        StageSpec("evaluate", "pipelines.evaluate", lambda c: {"evaluate": to_plain(c.evaluate)}, ("prepare", "sample"),
-                  "MMD, MS-SSIM diversity, per-class intensity distances"),
+        StageSpec("denoise", "pipelines.denoise", denoise_section, ("prepare", "train"),
+                  "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines"),
+        StageSpec("evaluate", "pipelines.evaluate", lambda c: {"evaluate": to_plain(c.evaluate)}, evaluate_inputs,
+                  "samples: MMD, MS-SSIM diversity, per-class intensities; denoising: PSNR / SSIM per method and level"),
         StageSpec("augment", "pipelines.augment", augment_section, ("prepare", "train"),
                   "synthetic cases with provenance + merged datalist"),
     )

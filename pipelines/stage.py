@@ -52,8 +52,12 @@ class StageSpec:
     name: str
     module: str
     sections: Callable[[Config], dict[str, Any]]
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]]
     description: str
+
+    def upstream(self, config: Config) -> tuple[str, ...]:
+        """The stages whose outputs this stage reads (for evaluate: whatever of sample / denoise the config runs)."""
+        return self.inputs(config) if callable(self.inputs) else self.inputs
 
 
 def stage_dir(config: Config, name: str) -> Path:
@@ -73,7 +77,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def upstream_digests(spec: StageSpec, config: Config) -> dict[str, str]:
     """Output digests of the stages ``spec`` reads; a clear error when one has not run yet."""
     digests = {}
-    for upstream in spec.inputs:
+    for upstream in spec.upstream(config):
         manifest = read_manifest(stage_dir(config, upstream))
         if "outputs_digest" not in manifest:
             raise MedsynthError(

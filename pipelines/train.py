@@ -41,7 +41,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     result = train_diffusion(
         config, train["images"], val["images"], work, ctx.dist,
-        intensity=summary["intensity"], log_metrics=ctx.tracker.log_metrics,
+        intensity=summary["intensity"], spacing_mm=summary["spacing_mm"], log_metrics=ctx.tracker.log_metrics,
     )
     if not ctx.dist.is_main:
         return {}

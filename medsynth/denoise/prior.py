@@ -9,7 +9,8 @@ whose noise level matches ``sigma`` (:func:`~medsynth.denoise.matching.match_tim
   eq. 12) or rectified-flow Euler steps; sharper than the posterior mean, a little less PSNR;
 - ``ancestral``: the stochastic reverse process (DDIM with eta = 1, i.e. DDPM posterior steps), which
   draws from ``p(x0 | y)``; K draws give a posterior-mean estimate and their spread a per-voxel
-  uncertainty map.
+  uncertainty map. Coarse chains under-disperse: with the exact network for Gaussian data the
+  draws' spread was 0.72 / 0.89 / 0.94 of the true posterior's at 5 / 20 / 50 steps (tests).
 
 The reverse steps start at an arbitrary trained timestep and use unevenly spaced timesteps, which
 MONAI's ``DDIMScheduler.step`` (a fixed stride from the top) does not do; the update is written here.
@@ -154,30 +155,31 @@ def prior_denoise(
     match = match_timestep(sigma, scheduler)
     evaluate = windowed(network, roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
     times = [match.timestep] if mode == "tweedie" else _reverse_timesteps(match.timestep, steps)
-    evaluations = max(1, len(times) - 1) if mode != "tweedie" else 1
-    total = evaluations * samples
+    evaluations = max(1, len(times) - 1)
     done = 0
+
+    def report() -> None:
+        nonlocal done
+        done += 1
+        if callback is not None:
+            callback(done, evaluations * samples)
+
     draws = []
     for k in range(samples):
         generator = torch.Generator(device=y.device).manual_seed(int(seed) + k)
         # 1. the noisy image as a sample of the forward process at the matched timestep
         x = match.scale * y.float()
-        t = match.timestep
-        if mode == "tweedie" or t == 0:
-            x0, _ = _x0_and_eps(scheduler, evaluate(x, float(t)), x, t)
+        if len(times) == 1:
+            # 2. Tweedie: the network's x0 estimate is the posterior mean
+            x0, _ = _x0_and_eps(scheduler, evaluate(x, float(times[0])), x, times[0])
+            report()
         else:
             for t, t_next in zip(times[:-1], times[1:]):
-                # 2. predict x0 and the noise at t, 3. step to t_next
+                # 2. predict x0 and the noise at t, 3. step to t_next (the last step lands on x0)
                 x0, eps = _x0_and_eps(scheduler, evaluate(x, float(t)), x, t)
                 x = _step(scheduler, x0, eps, t_next, eta=1.0 if mode == "ancestral" else 0.0, generator=generator, t=t)
-                done += 1
-                if callback is not None:
-                    callback(done, total)
+                report()
             x0 = x.clamp(-1.0, 1.0)
-        if mode == "tweedie" or match.timestep == 0:
-            done += 1
-            if callback is not None:
-                callback(done, total)
         draws.append(x0)
     stacked = torch.stack(draws)
     std = stacked.std(dim=0, unbiased=True) if samples > 1 else None

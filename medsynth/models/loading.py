@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,12 @@ class TrainedModel:
     intensity: dict
     step: int
     path: Path
+    # spacing_mm, slice_axis, mr_percentile, ct_window of the training inputs (empty for older files)
+    data: dict = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str | None:
+        return self.intensity.get("modality")
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
@@ -43,4 +49,5 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise MedsynthError(f"{path}: not a usable medsynth model ({str(exc).splitlines()[0][:120]})") from None
     network.to(device).eval().requires_grad_(False)
-    return TrainedModel(network, diffusion, int(state["spatial_dims"]), list(state["image_size"]), dict(state["intensity"]), int(state["step"]), path)
+    return TrainedModel(network, diffusion, int(state["spatial_dims"]), list(state["image_size"]), dict(state["intensity"]), int(state["step"]), path,
+                        dict(state.get("data") or {}))

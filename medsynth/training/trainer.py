@@ -115,6 +115,7 @@ def train_diffusion(
     ctx: DistContext,
     *,
     intensity: dict | None = None,
+    spacing_mm: list[float] | None = None,
     log_metrics: MetricsCallback = None,
     step_callback: Callable[[int], None] | None = None,
 ) -> TrainResult:
@@ -127,6 +128,7 @@ def train_diffusion(
         work_dir: where ``checkpoints/last.pt`` and ``model.pt`` are written (rank 0 only).
         ctx: the process group context (single process: rank 0 of 1).
         intensity: the intensity convention stored with the model, to map samples back to units.
+        spacing_mm: the voxel spacing of the training inputs, stored with the model (denoising checks it).
         log_metrics: called with ``({name: value}, step)`` on rank 0.
         step_callback: called after every completed (and, when due, checkpointed) step.
 
@@ -272,6 +274,9 @@ def train_diffusion(
             "spatial_dims": spatial_dims, "image_size": list(config.data.image_size),
             "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs(config.model, train_images.shape[1], train_images.shape[1]).items()},
             "diffusion": to_plain(config.diffusion), "intensity": intensity or {},
+            # How the training inputs were made from scans: what denoising needs to treat a scan the same way.
+            "data": {"spacing_mm": spacing_mm, "slice_axis": config.data.slice_axis, "mr_percentile": config.data.mr_percentile,
+                     "ct_window": list(config.data.ct_window)},
             "state_dict": ema.shadow.state_dict(),
         })
     return TrainResult(steps=tcfg.max_steps, model_path=model_path, checkpoint_path=checkpoint_path, history=history, resumed_from=resumed_from)
