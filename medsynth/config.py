@@ -231,6 +231,11 @@ class DenoiseConfig(StrictModel):
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Sliding-window overlap for images larger than the model")
     sw_batch_size: int = Field(16, ge=1, description="Windows per network call")
     figure_level: int = Field(-1, description="Index into levels of the noise level shown in the side-by-side figure")
+    datalist: str | None = Field(
+        None, description="A MONAI-style datalist JSON of your own noisy scans (NIfTI files or DICOM series folders, paths relative "
+        "to the datalist's folder) that every method denoises too, with the noise level estimated per scan"
+    )
+    datalist_key: str = Field("testing", min_length=1, description="The datalist's key listing those scans")
 
     @field_validator("sigma")
     @classmethod

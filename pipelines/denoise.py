@@ -11,6 +11,9 @@ Outputs (``output_dir/denoise/``): ``level_<j>/<case>/noisy.nii.gz`` and ``<meth
 ``diffusion_uncertainty.nii.gz`` with posterior draws), and ``denoise.json`` listing every file with
 the noise level simulated and the one each method used, its time, and the diffusion settings.
 The evaluate stage scores them against the clean scans.
+
+With ``denoise.datalist``, your own noisy scans (NIfTI or DICOM series) are denoised by every method
+too, into ``scans/<name>/`` in their own format (see :func:`_denoise_datalist`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.config import to_plain
+from medsynth.config import Config, to_plain
 from medsynth.data.prepare import safe_name
 from medsynth.data.transforms import foreground_mask
 from medsynth.denoise.classical import available_methods
+from medsynth.denoise.files import denoise_path, read_datalist
 from medsynth.denoise.scan import PriorSettings, denoise_scan
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json
@@ -52,6 +56,12 @@ def simulate(clean: np.ndarray, noise: str, level: float, *, seed: int, spacing_
     return noisy, float(np.std((noisy - clean)[body] if body.any() else noisy - clean))
 
 
+def preflight(config: Config) -> None:
+    """Checked before the pipeline starts: the datalist of your own scans (when given) reads cleanly."""
+    if config.denoise.datalist:
+        read_datalist(config.denoise.datalist, config.denoise.datalist_key)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.denoise
     prepare_dir = ctx.inputs["prepare"]
@@ -63,6 +73,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     noise = config.denoise_noise
     levels = cfg.noise_levels(noise)
     cases = json.loads((prepare_dir / "datalist.json").read_text())["validation"][: cfg.num_images]
+    datalist = read_datalist(cfg.datalist, cfg.datalist_key) if cfg.datalist else []  # checked before any work
     trained = load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device) if "diffusion" in cfg.methods else None
     settings = PriorSettings(mode=cfg.mode, steps=cfg.steps, samples=cfg.samples, seed=cfg.seed, overlap=cfg.overlap,
                              sw_batch_size=cfg.sw_batch_size)
@@ -97,11 +108,37 @@ def run(ctx: StageContext) -> dict[str, Any]:
             entries.append(entry)
             print(f"denoise: level {level} case {i + 1}/{len(cases)} done", flush=True)
 
+    scans = _denoise_datalist(ctx, settings, datalist) if datalist else []
+
     atomic_write_json(work / "denoise.json", {
         "modality": modality, "noise": noise, "levels": levels, "level_meaning": "dose fraction" if noise.startswith("low_dose_ct")
         else "sigma / foreground 99th percentile", "sigma": cfg.sigma, "methods": cfg.methods, "settings": to_plain(cfg),
         "model_file": str(trained.path) if trained else None, "entries": entries,
+        "scans": scans,
     })
     per_image = {f"denoise/seconds_per_image/{m}": s / max(1, len(entries)) for m, s in seconds.items()}
     ctx.tracker.log_metrics(per_image)
-    return {"images": len(entries), "levels": levels, "noise": noise} | {k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()}
+    return {"images": len(entries), "levels": levels, "noise": noise, "datalist_scans": len(scans)} | {k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()}
+
+
+def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    """Every method on each scan of ``denoise.datalist`` (real noisy scans: no reference, so no scores).
+
+    NIfTI scans give ``scans/<name>/<method>.nii.gz``, DICOM series ``scans/<name>/<method>/`` (a derived
+    series); each with its provenance record. The noise level is estimated per scan unless
+    ``denoise.sigma`` is a number (``oracle`` has no meaning without a reference and acts as ``auto``).
+    """
+    cfg = ctx.config.denoise
+    sigma = float(cfg.sigma) if not isinstance(cfg.sigma, str) else None
+    records = []
+    for k, (name, source) in enumerate(scans):
+        outputs = {}
+        for method in cfg.methods:
+            out = Path("scans") / name / (f"{method}.nii.gz" if source.is_file() else method)
+            record = denoise_path(source, ctx.work / out, method=method, sigma=sigma, modality=ctx.config.modality,
+                                  checkpoint=ctx.inputs["train"] / "model.pt" if method == "diffusion" else None,
+                                  settings=settings, device=str(ctx.dist.device), progress=False)
+            outputs[method] = {"output": str(out), "sigma": record["denoise"]["sigma"], "sigma_source": record["denoise"]["sigma_source"]}
+        records.append({"name": name, "input": str(source), "outputs": outputs})
+        print(f"denoise: datalist scan {k + 1}/{len(scans)} done", flush=True)
+    return records

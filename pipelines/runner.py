@@ -87,6 +87,11 @@ def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: 
     if report_if_unchanged(config, stages, force):
         return {}
     names = selected(config, stages)
+    # Inputs outside the pipeline (a stage module's optional preflight(config)) are checked before any stage runs.
+    for name in names:
+        preflight = getattr(importlib.import_module(SPECS[name].module), "preflight", None)
+        if preflight is not None:
+            preflight(config)
 
     from medsynth import tracking
 

@@ -4,6 +4,9 @@ fully cached pipeline is recognised in well under a second."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from medsynth.config import STAGES, Config, to_plain
@@ -30,9 +33,39 @@ def evaluate_inputs(config: Config) -> tuple[str, ...]:
     return inputs
 
 
+def _files_signature(path: str) -> dict[str, Any]:
+    """Size and modification time of a datalist and of every file it names (cheap: no reading of scans),
+    so that editing a listed scan invalidates the cache. A missing datalist is left to the stage to report."""
+    datalist = Path(path)
+    if not datalist.is_file():
+        return {"missing": path}
+    text = datalist.read_bytes()
+    signature: dict[str, Any] = {"datalist_sha256": hashlib.sha256(text).hexdigest()}
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return signature
+    for entries in (document.values() if isinstance(document, dict) else ()):
+        for entry in entries if isinstance(entries, list) else ():
+            image = entry.get("image") if isinstance(entry, dict) else entry
+            if not isinstance(image, str):
+                continue
+            target = Path(image) if Path(image).is_absolute() else datalist.parent / image
+            files = sorted(target.rglob("*")) if target.is_dir() else [target]
+            for file in files:
+                if file.is_file():
+                    stat = file.stat()
+                    signature[str(file)] = [stat.st_size, stat.st_mtime_ns]
+    return signature
+
+
 def denoise_section(config: Config) -> dict[str, Any]:
-    """The denoise section with the noise model it resolves to (``null`` means the modality's own)."""
-    return {"denoise": to_plain(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
+    """The denoise section with the noise model it resolves to (``null`` means the modality's own) and,
+    with a datalist of your own scans, their files' signature."""
+    section = {"denoise": to_plain(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
+    if config.denoise.datalist:
+        section["datalist_files"] = _files_signature(config.denoise.datalist)
+    return section
 
 
 SPECS: dict[str, StageSpec] = {

@@ -223,3 +223,48 @@ def _fetch(uri: str | None, tmp: str, tracking_uri: str | None) -> Path:
     assert uri is not None
     return fetch_model_file(uri, tmp, tracking_uri=tracking_uri)
 
+
+
+def read_datalist(path: str | Path, key: str) -> list[tuple[str, Path]]:
+    """The scans a MONAI-style datalist lists under ``key``: ``(name, path)`` pairs.
+
+    Entries are paths or ``{"image": path, ...}`` objects (as in MONAI's
+    ``load_decathlon_datalist``); relative paths are relative to the datalist's folder. Names come
+    from NIfTI file names made file-name safe (and unique); DICOM folders are numbered, because their
+    names often carry the patient's; nothing comes from the scans' headers.
+
+    Raises:
+        MedsynthError: a missing or malformed datalist, a missing key, a bad entry, a missing scan.
+    """
+    import json
+
+    from medsynth.data.prepare import safe_name
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: datalist not found (key 'denoise.datalist')")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedsynthError(f"{path}: not a readable JSON datalist ({exc})") from None
+    if not isinstance(document, dict) or key not in document:
+        raise MedsynthError(f"{path}: has no key '{key}' (denoise.datalist_key); expected a list of scans under it")
+    entries = document[key]
+    if not isinstance(entries, list) or not entries:
+        raise MedsynthError(f"{path}: '{key}' must be a non-empty list of scan paths or {{\"image\": path}} objects")
+    scans: list[tuple[str, Path]] = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str) or not image:
+            raise MedsynthError(f"{path}: '{key}' entry {i}: expected a path or an object with an 'image' path")
+        scan = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not scan.exists():
+            raise MedsynthError(f"{path}: '{key}' entry {i}: {scan} not found")
+        # DICOM folders are often named after the patient: numbered instead, as prepare does.
+        name = safe_name(_stem(scan)) if scan.is_file() else f"dicom_series_{i:04d}"
+        while name in names:
+            name = f"{name}_{i}"
+        names.add(name)
+        scans.append((name, scan))
+    return scans

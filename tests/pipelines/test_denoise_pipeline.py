@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import TINY
 from medsynth.cli import main
 
 DENOISE = {
@@ -29,6 +28,15 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
     if modality == "ct":
         # 16-pixel CT phantoms hold too little uniform soft tissue to estimate the noise from: the oracle level.
         extra = extra | {"data": {"phantom": {"kind": "body_ct", "noise": 0.0}}, "denoise": DENOISE["denoise"] | {"levels": [0.25, 0.1], "sigma": "oracle"}}
+    if modality == "mr":
+        # Your own noisy scans too: a datalist with one NIfTI file (relative path), denoised by every method.
+        own = tmp_path / "own"
+        own.mkdir()
+        rng = np.random.default_rng(0)
+        scan = np.abs(np.pad(np.full((12, 12), 100.0), 2) + rng.normal(0, 5, (16, 16)) + 1j * rng.normal(0, 5, (16, 16))).astype(np.float32)
+        nib.save(nib.Nifti1Image(scan, np.diag([13.75, 13.75, 1.0, 1.0])), own / "noisy scan.nii.gz")
+        (own / "list.json").write_text(json.dumps({"testing": [{"image": "noisy scan.nii.gz"}]}))
+        extra = extra | {"denoise": DENOISE["denoise"] | {"datalist": str(own / "list.json")}}
     config = write_config(extra)
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
     out = tmp_path / "out"
@@ -61,8 +69,23 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
     assert {"denoise_table.json", "psnr_vs_noise.png", "denoise_comparison.png"} <= artifacts
 
     # Unchanged config: everything cached.
+    capsys.readouterr()
     assert main(["run", str(config)]) == 0
     assert capsys.readouterr().out.count("unchanged, skipped") == 4
+
+    if modality == "mr":
+        (scan_record,) = record["scans"]
+        assert scan_record["name"] == "noisy_scan" and set(scan_record["outputs"]) == {"diffusion", "tv", "wavelet"}
+        for method, written in scan_record["outputs"].items():
+            image = nib.load(out / "denoise" / written["output"])
+            assert image.shape == (16, 16) and np.allclose(image.affine, np.diag([13.75, 13.75, 1.0, 1.0]))
+            assert written["sigma_source"] == "estimated" and written["sigma"] > 0
+            assert (out / "denoise" / "scans" / "noisy_scan" / f"{method}.json").is_file()  # provenance beside it
+        # Editing a listed scan invalidates the denoise stage (and what reads it), nothing else.
+        nib.save(nib.Nifti1Image(scan * 1.5, np.diag([13.75, 13.75, 1.0, 1.0])), own / "noisy scan.nii.gz")
+        assert main(["run", str(config)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("unchanged, skipped") == 2 and "denoise: done" in printed
 
 
 @pytest.mark.parametrize(
@@ -73,6 +96,7 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
         ({"noise": "low_dose_ct"}, "does not fit modality 'mr'"),
         ({"levels": [0.0]}, "denoise.levels"),
         ({"methods": ["median"]}, "denoise.methods"),
+        ({"datalist_key": ""}, "denoise.datalist_key"),
     ],
 )
 def test_denoise_config_errors(denoise, expected, write_config, capsys) -> None:
@@ -86,3 +110,25 @@ def test_evaluate_needs_sample_or_denoise_outputs(write_config, capsys) -> None:
     config = write_config({"stages": ["prepare", "train", "denoise", "evaluate"]})
     assert main(["evaluate", str(config)]) == 2
     assert "stage 'evaluate' needs the outputs of stage 'prepare'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "datalist not found"),
+        ("{not json", "not a readable JSON datalist"),
+        ('{"training": []}', "has no key 'testing'"),
+        ('{"testing": []}', "must be a non-empty list"),
+        ('{"testing": [{"label": "x"}]}', "entry 0: expected a path"),
+        ('{"testing": ["missing.nii.gz"]}', "missing.nii.gz not found"),
+    ],
+)
+def test_bad_denoise_datalist_is_one_line_and_writes_nothing(content, expected, write_config, tmp_path: Path, capsys) -> None:
+    listing = tmp_path / "list.json"
+    if content is not None:
+        listing.write_text(content)
+    config = write_config({"stages": ["prepare", "train", "denoise"], "denoise": {"methods": ["tv"], "num_images": 1, "datalist": str(listing)}})
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "list.json" in err
+    assert not (tmp_path / "out").exists()  # checked before the first stage ran
