@@ -273,3 +273,14 @@ def test_paths(tmp_path, capsys):
     single = write_ct_series(tmp_path / "series", np.zeros((8, 8, 2)))[0]
     code, _, err = run_cli(["denoise", single, tmp_path / "o2", "--method", "tv"], capsys)
     assert_clean_failure(code, err, tmp_path / "o2", "single DICOM file")
+
+
+def test_truncated_and_corrupt_nifti(tmp_path, capsys):
+    source, _ = brain_nifti(tmp_path / "scan.nii.gz")
+    whole = source.read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "corrupt.nii").write_bytes(b"\x00" * 400)
+    for name in ("truncated.nii.gz", "corrupt.nii"):
+        out = tmp_path / "out.nii.gz"
+        code, _, err = run_cli(["denoise", tmp_path / name, out, "--method", "tv", "--modality", "mr"], capsys)
+        assert_clean_failure(code, err, out, name)
