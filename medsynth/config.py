@@ -151,6 +151,21 @@ class DiffusionConfig(StrictModel):
     beta_end: float = Field(0.0195, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
+    max_train_timestep: int | None = Field(
+        None, ge=1, description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small timesteps), "
+        "which then denoises but cannot sample from pure noise; null: all timesteps"
+    )
+
+    @model_validator(mode="after")
+    def _timesteps(self) -> DiffusionConfig:
+        if self.max_train_timestep is not None and self.max_train_timestep > self.num_train_timesteps:
+            raise ValueError(f"max_train_timestep ({self.max_train_timestep}) must be <= num_train_timesteps ({self.num_train_timesteps})")
+        return self
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether the model saw every noise level (a denoising prior did not)."""
+        return self.max_train_timestep is None or self.max_train_timestep >= self.num_train_timesteps
 
 
 class TrainConfig(StrictModel):
@@ -294,6 +309,10 @@ class Config(StrictModel):
                     f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
                     f"'{self.diffusion.scheduler}' (allowed: {allowed})"
                 )
+        sampling = [s for s in ("sample", "augment") if s in self.stages]
+        if sampling and not self.diffusion.can_sample:
+            raise ValueError(f"stages {', '.join(sampling)} need a model trained on every timestep; diffusion.max_train_timestep "
+                             f"({self.diffusion.max_train_timestep}) makes a denoising prior that cannot sample from pure noise")
         noise = self.denoise.noise
         if noise is not None and (noise.startswith("low_dose_ct") != (self.modality == "ct")):
             allowed = "low_dose_ct, low_dose_ct_image" if self.modality == "ct" else "rician, gaussian"

@@ -31,6 +31,9 @@ def synthesise(
     desc: str = "sample",
 ) -> tuple[np.ndarray, float]:
     """Draw one sample per seed; returns normalised images ``(N, C, *spatial)`` and the seconds taken."""
+    if not trained.diffusion.can_sample:
+        raise MedsynthError(f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
+                            "only) cannot sample from pure noise; use it with medsynth denoise")
     try:
         scheduler = build_sampling_scheduler(trained.diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims)
     except ValueError as exc:

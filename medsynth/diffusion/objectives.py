@@ -6,13 +6,15 @@ import torch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 
-def sample_timesteps(scheduler: Scheduler, batch: int, *, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniform training timesteps, drawn from ``generator`` so that a resumed run draws the same ones.
+def sample_timesteps(scheduler: Scheduler, batch: int, *, generator: torch.Generator, device: torch.device,
+                     high: int | None = None) -> torch.Tensor:
+    """Uniform training timesteps in ``[0, high)`` (default: all), drawn from ``generator`` so that a
+    resumed run draws the same ones.
 
     (``RFlowScheduler.sample_timesteps`` draws from the global RNG; for the uniform method this is the
     same distribution with an explicit generator.)
     """
-    num = scheduler.num_train_timesteps
+    num = min(high or scheduler.num_train_timesteps, scheduler.num_train_timesteps)
     if isinstance(scheduler, RFlowScheduler):
         return (torch.rand(batch, generator=generator, device=device) * num).long()
     return torch.randint(0, num, (batch,), generator=generator, device=device).long()

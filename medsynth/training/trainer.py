@@ -193,7 +193,7 @@ def train_diffusion(
         generator = torch.Generator(device=device).manual_seed(config.seed + 7)
         x0 = val.to(device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        t = (torch.arange(len(x0), device=device) * scheduler.num_train_timesteps // len(x0)).long()
+        t = (torch.arange(len(x0), device=device) * (config.diffusion.max_train_timestep or scheduler.num_train_timesteps) // len(x0)).long()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             prediction = inferer(inputs=x0, diffusion_model=ema.shadow, noise=noise, timesteps=t)
         target = prediction_target(scheduler, x0, noise, t, config.diffusion.prediction_type)
@@ -215,7 +215,7 @@ def train_diffusion(
                 x0 = x0.contiguous(memory_format=_memory_format(spatial_dims))
             generator = step_generator(config.seed, step, device)
             noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
-            t = sample_timesteps(scheduler, tcfg.batch_size, generator=generator, device=device)[shard]
+            t = sample_timesteps(scheduler, tcfg.batch_size, generator=generator, device=device, high=config.diffusion.max_train_timestep)[shard]
 
             # 1. predict (epsilon | v | velocity) for the noised batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

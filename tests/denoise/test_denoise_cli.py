@@ -85,7 +85,7 @@ def test_nifti_2d_diffusion_keeps_header_and_records_provenance(model_2d, tmp_pa
     assert np.isfinite(img.get_fdata()).all()
     record = json.loads((tmp_path / "out" / "scan_denoised.json").read_text())
     assert record["denoise"]["method"] == "diffusion" and record["denoise"]["sigma_source"] == "estimated"
-    assert record["denoise"]["rician_bias_corrected_input"] and len(record["input_digest"]) == 64 and record["model_digest"]
+    assert record["denoise"]["rician_bias_correction"] in ("input", "output") and len(record["input_digest"]) == 64 and record["model_digest"]
     assert "version" in record["code_version"] and "sigma" in stdout
 
 
@@ -284,3 +284,30 @@ def test_truncated_and_corrupt_nifti(tmp_path, capsys):
         out = tmp_path / "out.nii.gz"
         code, _, err = run_cli(["denoise", tmp_path / name, out, "--method", "tv", "--modality", "mr"], capsys)
         assert_clean_failure(code, err, out, name)
+
+
+def test_denoising_prior_trained_on_low_timesteps_only(tmp_path_factory, tmp_path, capsys):
+    """diffusion.max_train_timestep: training draws only t < max, the model denoises noise levels within
+    that range, refuses stronger noise, and cannot sample (config check and library check)."""
+    from medsynth.diffusion.objectives import sample_timesteps
+    from medsynth.diffusion.schedulers import build_train_scheduler
+    from medsynth.config import DiffusionConfig
+    from medsynth.errors import MedsynthError
+    from medsynth.models.loading import load_trained_model
+    from medsynth.synthesis import synthesise
+
+    scheduler = build_train_scheduler(DiffusionConfig(num_train_timesteps=100), spatial_dims=2)
+    drawn = sample_timesteps(scheduler, 4000, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), high=20)
+    assert int(drawn.min()) == 0 and int(drawn.max()) == 19
+
+    prior = _train(tmp_path_factory, deep_update(TINY, {"stages": ["prepare", "train", "denoise"], "diffusion": {"max_train_timestep": 50}}), "prior-low-t")
+    source, _ = brain_nifti(tmp_path / "scan.nii.gz")
+    code, _, err = run_cli(["denoise", source, tmp_path / "ok.nii.gz", "--checkpoint", prior, "--sigma", "20"], capsys)
+    assert code == 0, err
+    out = tmp_path / "too_noisy.nii.gz"
+    code, _, err = run_cli(["denoise", source, out, "--checkpoint", prior, "--sigma", "5000"], capsys)
+    assert_clean_failure(code, err, out, "beyond the timesteps", "below 50")
+    with pytest.raises(MedsynthError, match="cannot sample from pure noise"):
+        synthesise(load_trained_model(prior, torch.device("cpu")), sampler="ddim", steps=3, seeds=[0], batch_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="max_train_timestep"):
+        DiffusionConfig(num_train_timesteps=100, max_train_timestep=101)

@@ -132,3 +132,10 @@ def test_bad_denoise_datalist_is_one_line_and_writes_nothing(content, expected, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "list.json" in err
     assert not (tmp_path / "out").exists()  # checked before the first stage ran
+
+
+def test_a_denoising_prior_cannot_be_sampled_by_the_pipeline(write_config, capsys) -> None:
+    config = write_config({"diffusion": {"max_train_timestep": 50}})  # default stages sample and augment
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_train_timestep" in err and "cannot sample" in err
