@@ -127,7 +127,7 @@ def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str |
     names = [*panels, "clean"]
     low, high = np.percentile(clean, [1, 99])
     error_max = float(np.percentile(np.abs(panels[next(iter(panels))] - clean), 99)) or 1.0
-    fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 4.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 5.4), squeeze=False)
     for k, name in enumerate(names):
         image = clean if name == "clean" else panels[name]
         axes[0, k].imshow(plane(image), cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
@@ -136,7 +136,7 @@ def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str |
         axes[1, k].set_axis_off()
         if name != "clean":
             axes[1, k].imshow(plane(np.abs(image - clean)), cmap="magma", vmin=0, vmax=error_max, origin="lower", interpolation="nearest")
-            axes[1, k].set_title("|error|", fontsize=8)
+            axes[1, k].set_title("|error| (one scale)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -4,8 +4,11 @@ The steps for the diffusion prior:
 
 1. the noise level: given, or estimated (Rician from the background for MR, blocks of soft tissue
    in HU for CT, wavelet MAD otherwise);
-2. MR magnitude images get the Rician bias removed first (``sqrt(max(M^2 - 2 sigma^2, 0))``), so
-   that what the prior sees is the signal plus zero-mean noise rather than a raised noise floor;
+2. MR magnitude images: the Rician noise floor (``E[M^2] = A^2 + 2 sigma^2``) is removed with
+   ``sqrt(max(D^2 - 2 sigma^2, 0))`` from the prior's output D, as for the classical methods
+   (denoise, then correct); ``PriorSettings.rician="input"`` corrects the input instead. Both were
+   measured (docs/benchmarks.md): correcting the output zeroes the background and gives the better
+   whole-image PSNR; the intensity scale (step 3) is always taken from the corrected scan;
 3. the scan goes into the model's normalised units with the model's own convention (CT window;
    MR foreground percentile), which also converts sigma;
 4. a 2D model runs slice by slice across the axis it was trained on (after reorienting to RAS, as
@@ -49,7 +52,14 @@ class PriorSettings:
     overlap: float = 0.5
     sw_batch_size: int = 16
     slice_batch: int = 32  # 2D slices denoised together (memory vs speed)
-    rician: str = "input"  # MR: remove the Rician bias from the input ("input") or from the denoised image ("output")
+    # MR: remove the Rician noise floor from the denoised image ("output", the default: best whole-image
+    # PSNR, the background goes to zero) or from the input before the prior ("input": about 0.5 dB better
+    # inside the head, 1-2 dB worse over the whole image); measured in docs/benchmarks.md.
+    rician: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.rician not in ("input", "output"):
+            raise ValueError(f"rician must be 'input' or 'output', got {self.rician!r}")
 
 
 @dataclass
@@ -139,7 +149,7 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
     modality = modality or trained.modality
     if image.ndim == 2 and trained.spatial_dims == 3:
         raise MedsynthError("a 3D model cannot denoise a 2D image; use a 2D model")
-    # 2. Rician bias first, 3. normalised units
+    # 2. Rician bias (from the input, or later from the output), 3. normalised units
     corrected = rician_bias_correct(image, sigma) if modality == "mr" else image
     intensity = model_intensity(trained, corrected, sigma)
     signal = image if modality == "mr" and settings.rician == "output" else corrected
