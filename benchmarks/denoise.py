@@ -52,6 +52,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sigma", choices=("auto", "oracle"), default="auto")
     parser.add_argument("--methods", nargs="*", help="default: diffusion and every installed classical method")
     parser.add_argument("--modes", nargs="*", default=["tweedie", "ddim"], help="diffusion modes to score (tweedie, ddim, ancestral)")
+    parser.add_argument("--rician", nargs="*", default=["output"], help="MR: where the prior's Rician correction goes (output, input)")
     parser.add_argument("--steps", type=int, default=10, help="reverse steps of the ddim/ancestral modes")
     parser.add_argument("--samples", type=int, default=1, help="posterior draws averaged (ddim/ancestral)")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap for the quality runs")
@@ -68,14 +69,16 @@ def method_names(args: argparse.Namespace) -> list[str]:
     names = args.methods or ["diffusion", *classical]
     expanded = []
     for name in names:
-        expanded += [f"diffusion:{mode}" for mode in args.modes] if name == "diffusion" else [name]
+        expanded += [f"diffusion:{mode}" + ("" if rician == "output" else f":{rician}") for mode in args.modes for rician in args.rician] \
+            if name == "diffusion" else [name]
     return expanded
 
 
 def run_method(name: str, noisy: np.ndarray, affine: np.ndarray, *, modality: str, sigma: float | None, trained, overlap: float,
                args: argparse.Namespace) -> np.ndarray:
-    method, _, mode = name.partition(":")
-    settings = PriorSettings(mode=mode or "tweedie", steps=args.steps, samples=args.samples if mode != "tweedie" else 1, seed=0, overlap=overlap)
+    method, mode, rician = (name.split(":") + ["", ""])[:3]
+    settings = PriorSettings(mode=mode or "tweedie", steps=args.steps, samples=args.samples if mode != "tweedie" else 1, seed=0, overlap=overlap,
+                             rician=rician or "output")
     return denoise_scan(noisy, affine, method=method, modality=modality, sigma=sigma, trained=trained, settings=settings).image
 
 
@@ -111,7 +114,7 @@ def timing(args, config, trained, names: list[str], level: float) -> dict:
     clean = phantom.image.astype(np.float32)
     affine = np.diag([float(spacing[0]), float(spacing[-1]), 1.0, 1.0])
     noisy, _ = simulate(clean, config.denoise_noise, level, seed=7, spacing_mm=float(spacing[0]), photons=config.denoise.photons)
-    timed = ["nlm"] + [n for n in names if n != "nlm"] + ["diffusion:fast"]
+    timed = ["nlm"] + [n for n in names if n != "nlm" and not n.endswith(":input")] + ["diffusion:fast"]
     seconds: dict[str, list[float]] = {n: [] for n in timed}
     for name in timed:  # warm-up (first-call allocations, thread pools)
         run_method("diffusion:tweedie" if name == "diffusion:fast" else name, noisy, affine, modality=modality, sigma=None, trained=trained,

@@ -4,7 +4,8 @@ Each output slice is the source slice's own header with new pixels: patient, stu
 reference, equipment and geometry are kept, so a viewer overlays the derived series on the source.
 What no longer holds is replaced (series and instance identity, image type, pixel description) or
 removed (pixel statistics, padding, icons, private tags, signatures). Nothing is invented: every
-other attribute comes from the source header of the same slice.
+other attribute comes from the source header of the same slice, and Type 2 attributes of the CT/MR
+Image IODs that the source lacks are added empty (present, value unknown), as the standard requires.
 
 Pixels are written uncompressed (Explicit VR Little Endian), 16 bits, and the values keep their
 units through RescaleSlope/RescaleIntercept (see :func:`_choose_rescale`). The series appears in
@@ -54,6 +55,18 @@ _LOSSLESS = {
     "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.110",
 }
 _INT16, _UINT16 = np.iinfo(np.int16), np.iinfo(np.uint16)
+# Type 2 attributes of the CT Image and MR Image IODs (PS3.3 A.3, A.4: Patient, General Study, Frame
+# of Reference, General Equipment, Image Plane, CT/MR Image modules). They must be present but may be
+# empty ("unknown"); a source that lacks one gets it empty, so the derived series is valid even where
+# the source was not. Nothing is invented: an empty value claims nothing.
+_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "StudyID", "AccessionNumber", "PositionReferenceIndicator", "Manufacturer", "SliceThickness",
+)
+_TYPE2_IOD = {
+    "1.2.840.10008.5.1.4.1.1.2": ("KVP", "AcquisitionNumber"),  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4": ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"),  # MR Image Storage
+}
 
 
 @dataclass(frozen=True)
@@ -235,6 +248,13 @@ def _derive_slice(
         ImageType=["DERIVED", "SECONDARY"] + [str(v) for v in old_type[2:3] if str(v)],
         DerivationDescription=derivation, SourceImageSequence=[reference],
     )
+
+    for keyword in _TYPE2 + _TYPE2_IOD.get(str(source_class), ()):
+        if keyword not in ds:
+            _set(ds, keyword, None)
+    # Type 2C, required for CT and MR images unless a patient orientation code is given.
+    if "PatientOrientationCodeSequence" not in ds and "PatientPosition" not in ds:
+        _set(ds, "PatientPosition", None)
 
     if lossy:  # the lossy history (ratio, method) stays true for pixels computed from lossy ones
         _set(ds, "LossyImageCompression", "01")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -363,6 +366,30 @@ def test_iod_check_passes_on_derived_series_and_catches_a_bare_source(tmp_path):
     problems = check_series_iod(bare)
     assert any("type 2 KVP missing" in p for p in problems)
     assert any("type 2 Manufacturer missing" in p for p in problems)
+
+    # A source lacking Type 2 attributes gives a valid derived series: they are added empty (unknown).
+    (volume,) = read_dicom_series(tmp_path / "bare")
+    files, _ = derive(volume, tmp_path / "from_bare")
+    assert check_series_iod(files) == []
+    ds = pydicom.dcmread(files[0])
+    assert ds["KVP"].is_empty and ds["Manufacturer"].is_empty and ds["PatientBirthDate"].is_empty
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools, apt install dicom3tools) not installed")
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_dciodvfy_accepts_the_derived_series(kind, tmp_path):
+    """The DICOM standard's IOD checker from dicom3tools finds no error in a derived series."""
+    if kind == "ct":
+        volume = ct_source(tmp_path / "src", hu_volume(seed=3))
+    else:
+        volume = mr_source(tmp_path / "src", np.abs(hu_volume(seed=3)) % 2000)
+    patch_files(volume.files, BodyPartExamined="ABDOMEN" if kind == "ct" else "BRAIN")
+    (volume,) = read_dicom_series(tmp_path / "src")
+    files, _ = derive(volume, tmp_path / "out", volume.array + 1.0)
+    for path in files:
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], f"{path.name}: {errors}"
 
 
 # --- errors: nothing written ---------------------------------------------------------------------
