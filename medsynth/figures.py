@@ -114,18 +114,20 @@ def psnr_plot(rows: list[dict], path: str | Path, *, level_label: str) -> Path:
     return _save(fig, path)
 
 
-def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str | Path, *, title: str = "",
+                   window: tuple[float, float] | None = None) -> Path:
     """Side by side: noisy / each method / clean (top), and each one's absolute error (bottom).
 
-    Volumes show their middle slice across the last axis; all images share one grey window (the
-    clean scan's 1st-99th percentile), all error maps one colour scale.
+    Volumes show their middle slice across the last axis; all images share one grey window
+    (``window``, e.g. a soft-tissue window in HU; default the clean scan's 1st-99th percentile), all
+    error maps one colour scale.
     """
     def plane(image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
         return (image[..., image.shape[-1] // 2] if image.ndim == 3 else image).T
 
     names = [*panels, "clean"]
-    low, high = np.percentile(clean, [1, 99])
+    low, high = window if window is not None else np.percentile(clean, [1, 99])
     error_max = float(np.percentile(np.abs(panels[next(iter(panels))] - clean), 99)) or 1.0
     fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 5.4), squeeze=False)
     for k, name in enumerate(names):

@@ -78,7 +78,9 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
     panels = {"noisy": read_nifti(folder / figure_entry["noisy"]).array}
     panels |= {m: read_nifti(folder / figure_entry["methods"][m]["file"]).array for m in methods}
     denoise_figure(panels, read_nifti(figure_entry["clean"]).array, work / "denoise_comparison.png",
-                   title=f"{record['noise']} {figure_entry['level']} ({record['level_meaning']}), {figure_entry['case_id']}")
+                   title=f"{record['noise']} {figure_entry['level']} ({record['level_meaning']}), {figure_entry['case_id']}"
+                   + (", soft-tissue window W400 L40" if record["modality"] == "ct" else ""),
+                   window=(-160.0, 240.0) if record["modality"] == "ct" else None)
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_table(rows, "denoise_table.json")
     for name in ("denoise_metrics.json", "psnr_vs_noise.png", "denoise_comparison.png"):
