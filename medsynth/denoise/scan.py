@@ -53,8 +53,8 @@ class PriorSettings:
     sw_batch_size: int = 16
     slice_batch: int = 32  # 2D slices denoised together (memory vs speed)
     # MR: remove the Rician noise floor from the denoised image ("output", the default: best whole-image
-    # PSNR, the background goes to zero) or from the input before the prior ("input": about 0.5 dB better
-    # inside the head, 1-2 dB worse over the whole image); measured in docs/benchmarks.md.
+    # PSNR, the background goes to zero) or from the input before the prior ("input": 0.3-0.9 dB better
+    # inside the head, 1.3-1.7 dB worse over the whole image); measured in docs/benchmarks.md.
     rician: str = "output"
 
     def __post_init__(self) -> None:
