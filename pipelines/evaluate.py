@@ -20,6 +20,7 @@ import torch
 
 from medsynth.config import to_plain
 from medsynth.data.prepare import load_summary
+from medsynth.denoise.scan import to_ras
 from medsynth.errors import MedsynthError
 from medsynth.figures import denoise_figure, evaluation_figure, psnr_plot
 from medsynth.io.atomic import atomic_write_json
@@ -75,9 +76,14 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(work / "denoise_metrics.json", details)
     psnr_plot(rows, work / "psnr_vs_noise.png", level_label=record["level_meaning"])
     figure_entry = [e for e in record["entries"] if e["level_index"] == (len(levels) + ctx.config.denoise.figure_level) % len(levels)][0]
-    panels = {"noisy": read_nifti(folder / figure_entry["noisy"]).array}
-    panels |= {m: read_nifti(folder / figure_entry["methods"][m]["file"]).array for m in methods}
-    denoise_figure(panels, read_nifti(figure_entry["clean"]).array, work / "denoise_comparison.png",
+    clean = read_nifti(figure_entry["clean"])
+
+    def shown(array: np.ndarray) -> np.ndarray:  # RAS voxel order, as the other figures: anterior up
+        return to_ras(array, clean.affine)[0]
+
+    panels = {"noisy": shown(read_nifti(folder / figure_entry["noisy"]).array)}
+    panels |= {m: shown(read_nifti(folder / figure_entry["methods"][m]["file"]).array) for m in methods}
+    denoise_figure(panels, shown(clean.array), work / "denoise_comparison.png",
                    title=f"{record['noise']} {figure_entry['level']} ({record['level_meaning']}), {figure_entry['case_id']}"
                    + (", soft-tissue window W400 L40" if record["modality"] == "ct" else ""),
                    window=(-160.0, 240.0) if record["modality"] == "ct" else None)

@@ -113,7 +113,7 @@ def model_intensity(trained: TrainedModel, image: np.ndarray, sigma: float) -> I
     return Intensity("mr", 0.0, high if np.isfinite(high) and high > 0 else float(intensity["high"]))
 
 
-def _to_ras(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_ras(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The array in RAS voxel order (as training saw scans) and the orientation that got it there.
 
     A 2D image whose axes do not both lie in the axial plane is left as it is.
@@ -163,7 +163,7 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
                             f"timesteps this denoising prior was trained on (below {limit}; diffusion.max_train_timestep)")
 
     # 4. geometry: RAS voxel order; 2D models slice across the trained axis
-    ras, ornt = _to_ras(normalised, affine)
+    ras, ornt = to_ras(normalised, affine)
     if trained.spatial_dims == 2 and ras.ndim == 3:
         axis = int(trained.data.get("slice_axis", 2))
         batch = np.moveaxis(ras, axis, 0)[:, None]  # (slices, 1, a, b)
