@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medsynth.errors import MedsynthError
 
 STAGES = ("prepare", "train", "sample", "denoise", "evaluate", "augment")
+# Samplers: the MONAI-scheduler ones, and the score-based ones that read any model over sigma.
+SCORE_SAMPLER_NAMES = ("euler", "heun", "pc", "dpmpp_2m")
+SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"]
+
 # What ``stages`` means when a config does not say: the synthesis pipeline.
 DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
 StageName = Literal["prepare", "train", "sample", "denoise", "evaluate", "augment"]
@@ -192,7 +196,8 @@ class TrainConfig(StrictModel):
 class SampleConfig(StrictModel):
     """Reverse process."""
 
-    sampler: Literal["ddpm", "ddim", "rflow"] = "ddim"
+    sampler: SamplerName = Field("ddim", description="ddpm, ddim (DDPM models), rflow (rectified flow); score-based for any model: "
+                                 "euler, heun, pc (predictor-corrector), dpmpp_2m (DPM-Solver++(2M))")
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
     num_samples: int = Field(16, ge=1)
@@ -212,7 +217,7 @@ class AugmentConfig(StrictModel):
 
     ratio: float = Field(0.5, gt=0.0, le=10.0, description="Synthetic cases per real training case")
     num_samples: int | None = Field(None, ge=1, description="Synthetic cases to generate; null: ratio x real cases")
-    sampler: Literal["ddpm", "ddim", "rflow"] | None = Field(None, description="null: same as sample.sampler")
+    sampler: SamplerName | None = Field(None, description="null: same as sample.sampler")
     steps: int | None = Field(None, ge=1, description="null: same as sample.steps")
     seed: int = Field(100000, ge=0, description="Synthetic case i uses seed + i")
 
@@ -303,8 +308,10 @@ class Config(StrictModel):
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
             if sampler is None:
                 continue
+            if sampler in SCORE_SAMPLER_NAMES:
+                continue
             if (sampler == "rflow") != (self.diffusion.scheduler == "rflow"):
-                allowed = "rflow" if self.diffusion.scheduler == "rflow" else "ddpm or ddim"
+                allowed = ("rflow" if self.diffusion.scheduler == "rflow" else "ddpm, ddim") + ", " + ", ".join(SCORE_SAMPLER_NAMES)
                 raise ValueError(
                     f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
                     f"'{self.diffusion.scheduler}' (allowed: {allowed})"

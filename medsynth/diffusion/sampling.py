@@ -1,4 +1,5 @@
-"""Reverse-process samplers over MONAI schedulers: DDPM, DDIM, rectified flow.
+"""Reverse-process samplers over MONAI schedulers: DDPM, DDIM, rectified flow; and the score-based
+ones of :mod:`medsynth.diffusion.score` (Euler, Heun, predictor-corrector, DPM-Solver++(2M)).
 
 Every sampler is a small function with one signature, after k-diffusion:
 ``sampler(model, x, scheduler, *, generators, callback=None, **options) -> x0``. ``x`` is the initial
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+
+from medsynth.diffusion.score import SCORE_SAMPLERS
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int], None] | None
@@ -105,7 +108,7 @@ def rflow_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generat
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "rflow": rflow_sample}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "rflow": rflow_sample, **SCORE_SAMPLERS}
 
 
 def generate(

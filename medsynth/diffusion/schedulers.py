@@ -5,6 +5,7 @@ from __future__ import annotations
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
 from medsynth.config import DiffusionConfig
+from medsynth.diffusion.score import SCORE_SAMPLERS, SigmaSchedule, karras_schedule
 
 
 def _schedule_args(diffusion: DiffusionConfig) -> dict:
@@ -33,14 +34,18 @@ def build_train_scheduler(diffusion: DiffusionConfig, *, spatial_dims: int) -> S
     )
 
 
-def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int) -> Scheduler:
+def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int) -> Scheduler | SigmaSchedule:
     """The reverse-process scheduler for ``sampler`` with ``steps`` inference steps.
 
     Raises:
         ValueError: a sampler that does not fit the trained process, or too many steps.
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if steps > diffusion.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
+    if sampler in SCORE_SAMPLERS:  # any trained process, read as a denoiser over sigma
+        return karras_schedule(build_train_scheduler(diffusion, spatial_dims=spatial_dims), steps, prediction_type=diffusion.prediction_type)
     if (sampler == "rflow") != (diffusion.scheduler == "rflow"):
         raise ValueError(f"sampler '{sampler}' does not fit a model trained with scheduler '{diffusion.scheduler}'")
     scheduler: Scheduler
@@ -57,6 +62,6 @@ def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps:
     elif sampler == "ddpm":
         scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
     else:
-        raise ValueError(f"unknown sampler '{sampler}' (allowed: ddpm, ddim, rflow)")
+        raise ValueError(f"unknown sampler '{sampler}' (allowed: ddpm, ddim, rflow, {', '.join(SCORE_SAMPLERS)})")
     scheduler.set_timesteps(steps)
     return scheduler
