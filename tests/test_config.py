@@ -32,7 +32,7 @@ def test_overrides_are_typed(write_config) -> None:
         ("bogus: 1\n", "bogus"),
         ("train:\n  max_steps: many\n", "train.max_steps"),
         ("train:\n  lr: -1\n", "train.lr"),
-        ("sample:\n  sampler: heun\n", "sample.sampler"),
+        ("sample:\n  sampler: euler_a\n", "sample.sampler"),
         ("model:\n  channels: [8, 12]\n  attention_levels: [false, false]\n  norm_num_groups: 8\n", "model"),
         ("tracking:\n  model_alias: latest\n", "tracking.model_alias"),
         ("diffusion:\n  scheduler: rflow\n", "sample.sampler"),
