@@ -58,6 +58,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap for the quality runs")
     parser.add_argument("--fast-overlap", type=float, default=0.25, help="window overlap of the timed fast mode")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256, help="side of the timed slice")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -110,7 +111,7 @@ def timing(args, config, trained, names: list[str], level: float) -> dict:
     """Seconds per 256x256 slice, median over repeats, methods alternating within each round."""
     modality = config.modality
     spacing = trained.data.get("spacing_mm") or [1.0, 1.0]
-    phantom = generate_phantom(config.data.phantom.kind, (256, 256), 123456, **({"noise_std": 0.0} if modality == "mr" else {"noise_std_hu": 0.0}))
+    phantom = generate_phantom(config.data.phantom.kind, (args.size, args.size), 123456, **({"noise_std": 0.0} if modality == "mr" else {"noise_std_hu": 0.0}))
     clean = phantom.image.astype(np.float32)
     affine = np.diag([float(spacing[0]), float(spacing[-1]), 1.0, 1.0])
     noisy, _ = simulate(clean, config.denoise_noise, level, seed=7, spacing_mm=float(spacing[0]), photons=config.denoise.photons)
@@ -126,7 +127,7 @@ def timing(args, config, trained, names: list[str], level: float) -> dict:
                        overlap=args.fast_overlap if name == "diffusion:fast" else args.overlap, args=args)
             seconds[name].append(time.perf_counter() - started)
     reference = statistics.median(seconds["nlm"])
-    return {"shape": [256, 256], "level": level, "repeats": args.repeats, "overlap": args.overlap, "fast_overlap": args.fast_overlap,
+    return {"shape": [args.size, args.size], "level": level, "repeats": args.repeats, "overlap": args.overlap, "fast_overlap": args.fast_overlap,
             "seconds": seconds, "median_s": {n: statistics.median(v) for n, v in seconds.items()},
             "ratio_to_nlm": {n: statistics.median(v) / reference for n, v in seconds.items()}}
 
@@ -153,7 +154,7 @@ def main() -> None:
                 print(f"    {name} - best classical ({best}): {rows[name]['psnr'] - rows[best]['psnr']:+.2f} dB whole, "
                       f"{rows[name]['psnr_fg'] - rows[best]['psnr_fg']:+.2f} dB foreground")
     result["timing"] = t = timing(args, config, trained, names, levels[len(levels) // 2])
-    print(f"\ntime per 256x256 slice (median of {args.repeats}, {args.threads} threads; ratio to nlm in the same rounds):")
+    print(f"\ntime per {args.size}x{args.size} slice (median of {args.repeats}, {args.threads} threads; ratio to nlm in the same rounds):")
     for name, seconds in t["median_s"].items():
         label = f"diffusion:tweedie, overlap {args.fast_overlap} (fast mode)" if name == "diffusion:fast" else name
         print(f"  {label:40s} {seconds:7.3f} s   x{t['ratio_to_nlm'][name]:.2f}")

@@ -14,7 +14,9 @@ intensity distance, MMD, the MS-SSIM diversity gap; plus the background noise (s
 corner patches, exactly -1 in the data). The per-class distance was the first headline; it scored
 5-step DDPM (visibly noisy, diversity gap 0.24) as well as the 1000-step reference, so it is reported
 but does not rank. Printed as a table with each headline's ratio to the
-reference; ``--out`` writes JSON and ``--plot`` a PNG of quality against NFE.
+reference; ``--out`` writes JSON and ``--plot`` a PNG of quality against NFE; ``--tracking-uri`` logs all of
+it as one MLflow run, each metric with step = NFE so that the MLflow UI charts quality against
+network evaluations per sampler.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--tracking-uri", help="log to MLflow: metrics samplers/<sampler>/<metric> with step = NFE (MLflow plots "
+                        "them against NFE), the table, the plot; default: no logging")
+    parser.add_argument("--experiment", default="medsynth-samplers")
     return parser.parse_args()
 
 
@@ -132,6 +137,33 @@ def main() -> None:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
+    if args.tracking_uri:
+        print(f"MLflow run {log_to_mlflow(args, rows, args.run / 'train' / 'model.pt')} in experiment {args.experiment}")
+
+
+def log_to_mlflow(args: argparse.Namespace, rows: list[dict], model_file: Path) -> str:
+    import tempfile
+
+    import mlflow
+
+    from medsynth.io.atomic import file_digest
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment(args.experiment)
+    with mlflow.start_run(run_name=f"samplers {args.run.name}") as run:
+        mlflow.log_params({"run_dir": str(args.run), "model_sha256": file_digest(model_file), "num_samples": args.num_samples,
+                           "seed": args.seed, "reference_steps": args.reference_steps, "headline": HEADLINE})
+        for row in rows:
+            name = "reference" if row is rows[0] else row["sampler"]
+            for key in (HEADLINE, "hist_w1/mean_class", "mmd", "diversity_gap", "background_std", "seconds"):
+                mlflow.log_metric(f"samplers/{name}/{key}", row[key], step=row["nfe"])
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / "sampler_table.json"
+            table.write_text(json.dumps(rows, indent=1))
+            mlflow.log_artifact(str(table))
+        if args.plot and args.plot.exists():
+            mlflow.log_artifact(str(args.plot))
+        return run.info.run_id
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on a tiny trained run (their numbers go to docs/benchmarks.md;
+here only that they work and write what they say)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medsynth.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    import yaml
+
+    from conftest import TINY, deep_update
+
+    folder = tmp_path_factory.mktemp("bench")
+    config = deep_update(TINY, {"output_dir": str(folder / "out"), "stages": ["prepare", "train", "denoise"], "data": {"phantom": {"noise": 0.0}},
+                                "tracking": {"registered_model": "medsynth-tests-bench"}})
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--stages", "prepare,train"]) == 0
+    return folder / "out"
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_sampler_comparison_script(tiny_run: Path, tmp_path: Path) -> None:
+    done = script("samplers.py", "--run", str(tiny_run), "--reference-steps", "20", "--nfe", "5", "--num-samples", "4", "--batch-size", "4",
+                  "--samplers", "ddim", "heun", "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddpm", 20), ("ddim", 5), ("heun", 5)]  # evaluations counted, not assumed
+    assert (tmp_path / "s.png").stat().st_size > 1000 and "MLflow run" in done.stdout
+
+
+def test_denoise_benchmark_script(tiny_run: Path, tmp_path: Path) -> None:
+    done = script("denoise.py", "--run", str(tiny_run), "--num-images", "1", "--levels", "0.05", "--methods", "diffusion", "tv",
+                  "--modes", "tweedie", "--repeats", "1", "--size", "48", "--out", str(tmp_path / "d.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert set(result["quality"]["table"]["0.05"]) == {"noisy", "diffusion:tweedie", "tv"}
+    assert set(result["timing"]["median_s"]) == {"nlm", "diffusion:tweedie", "tv", "diffusion:fast"}
