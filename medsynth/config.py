@@ -133,6 +133,8 @@ class ModelConfig(StrictModel):
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(16, ge=1)
     norm_num_groups: int = Field(16, ge=1)
+    use_flash_attention: bool = Field(False, description="Attention through torch's scaled_dot_product_attention (MONAI's flag); "
+                                      "only matters with attention_levels")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -191,6 +193,8 @@ class TrainConfig(StrictModel):
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
     channels_last: bool = Field(False, description="channels-last memory format (helps on GPUs; measured 10 % slower on a 2-core CPU)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass: less memory, more time "
+                                         "(same weights, tested)")
 
 
 class SampleConfig(StrictModel):

@@ -73,10 +73,10 @@ SPECS: dict[str, StageSpec] = {
     for spec in (
         StageSpec("prepare", "pipelines.prepare", lambda c: {"data": to_plain(c.data)}, (),
                   "phantoms or your folder -> NIfTI + datalist.json + cached model inputs"),
-        # train.resume changes how the result is reached, not the result.
+        # train.resume and train.gradient_checkpointing change how the result is reached, not the result (tested).
         StageSpec("train", "pipelines.train",
                   lambda c: {"model": to_plain(c.model), "diffusion": to_plain(c.diffusion),
-                             "train": {k: v for k, v in to_plain(c.train).items() if k != "resume"}},
+                             "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")}},
                   ("prepare",), "DDPM/RFlow training with EMA, checkpoints, exact resume, DDP"),
         StageSpec("sample", "pipelines.sample", lambda c: {"sample": to_plain(c.sample)}, ("prepare", "train"),
                   "DDPM / DDIM / RFlow sampling to NIfTI + grid"),

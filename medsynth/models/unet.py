@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from monai.networks.blocks import SpatialAttentionBlock
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+from torch.utils.checkpoint import checkpoint
 
 from medsynth.config import ModelConfig
 
@@ -31,4 +35,26 @@ def unet_kwargs(model: ModelConfig, in_channels: int = 1, out_channels: int = 1)
         "num_res_blocks": model.num_res_blocks,
         "num_head_channels": model.num_head_channels,
         "norm_num_groups": model.norm_num_groups,
+        "use_flash_attention": model.use_flash_attention,
     }
+
+
+def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
+    """Recompute the activations of every residual and self-attention block in the backward pass
+    instead of keeping them (``torch.utils.checkpoint``, non-reentrant): less memory for more
+    compute. MONAI's ``DiffusionModelUNet`` has no switch for it, so each block's ``forward`` is
+    wrapped on the instance; the parameters and the state dict are untouched. Without gradients
+    (evaluation, EMA, sampling) the blocks run as before. Returns the number of blocks wrapped."""
+    count = 0
+    for module in network.modules():
+        if isinstance(module, (DiffusionUNetResnetBlock, SpatialAttentionBlock)):
+            original = module.forward
+
+            def forward(*args, _original=original, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                return _original(*args, **kwargs)
+
+            module.forward = forward
+            count += 1
+    return count

@@ -27,7 +27,7 @@ from medsynth.diffusion.objectives import min_snr_weights, prediction_target, sa
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.models.ema import EMA
-from medsynth.models.unet import build_unet, unet_kwargs
+from medsynth.models.unet import build_unet, enable_gradient_checkpointing, unet_kwargs
 from medsynth.training.checkpoint import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
@@ -148,6 +148,8 @@ def train_diffusion(
     if tcfg.channels_last:
         model = model.to(memory_format=_memory_format(spatial_dims))
     ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+    if tcfg.gradient_checkpointing:  # after the EMA copy: only the trained network recomputes
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=tcfg.warmup_steps, total=tcfg.max_steps, floor=tcfg.min_lr_ratio)

@@ -115,3 +115,30 @@ def test_data_order_is_a_seeded_stream_of_permutations() -> None:
     assert np.array_equal(batch_indices(5, 4, 12, seed=3), batch_indices(5, 4, 12, seed=3))
     assert not np.array_equal(batch_indices(0, 12, 12, seed=3), batch_indices(0, 12, 12, seed=4))
     assert len(batch_indices(0, 20, 12, seed=0)) == 20  # batches larger than the data wrap around epochs
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_gradient_checkpointing_gives_identical_weights(tmp_path: Path, attention: bool) -> None:
+    """train.gradient_checkpointing recomputes activations; the trained weights are bit-identical (CPU),
+    which is why the flag is not part of the train stage's cache key. With attention, MONAI's flash
+    attention flag goes through to the network and back from the model file."""
+    from medsynth.models.loading import load_trained_model
+    from medsynth.models.unet import build_unet, enable_gradient_checkpointing
+
+    images = data()
+    states = []
+    for name, flag in (("plain", False), ("checkpointed", True)):
+        config = tiny_config(max_steps=3, gradient_checkpointing=flag)
+        if attention:
+            config = Config.model_validate(deep_update(config.model_dump(), {"model": {"attention_levels": [False, True], "use_flash_attention": True}}))
+        result = train_diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
+        states.append(load_state(result.model_path, expected_format=MODEL_FORMAT)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    if attention:
+        assert load_state(result.model_path, expected_format=MODEL_FORMAT)["unet"]["use_flash_attention"] is True
+        rebuilt = load_trained_model(result.model_path).network
+        flags = [m.use_flash_attention for m in rebuilt.modules() if hasattr(m, "use_flash_attention")]
+        assert flags and all(flags)
+    network = build_unet(tiny_config().model, spatial_dims=2)
+    assert enable_gradient_checkpointing(network) >= 4
