@@ -157,8 +157,9 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
     normalised = np.asarray(intensity.forward(signal), dtype=np.float32)
     beyond = signal - np.asarray(intensity.inverse(normalised), dtype=np.float32)
     sigma_normalised = 2.0 * sigma / width
+    scheduler = build_train_scheduler(trained.diffusion, spatial_dims=trained.spatial_dims)
     limit = trained.diffusion.max_train_timestep
-    if limit is not None and match_timestep(sigma_normalised, build_train_scheduler(trained.diffusion, spatial_dims=trained.spatial_dims)).timestep >= limit:
+    if limit is not None and match_timestep(sigma_normalised, scheduler).timestep >= limit:
         raise MedsynthError(f"{trained.path}: the noise level ({sigma:.4g}, {sigma_normalised:.3f} of the model's range) is beyond the "
                             f"timesteps this denoising prior was trained on (below {limit}; diffusion.max_train_timestep)")
 
@@ -171,7 +172,6 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
         axis = None
         batch = ras[None, None]
     network = trained.network.to(device)
-    scheduler = build_train_scheduler(trained.diffusion, spatial_dims=trained.spatial_dims)
     chunks = [slice(i, i + settings.slice_batch) for i in range(0, len(batch), settings.slice_batch)]
     means, stds, last = [], [], None
     unit = "slice" if axis is not None or ras.ndim == 2 else "volume"

@@ -121,6 +121,13 @@ def _start(x: torch.Tensor, schedule: SigmaSchedule) -> torch.Tensor:
     return x.to(torch.float32) * schedule.initial_scale
 
 
+def _euler_step(D: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, i: int, sigmas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler step of ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``sigmas[i]`` to ``sigmas[i + 1]``;
+    returns the new x and the slope used."""
+    d = (x - D(x, i)) / sigmas[i]
+    return x + d * (sigmas[i + 1] - sigmas[i]), d
+
+
 @torch.no_grad()
 def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
                  clip: bool = True) -> torch.Tensor:
@@ -128,8 +135,7 @@ def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gene
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
     for i in range(len(sigmas) - 1):
-        d = (x - D(x, i)) / sigmas[i]
-        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x, _ = _euler_step(D, x, i, sigmas)
         if callback is not None:
             callback(i + 1, len(sigmas) - 1)
     return x
@@ -142,12 +148,10 @@ def heun_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gener
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
     for i in range(len(sigmas) - 1):
-        d = (x - D(x, i)) / sigmas[i]
-        dt = sigmas[i + 1] - sigmas[i]
-        predicted = x + d * dt
+        predicted, d = _euler_step(D, x, i, sigmas)
         if sigmas[i + 1] > 0:
             d_next = (predicted - D(predicted, i + 1)) / sigmas[i + 1]
-            x = x + (d + d_next) / 2 * dt
+            x = x + (d + d_next) / 2 * (sigmas[i + 1] - sigmas[i])
         else:
             x = predicted
         if callback is not None:
