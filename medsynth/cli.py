@@ -1,7 +1,7 @@
 """The ``medsynth`` command: run a pipeline, or one stage of it, from a YAML config.
 
     medsynth run CONFIG [key.sub=value ...] [--stages a,b] [--force]
-    medsynth prepare|train|sample|evaluate|augment CONFIG [key.sub=value ...] [--force]
+    medsynth prepare|autoencoder|train|controlnet|sample|evaluate|augment CONFIG [key.sub=value ...] [--force]
     medsynth denoise INPUT OUTPUT [--checkpoint PATH | --model-uri URI] [--method M] [--sigma auto|VALUE] [--modality mr|ct]
 
 (The pipeline's ``denoise`` stage runs with ``medsynth run CONFIG --stages denoise``; ``medsynth
@@ -24,8 +24,10 @@ from medsynth.errors import MedsynthError
 
 STAGE_HELP = {
     "prepare": "phantoms or your NIfTI/DICOM folder -> datalist.json + cached model inputs",
-    "train": "train the diffusion model (checkpoints, EMA, MLflow model); works under torchrun",
-    "sample": "draw synthetic scans (NIfTI + grid.png) with DDPM, DDIM or RFlow",
+    "autoencoder": "train the AutoencoderKL of latent diffusion (L1 + KL + patch adversarial); works under torchrun",
+    "train": "train the diffusion model on images or latents (checkpoints, EMA, MLflow model); works under torchrun",
+    "controlnet": "train a ControlNet on the trained model: label map -> image; works under torchrun",
+    "sample": "draw synthetic scans (NIfTI + grid.png) with DDPM, DDIM, RFlow or a score-based sampler",
     "evaluate": "score samples against held-out images (MMD, diversity, per-class intensities) and denoised scans (PSNR, SSIM)",
     "augment": "write synthetic training cases with provenance and a merged datalist",
 }
@@ -166,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (training keeps its last checkpoint; rerun with train.resume=true to continue)", file=sys.stderr)
+        print("interrupted (training keeps its last checkpoint; rerun with train.resume=true (autoencoder.resume, controlnet.resume) "
+              "to continue)", file=sys.stderr)
         return 130
     return 0
 

@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medsynth.errors import MedsynthError
 
-STAGES = ("prepare", "train", "sample", "denoise", "evaluate", "augment")
+STAGES = ("prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment")
 # Samplers: the MONAI-scheduler ones, and the score-based ones that read any model over sigma.
 SCORE_SAMPLER_NAMES = ("euler", "heun", "pc", "dpmpp_2m")
 SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"]
 
 # What ``stages`` means when a config does not say: the synthesis pipeline.
 DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
-StageName = Literal["prepare", "train", "sample", "denoise", "evaluate", "augment"]
+StageName = Literal["prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment"]
 DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
@@ -66,7 +66,9 @@ class PhantomConfig(StrictModel):
     shape: list[int] = Field(default_factory=lambda: [32, 32], description="Generated grid, 2 or 3 sides")
     fov_mm: float = Field(200.0, gt=0, description="Field of view along the first axis, in mm")
     bias_field: bool = True
-    lesion_probability: float = Field(0.5, ge=0.0, le=1.0)
+    lesion_probability: float = Field(0.5, ge=0.0, le=1.0, description="Chance of a lesion; the phantom's class label is 1 with one")
+    lesion_size: float = Field(1.0, ge=0.1, le=5.0, description="Scale of the lesion (1: a few % of the head / body width); "
+                               "larger lesions make the lesion class visible at small image sizes")
     noise: float | None = Field(
         None, ge=0.0,
         description="Acquisition noise of the phantoms: brain_mri Rician std relative to white matter (default 0.01), "
@@ -135,6 +137,10 @@ class ModelConfig(StrictModel):
     norm_num_groups: int = Field(16, ge=1)
     use_flash_attention: bool = Field(False, description="Attention through torch's scaled_dot_product_attention (MONAI's flag); "
                                       "only matters with attention_levels")
+    num_classes: int | None = Field(
+        None, ge=2, description="Class-conditional model over this many classes (class labels 0..K-1 from the phantom class or "
+        "the datalist's class_label); one more embedding is the 'no class' token of classifier-free guidance; null: unconditional",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -147,6 +153,71 @@ class ModelConfig(StrictModel):
         return self
 
 
+class AutoencoderConfig(StrictModel):
+    """MONAI ``AutoencoderKL`` for latent diffusion (the ``autoencoder`` stage), trained with L1 + KL + a
+    patch adversarial loss after a warm-up, and optionally a perceptual loss from a local weights file."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64], description="Encoder widths; the latent is 2^(len-1) times smaller per side")
+    latent_channels: int = Field(3, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, False])
+    norm_num_groups: int = Field(16, ge=1)
+    with_nonlocal_attn: bool = Field(False, description="Self-attention in the encoder/decoder middle block (memory-hungry in 3D)")
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0.0, description="Generator (autoencoder) learning rate")
+    disc_lr: float = Field(5e-4, gt=0.0, description="Discriminator learning rate")
+    kl_weight: float = Field(1e-6, ge=0.0)
+    adv_weight: float = Field(0.01, ge=0.0, description="Patch adversarial loss weight (0: no discriminator)")
+    adv_start: int = Field(200, ge=0, description="Warm-up steps with reconstruction + KL only, before the adversarial loss starts")
+    disc_channels: int = Field(32, ge=1, description="PatchDiscriminator width")
+    disc_layers: int = Field(3, ge=1, description="PatchDiscriminator layers")
+    perceptual_weight: float = Field(0.0, ge=0.0, description="Perceptual loss weight; > 0 needs perceptual_weights (never downloaded)")
+    perceptual_weights: Path | None = Field(None, description="Local weights file of a MONAI ResNet (e.g. MedicalNet) used as the perceptual feature network")
+    perceptual_depth: Literal[10, 18, 34, 50] = Field(10, description="Depth of that ResNet")
+    patch_size: list[int] | None = Field(None, description="Train on random crops of this size (patch-based training; the network is "
+                                         "fully convolutional); null: whole images")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    val_images: int = Field(16, ge=1, description="Held-out images for reconstruction PSNR/SSIM and the grid")
+    val_every: int = Field(250, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+    decode_roi: list[int] | None = Field(None, description="Latent window of the sliding-window decoder (bounds memory at large sizes); "
+                                         "null: decode whole latents")
+    decode_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Overlap of the decoder's windows")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoencoderConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels needs one entry per channels entry")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
+        if self.perceptual_weight > 0 and self.perceptual_weights is None:
+            raise ValueError("perceptual_weight > 0 needs perceptual_weights: a local weights file (medsynth never downloads weights)")
+        return self
+
+    @property
+    def downsample(self) -> int:
+        """How many times smaller the latent is than the image, per side."""
+        return 2 ** (len(self.channels) - 1)
+
+
+class ControlNetConfig(StrictModel):
+    """MONAI ``ControlNet`` trained on top of the trained (frozen) diffusion model: label map -> image."""
+
+    conditioning_channels: list[int] = Field(default_factory=lambda: [16, 32, 64],
+                                             description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels)")
+    max_steps: int = Field(500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    conditioning_scale: float = Field(1.0, ge=0.0, description="Weight of the ControlNet residuals at sampling")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+
+
 class DiffusionConfig(StrictModel):
     """Forward process and training objective."""
 
@@ -157,6 +228,8 @@ class DiffusionConfig(StrictModel):
     beta_end: float = Field(0.0195, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
+    space: Literal["pixel", "latent"] = Field("pixel", description="pixel: diffusion on images; latent: on the latents of the "
+                                              "autoencoder stage's AutoencoderKL (latent diffusion)")
     max_train_timestep: int | None = Field(
         None, ge=1, description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small timesteps), "
         "which then denoises but cannot sample from pure noise; null: all timesteps"
@@ -195,6 +268,8 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass: less memory, more time "
                                          "(same weights, tested)")
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Class-conditional models: fraction of labels replaced by the "
+                                 "'no class' token, which teaches the unconditional model that classifier-free guidance needs")
 
 
 class SampleConfig(StrictModel):
@@ -207,6 +282,11 @@ class SampleConfig(StrictModel):
     num_samples: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = Field(1000, ge=0, description="Sample i uses seed + i")
+    class_label: int | list[int] | None = Field(
+        None, description="Class-conditional models: the class of every sample, or a list cycled over the samples; "
+        "null: all classes in turn")
+    guidance_scale: float = Field(1.0, ge=0.0, description="Classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); "
+                                  "1: plain conditional, 0: unconditional, > 1: stronger class, less diversity")
 
 
 class EvaluateConfig(StrictModel):
@@ -214,6 +294,8 @@ class EvaluateConfig(StrictModel):
 
     num_real: int = Field(64, ge=2, description="Held-out real images compared with the samples")
     histogram_bins: int = Field(64, ge=8)
+    classifier_steps: int = Field(400, ge=1, description="Class-conditional samples: training steps of the classifier (trained on the real "
+                                  "training images) that checks each sample shows its requested class")
 
 
 class AugmentConfig(StrictModel):
@@ -306,9 +388,37 @@ class Config(StrictModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        num_classes = self.model.num_classes
+        if num_classes is None and (self.sample.guidance_scale != 1.0 or self.sample.class_label is not None):
+            key = "sample.guidance_scale" if self.sample.guidance_scale != 1.0 else "sample.class_label"
+            raise ValueError(f"{key} needs a class-conditional model (set model.num_classes)")
+        labels = self.sample.class_label
+        for label in labels if isinstance(labels, list) else [] if labels is None else [labels]:
+            if num_classes is not None and not 0 <= label < num_classes:
+                raise ValueError(f"sample.class_label {label} is outside the model's classes 0..{num_classes - 1}")
+        if isinstance(labels, list) and not labels:
+            raise ValueError("sample.class_label: an empty list; give classes or null")
+        if self.diffusion.space == "latent":
+            if self.data.image_size and any(s % self.autoencoder.downsample for s in self.data.image_size):
+                raise ValueError(f"data.image_size {self.data.image_size} must be divisible by the autoencoder's downsampling "
+                                 f"{self.autoencoder.downsample} (2^(len(autoencoder.channels) - 1)) for latent diffusion")
+            if "denoise" in self.stages:
+                raise ValueError("stage denoise needs a pixel-space model (diffusion.space: pixel)")
+        patch = self.autoencoder.patch_size
+        if patch is not None and (len(patch) != self.data.spatial_dims or any(p % self.autoencoder.downsample or p > s
+                                                                          for p, s in zip(patch, self.data.image_size))):
+            raise ValueError(f"autoencoder.patch_size {patch} needs {self.data.spatial_dims} sides, each a multiple of "
+                             f"{self.autoencoder.downsample} and <= data.image_size {self.data.image_size}")
+        roi = self.autoencoder.decode_roi
+        if roi is not None and (len(roi) != self.data.spatial_dims or any(r < 1 for r in roi)):
+            raise ValueError(f"autoencoder.decode_roi {roi} needs {self.data.spatial_dims} positive sides (latent voxels)")
+        if "controlnet" in self.stages and self.diffusion.space == "latent":
+            raise ValueError("stage controlnet is built for pixel-space models (diffusion.space: pixel)")
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
             if sampler is None:
                 continue

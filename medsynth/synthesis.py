@@ -29,13 +29,26 @@ def synthesise(
     device: torch.device,
     eta: float = 0.0,
     desc: str = "sample",
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
+    decode_roi: list[int] | None = None,
+    decode_overlap: float = 0.25,
 ) -> tuple[np.ndarray, float]:
-    """Draw one sample per seed; returns normalised images ``(N, C, *spatial)`` and the seconds taken."""
+    """Draw one sample per seed (of the given class, for class-conditional models, with classifier-free
+    guidance ``guidance_scale``); returns normalised images ``(N, C, *spatial)`` and the seconds taken.
+
+    A latent model samples latents and decodes them with its autoencoder, one sample at a time, with a
+    sliding window of ``decode_roi`` latent voxels when given (bounded memory for large volumes)."""
     if not trained.diffusion.can_sample:
         raise MedsynthError(f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
                             "only) cannot sample from pure noise; use it with medsynth denoise")
+    if trained.num_classes is None and (class_labels is not None or guidance_scale != 1.0):
+        raise MedsynthError(f"{trained.path}: classes / guidance_scale need a class-conditional model (trained with model.num_classes)")
+    if trained.num_classes is not None and class_labels is None:
+        raise MedsynthError(f"{trained.path}: a class-conditional model needs the class of every sample")
     try:
-        scheduler = build_sampling_scheduler(trained.diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims)
+        scheduler = build_sampling_scheduler(trained.diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims,
+                                             clip=not trained.is_latent)
     except ValueError as exc:
         raise MedsynthError(f"{trained.path}: {exc}") from None
     trained.network.to(device)
@@ -52,8 +65,26 @@ def synthesise(
         images = generate(
             trained.network, scheduler, sampler=sampler, image_shape=(channels, *trained.image_size), seeds=list(seeds),
             batch_size=batch_size, device=device, eta=eta, autocast_dtype=autocast_dtype("auto", device), callback=progress,
+            class_labels=class_labels, guidance_scale=guidance_scale,
         )
+    if trained.autoencoder is not None:
+        from medsynth.models.autoencoder import decode
+
+        images = torch.cat([decode(trained.autoencoder, z[None], roi_size=decode_roi, overlap=decode_overlap, device=device)
+                            for z in tqdm(images, desc=f"{desc}: decode", unit="image", dynamic_ncols=True, disable=None)])
     return images.clamp(-1.0, 1.0).numpy(), time.perf_counter() - started
+
+
+def sample_classes(class_label: int | list[int] | None, count: int, num_classes: int | None) -> list[int] | None:
+    """The class of each of ``count`` samples: one class, a list cycled, or (null) every class in turn;
+    ``None`` for an unconditional model."""
+    if num_classes is None:
+        return None
+    cycle = list(range(num_classes)) if class_label is None else class_label if isinstance(class_label, list) else [class_label]
+    bad = [c for c in cycle if not 0 <= c < num_classes]
+    if bad:
+        raise MedsynthError(f"class labels {bad} are outside the model's classes 0..{num_classes - 1}")
+    return [int(cycle[i % len(cycle)]) for i in range(count)]
 
 
 def to_units(images: np.ndarray, intensity: dict) -> np.ndarray:

@@ -19,7 +19,7 @@ from medsynth.config import digest, to_plain
 from medsynth.data.prepare import load_summary
 from medsynth.io.atomic import atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
-from medsynth.synthesis import synthesise, to_units, write_scan
+from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
 from medsynth.tracking import code_version
 from pipelines.specs import augment_section
 from pipelines.stage import StageContext
@@ -48,8 +48,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trained = load_trained_model(model_path, ctx.dist.device)
     train_summary = ctx.upstream_manifest("train").get("summary", {})
     seeds = [cfg["seed"] + i for i in range(count)]
+    # Class-conditional models: every class in turn (a balanced synthetic set), guided like sample.
+    classes = sample_classes(None, count, trained.num_classes)
     images, seconds = synthesise(trained, sampler=cfg["sampler"], steps=cfg["steps"], seeds=seeds, batch_size=cfg["batch_size"],
-                                 device=ctx.dist.device, eta=cfg["eta"], desc="augment")
+                                 device=ctx.dist.device, eta=cfg["eta"], desc="augment", class_labels=classes,
+                                 guidance_scale=cfg["guidance_scale"], decode_roi=cfg["decode"]["roi"], decode_overlap=cfg["decode"]["overlap"])
     units = to_units(images, trained.intensity)
 
     provenance_base = {
@@ -63,6 +66,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "augment_run_id": ctx.tracker.run_id or None,
         "sampler": cfg["sampler"],
         "steps": cfg["steps"],
+        "guidance_scale": cfg["guidance_scale"] if classes is not None else None,
         "config_digest": digest(to_plain(config)),
         "code_version": code_version(),
         "modality": trained.intensity["modality"],
@@ -72,9 +76,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         name = f"synthetic_{i:04d}"
         write_scan(work / "synthetic" / f"{name}.nii.gz", image[0], summary["spacing_mm"], modality=trained.intensity["modality"],
                    description=f"medsynth SYNTHETIC seed {seed}")
-        atomic_write_json(work / "synthetic" / f"{name}.json", provenance_base | {"seed": seed, "index": i})
+        extra = {} if classes is None else {"class_label": classes[i]}
+        atomic_write_json(work / "synthetic" / f"{name}.json", provenance_base | {"seed": seed, "index": i} | extra)
         synthetic.append({"image": f"synthetic/{name}.nii.gz", "case_id": name, "modality": trained.intensity["modality"],
-                          "synthetic": True, "provenance": f"synthetic/{name}.json"})
+                          "synthetic": True, "provenance": f"synthetic/{name}.json"} | extra)
 
     used = synthetic[: min(count, wanted)]
     merged = {

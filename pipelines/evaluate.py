@@ -94,6 +94,36 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
     return {k: round(v, 4) for k, v in metrics.items() if "gain" in k or "/diffusion/" in k}
 
 
+def class_agreement(ctx: StageContext, requested: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
+    """Does each class-conditional sample show its requested class? A classifier trained on the real
+    training images (seeded) labels the samples; its accuracy on held-out real images is the ceiling
+    the agreement is read against. Diversity (pairwise MS-SSIM) is reported per class as well."""
+    from medsynth.metrics.classifier import train_classifier
+    from medsynth.metrics.fidelity import pairwise_ms_ssim
+
+    cache, config = ctx.inputs["prepare"] / "cache", ctx.config
+    num_classes = int(config.model.num_classes or requested.max() + 1)
+    train_images = np.load(cache / "train_images.npy", allow_pickle=False)
+    train_classes = np.load(cache / "train_classes.npy", allow_pickle=False)
+    val_images = np.load(cache / "val_images.npy", allow_pickle=False)
+    val_classes = np.load(cache / "val_classes.npy", allow_pickle=False)
+    classifier = train_classifier(train_images, train_classes, spatial_dims=config.data.spatial_dims, num_classes=num_classes,
+                                  steps=config.evaluate.classifier_steps, seed=config.seed, device=ctx.dist.device)
+    labelled = val_classes >= 0
+    predicted = classifier.predict(fake, device=ctx.dist.device)
+    metrics = {"eval/class/real_accuracy": classifier.accuracy(val_images[labelled], val_classes[labelled], device=ctx.dist.device),
+               "eval/class/agreement": float(np.mean(predicted == requested))}
+    for c in range(num_classes):
+        chosen = requested == c
+        if chosen.any():
+            metrics[f"eval/class/{c}/agreement"] = float(np.mean(predicted[chosen] == c))
+        if chosen.sum() >= 2:
+            metrics[f"eval/class/{c}/diversity_ms_ssim"] = pairwise_ms_ssim(torch.from_numpy(fake[chosen]), spatial_dims=config.data.spatial_dims)
+    return {"classifier": {"steps": classifier.steps, "seed": classifier.seed, "trained_on": "real training images with class labels",
+                           "network": "4 MONAI Convolution blocks + global max pool"},
+            "requested": requested.tolist(), "predicted": predicted.tolist(), "metrics": metrics}
+
+
 def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.evaluate
     cache = ctx.inputs["prepare"] / "cache"
@@ -111,8 +141,13 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
         bins=cfg.histogram_bins,
     )
     metrics = {f"eval/{k}": float(v) for k, v in metrics.items()}
+    classes_path = ctx.inputs["sample"] / "sample_classes.npy"
+    class_check = None
+    if classes_path.exists():
+        class_check = class_agreement(ctx, np.load(classes_path, allow_pickle=False), fake)
+        metrics |= class_check.pop("metrics")
     details = {"num_real": len(real), "num_fake": len(fake), "ssim_settings": ssim_settings(tuple(real.shape[2:])),
-               "labels": labels is not None, "evaluate_config": to_plain(cfg), "metrics": metrics}
+               "labels": labels is not None, "evaluate_config": to_plain(cfg), "class_check": class_check, "metrics": metrics}
     # JSON has no NaN: a class that no synthetic voxel was assigned to is recorded as null.
     atomic_write_json(work / "metrics.json", details | {"metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}})
     evaluation_figure(real, fake, metrics, work / "evaluation.png")

@@ -140,7 +140,7 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
     if not force and is_fresh(final, key):
         say(f"{spec.name}: unchanged, skipped ({final})", ctx)
         return {}
-    distributed_stage = spec.name == "train"
+    distributed_stage = spec.trains
     if not ctx.is_main and not distributed_stage:
         barrier(ctx)
         return {}

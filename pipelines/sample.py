@@ -16,7 +16,7 @@ from medsynth.data.prepare import load_summary
 from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json
 from medsynth.models.loading import load_trained_model
-from medsynth.synthesis import synthesise, to_units, write_scan
+from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
 from pipelines.stage import StageContext
 
 
@@ -25,17 +25,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary = load_summary(ctx.inputs["prepare"] / "cache")
     trained = load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device)
     seeds = [cfg.seed + i for i in range(cfg.num_samples)]
-    images, seconds = synthesise(trained, sampler=cfg.sampler, steps=cfg.steps, seeds=seeds, batch_size=cfg.batch_size, device=ctx.dist.device, eta=cfg.eta)
+    classes = sample_classes(cfg.class_label, cfg.num_samples, trained.num_classes)
+    images, seconds = synthesise(trained, sampler=cfg.sampler, steps=cfg.steps, seeds=seeds, batch_size=cfg.batch_size, device=ctx.dist.device, eta=cfg.eta,
+                                 class_labels=classes, guidance_scale=cfg.guidance_scale,
+                                 decode_roi=config.autoencoder.decode_roi, decode_overlap=config.autoencoder.decode_overlap)
 
     units = to_units(images, trained.intensity)
     for i, image in enumerate(units):
         write_scan(work / "images" / f"sample_{i:04d}.nii.gz", image[0], summary["spacing_mm"], modality=trained.intensity["modality"],
-                   description=f"medsynth SYNTHETIC {cfg.sampler}{cfg.steps} seed {seeds[i]}")
+                   description=f"medsynth SYNTHETIC {cfg.sampler}{cfg.steps} seed {seeds[i]}" + ("" if classes is None else f" class {classes[i]}"))
     atomic_save_npy(work / "samples.npy", images.astype(np.float32))
+    if classes is not None:
+        atomic_save_npy(work / "sample_classes.npy", np.asarray(classes, dtype=np.int64))
     real = np.load(ctx.inputs["prepare"] / "cache" / "val_images.npy", allow_pickle=False)[: len(images)]
     sample_grid(images, work / "grid.png", real=real, title=f"{config.name}: {cfg.sampler}, {cfg.steps} steps")
     train_summary = ctx.upstream_manifest("train").get("summary", {})
-    record = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seeds": seeds, "seconds": seconds,
+    record = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seeds": seeds, "classes": classes,
+              "guidance_scale": cfg.guidance_scale if classes is not None else None, "seconds": seconds,
               "model_file": str(trained.path), "model_step": trained.step, "model_uri": train_summary.get("model_uri"),
               "train_run_id": train_summary.get("mlflow_run_id"), "sample_config": to_plain(cfg)}
     atomic_write_json(work / "samples.json", record)

@@ -20,6 +20,27 @@ def augment_section(config: Config) -> dict[str, Any]:
     section["steps"] = section["steps"] or config.sample.steps
     section["eta"] = config.sample.eta
     section["batch_size"] = config.sample.batch_size
+    section["guidance_scale"] = config.sample.guidance_scale
+    section["decode"] = {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}
+    if "controlnet" in config.stages:
+        section["conditioning_scale"] = config.controlnet.conditioning_scale
+    return section
+
+
+def train_inputs(config: Config) -> tuple[str, ...]:
+    """A latent model trains on the autoencoder stage's latents."""
+    return ("prepare", "autoencoder") if config.diffusion.space == "latent" else ("prepare",)
+
+
+def model_inputs(config: Config) -> tuple[str, ...]:
+    """Sampling stages read the trained model, and the ControlNet when the config trains one."""
+    return ("prepare", "train", "controlnet") if "controlnet" in config.stages else ("prepare", "train")
+
+
+def sample_section(config: Config) -> dict[str, Any]:
+    section = {"sample": to_plain(config.sample), "decode": {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}}
+    if "controlnet" in config.stages:
+        section["conditioning_scale"] = config.controlnet.conditioning_scale
     return section
 
 
@@ -73,18 +94,24 @@ SPECS: dict[str, StageSpec] = {
     for spec in (
         StageSpec("prepare", "pipelines.prepare", lambda c: {"data": to_plain(c.data)}, (),
                   "phantoms or your folder -> NIfTI + datalist.json + cached model inputs"),
+        StageSpec("autoencoder", "pipelines.autoencoder",
+                  lambda c: {"autoencoder": {k: v for k, v in to_plain(c.autoencoder).items() if k not in ("resume", "decode_roi", "decode_overlap")}},
+                  ("prepare",), "AutoencoderKL (L1 + KL + patch adversarial) for latent diffusion, with its latent scale factor", trains=True),
         # train.resume and train.gradient_checkpointing change how the result is reached, not the result (tested).
         StageSpec("train", "pipelines.train",
                   lambda c: {"model": to_plain(c.model), "diffusion": to_plain(c.diffusion),
                              "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")}},
-                  ("prepare",), "DDPM/RFlow training with EMA, checkpoints, exact resume, DDP"),
-        StageSpec("sample", "pipelines.sample", lambda c: {"sample": to_plain(c.sample)}, ("prepare", "train"),
-                  "DDPM / DDIM / RFlow sampling to NIfTI + grid"),
+                  train_inputs, "DDPM/RFlow training (pixels or latents) with EMA, checkpoints, exact resume, DDP", trains=True),
+        StageSpec("controlnet", "pipelines.controlnet",
+                  lambda c: {"controlnet": {k: v for k, v in to_plain(c.controlnet).items() if k not in ("resume", "conditioning_scale")}},
+                  ("prepare", "train"), "ControlNet on the trained model: label map -> image", trains=True),
+        StageSpec("sample", "pipelines.sample", sample_section, model_inputs,
+                  "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)"),
         StageSpec("denoise", "pipelines.denoise", denoise_section, ("prepare", "train"),
                   "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines"),
         StageSpec("evaluate", "pipelines.evaluate", lambda c: {"evaluate": to_plain(c.evaluate)}, evaluate_inputs,
                   "samples: MMD, MS-SSIM diversity, per-class intensities; denoising: PSNR / SSIM per method and level"),
-        StageSpec("augment", "pipelines.augment", augment_section, ("prepare", "train"),
+        StageSpec("augment", "pipelines.augment", augment_section, model_inputs,
                   "synthetic cases with provenance + merged datalist"),
     )
 }

@@ -54,6 +54,8 @@ class StageSpec:
     sections: Callable[[Config], dict[str, Any]]
     inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]]
     description: str
+    # training stages: every torchrun rank takes part, and a fixed work folder keeps checkpoints to resume
+    trains: bool = False
 
     def upstream(self, config: Config) -> tuple[str, ...]:
         """The stages whose outputs this stage reads (for evaluate: whatever of sample / denoise the config runs)."""

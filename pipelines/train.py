@@ -10,14 +10,32 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
+
 from medsynth.config import to_plain
 from medsynth.data.prepare import load_split, load_summary
 from medsynth.errors import MedsynthError
 from medsynth.figures import loss_curve
-from medsynth.io.atomic import atomic_write_json
+from medsynth.io.atomic import atomic_save_npy, atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
 from medsynth.training.trainer import train_diffusion
 from pipelines.stage import StageContext
+
+
+def encode_latents(ctx: StageContext, images: np.ndarray, val_images: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Latent diffusion: the training and validation images encoded once by the autoencoder stage's model
+    (posterior means times the scale factor), plus what the model file embeds and what a resumed
+    checkpoint must match (the autoencoder's digest)."""
+    from medsynth.models.autoencoder import autoencoder_state, encode, load_autoencoder
+
+    path = ctx.inputs["autoencoder"] / "autoencoder.pt"
+    autoencoder = load_autoencoder(path, ctx.dist.device)
+    batch = max(1, ctx.config.autoencoder.batch_size)
+    latents = encode(autoencoder, images, batch_size=batch, device=ctx.dist.device)
+    val_latents = encode(autoencoder, val_images, batch_size=batch, device=ctx.dist.device)
+    if ctx.dist.is_main:
+        print(f"train: {len(latents)} latents of shape {list(latents.shape[1:])} (std {latents.std():.3f}) from {path}", file=sys.stderr)
+    return latents, val_latents, {"state": {"autoencoder": autoencoder_state(autoencoder)}, "identity": {"autoencoder_sha256": file_digest(path)}}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -39,9 +57,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.tracker.log_dataset(val["images"], source=str((cache / "val_images.npy").resolve()), name=f"{config.name}-validation", context="validation")
         ctx.tracker.set_tags({"medsynth.dataset_digest": digest})
 
+    inputs, val_inputs, latent = train["images"], val["images"], {}
+    if config.diffusion.space == "latent":
+        inputs, val_inputs, latent = encode_latents(ctx, inputs, val_inputs)
     result = train_diffusion(
-        config, train["images"], val["images"], work, ctx.dist,
+        config, inputs, val_inputs, work, ctx.dist,
         intensity=summary["intensity"], spacing_mm=summary["spacing_mm"], log_metrics=ctx.tracker.log_metrics,
+        train_classes=train["classes"] if config.model.num_classes else None, val_classes=val["classes"] if config.model.num_classes else None,
+        extra_state=latent.get("state"), identity_extra=latent.get("identity"),
     )
     if not ctx.dist.is_main:
         return {}
@@ -50,12 +73,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loss_curve(result.history, work / "loss_curve.png")
     ctx.tracker.log_artifact(work / "loss_curve.png")
     last = result.history[-1] if result.history else {}
+    if latent:
+        atomic_save_npy(work / "latents_train.npy", inputs)
     model_uri = None
     if config.tracking.log_model and ctx.tracker.enabled:
         trained = load_trained_model(result.model_path)
         model_uri = ctx.tracker.log_model(
             trained.network, registered_name=config.tracking.registered_model, alias=config.tracking.model_alias,
-            metadata={"spatial_dims": trained.spatial_dims, "image_size": trained.image_size, "diffusion": to_plain(config.diffusion),
+            metadata={"spatial_dims": trained.spatial_dims, "image_size": trained.output_size, "model_input_size": trained.image_size,
+                      "latent": trained.is_latent, "num_classes": trained.num_classes, "diffusion": to_plain(config.diffusion),
                       "intensity": summary["intensity"], "medsynth_model_file": "model.pt"},
         )
         ctx.tracker.log_artifact(result.model_path, artifact_path="medsynth")

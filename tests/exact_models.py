@@ -38,3 +38,34 @@ class ExactGaussianModel(torch.nn.Module):
         if self.diffusion.prediction_type == "v_prediction":
             return (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float()
         return eps.float()
+
+
+class ExactClassGaussianModel(torch.nn.Module):
+    """A class-conditional exact predictor: x0 | c ~ N(means[c], DATA_STD^2) per voxel; the last class
+    (the 'no class' token of classifier-free guidance) is N(null_mean, DATA_STD^2). Takes
+    ``class_labels`` like MONAI's ``DiffusionModelUNet`` with ``num_class_embeds``."""
+
+    def __init__(self, diffusion: DiffusionConfig, spatial_dims: int, means: list[float], null_mean: float = 0.0) -> None:
+        super().__init__()
+        self.diffusion = diffusion
+        self.means = torch.tensor([*means, null_mean], dtype=torch.float64)
+        self.num_class_embeds = len(means) + 1
+        self.calls: list[int] = []  # batch size of every call
+        object.__setattr__(self, "scheduler", build_train_scheduler(diffusion, spatial_dims=spatial_dims))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError("class_labels should be provided when num_class_embeds > 0")
+        self.calls.append(len(x))
+        s2 = DATA_STD**2
+        shape = (-1, *[1] * (x.ndim - 1))
+        t = timesteps.to(torch.float64).view(shape)
+        mu = self.means[class_labels.long()].view(shape)
+        x = x.to(torch.float64)
+        abar = self.scheduler.alphas_cumprod.to(torch.float64)[timesteps.long()].view_as(t)
+        var = abar * s2 + (1 - abar)
+        x0 = mu + abar.sqrt() * s2 * (x - abar.sqrt() * mu) / var
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        if self.diffusion.prediction_type == "v_prediction":
+            return (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float()
+        return eps.float()

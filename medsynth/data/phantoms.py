@@ -236,6 +236,7 @@ def brain_mri_phantom(
     bias_field: bool = True,
     lesion_probability: float = 0.5,
     noise_std: float = 0.01,
+    lesion_size: float = 1.0,
 ) -> Phantom:
     """T1-weighted axial brain MRI phantom (2D slice or 3D volume).
 
@@ -249,6 +250,8 @@ def brain_mri_phantom(
         bias_field: multiply by a smooth intensity non-uniformity of up to +-15 %.
         lesion_probability: chance of a lesion, in [0, 1].
         noise_std: standard deviation of the Rician noise, relative to the white-matter mean.
+        lesion_size: scale of the lesion's axes (1: 3.5-7 % of the head's half-width); the random draws
+            are the same for every size, so only the lesion changes.
 
     Returns:
         The phantom; ``image`` is non-negative, ``modality`` is ``"mr"``.
@@ -256,6 +259,7 @@ def brain_mri_phantom(
     shape = _check_shape(shape)
     _check_range("lesion_probability", lesion_probability, 0.0, 1.0)
     _check_range("noise_std", noise_std, 0.0)
+    _check_range("lesion_size", lesion_size, 0.1, 5.0)
     coords = _normalised_grid(shape)
     labels = BRAIN_LABELS
 
@@ -274,7 +278,7 @@ def brain_mri_phantom(
     gyrus_height = rng.uniform(0.13, 0.17)
     means = {name: mean * rng.uniform(0.92, 1.08) for name, mean in _BRAIN_T1_MEANS.items()}
     has_lesion = rng.random() < lesion_probability
-    lesion_axes = rng.uniform(0.035, 0.07, size=3)
+    lesion_axes = rng.uniform(0.035, 0.07, size=3) * lesion_size
     lesion_angle = rng.uniform(0.0, np.pi)
     lesion_pick = rng.random()
     lesion_contrast = rng.uniform(1.25, 1.40)
@@ -376,6 +380,7 @@ def body_ct_phantom(
     *,
     lesion_probability: float = 0.5,
     noise_std_hu: float = 8.0,
+    lesion_size: float = 1.0,
 ) -> Phantom:
     """Unenhanced abdominal CT phantom in Hounsfield units (2D axial slice or 3D volume).
 
@@ -390,6 +395,7 @@ def body_ct_phantom(
         rng: source of all randomness.
         lesion_probability: chance of a liver lesion, in [0, 1].
         noise_std_hu: standard deviation of the additive Gaussian noise, in HU.
+        lesion_size: scale of the lesion's axes (1: 4-8 % of the body's half-width).
 
     Returns:
         The phantom; ``modality`` is ``"ct"``.
@@ -397,6 +403,7 @@ def body_ct_phantom(
     shape = _check_shape(shape)
     _check_range("lesion_probability", lesion_probability, 0.0, 1.0)
     _check_range("noise_std_hu", noise_std_hu, 0.0)
+    _check_range("lesion_size", lesion_size, 0.1, 5.0)
     coords = _normalised_grid(shape)
     part = _CT_INDEX
     inf = np.inf
@@ -425,7 +432,7 @@ def body_ct_phantom(
     gas_radii = rng.uniform(0.025, 0.05, size=_MAX_GAS_POCKETS)
     hu = {name: rng.uniform(low, high) for name, (low, high) in _CT_HU_RANGES.items()}
     has_lesion = rng.random() < lesion_probability
-    lesion_axes = rng.uniform(0.04, 0.08, size=3)
+    lesion_axes = rng.uniform(0.04, 0.08, size=3) * lesion_size
     lesion_angle = rng.uniform(0.0, np.pi)
     lesion_pick = rng.random()
     mesentery = _smooth_noise(shape, rng, correlation=0.05)

@@ -67,7 +67,7 @@ def phantom_cases(data: DataConfig, out_dir: Path, seed: int, progress: Progress
         phantom = generate_phantom(
             cfg.kind, tuple(cfg.shape), seed * 100003 + i,
             **({"bias_field": cfg.bias_field} if cfg.kind == "brain_mri" else {}),
-            lesion_probability=cfg.lesion_probability,
+            lesion_probability=cfg.lesion_probability, lesion_size=cfg.lesion_size,
             **({} if cfg.noise is None else {"noise_std" if cfg.kind == "brain_mri" else "noise_std_hu": cfg.noise}),
         )
         case_id = f"phantom_{i:04d}"

@@ -111,6 +111,36 @@ def rflow_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generat
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "rflow": rflow_sample, **SCORE_SAMPLERS}
 
 
+def guided(model: Callable[..., torch.Tensor], *, class_labels: torch.Tensor | None, null_class: int | None, guidance_scale: float = 1.0,
+           extra: dict | None = None) -> Model:
+    """The network as ``f(x, t)`` for the samplers, with its conditioning bound.
+
+    Class-conditional models get ``class_labels`` (one per sample); with classifier-free guidance
+    (Ho & Salimans 2022) the output is ``f(x, t, null) + w (f(x, t, c) - f(x, t, null))``, with both
+    halves in one doubled batch. ``w = 1`` is the plain conditional model (one evaluation), ``w = 0``
+    the unconditional one. The combination is linear in the output, so it holds for epsilon, v and
+    velocity prediction alike. ``extra`` holds further keyword arguments for the network.
+    """
+    extra = extra or {}
+    if class_labels is None:
+        return lambda x, t: model(x, timesteps=t, **extra)
+    if null_class is None:
+        raise ValueError("class labels given to a model that is not class-conditional")
+    null = torch.full_like(class_labels, null_class)
+    if guidance_scale == 1.0:
+        return lambda x, t: model(x, timesteps=t, class_labels=class_labels, **extra)
+    if guidance_scale == 0.0:
+        return lambda x, t: model(x, timesteps=t, class_labels=null, **extra)
+
+    def cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        both = model(torch.cat([x, x]), timesteps=torch.cat([t, t]), class_labels=torch.cat([class_labels, null]), **doubled)
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return cfg
+
+
 def generate(
     model: torch.nn.Module,
     scheduler: Scheduler,
@@ -123,24 +153,35 @@ def generate(
     eta: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     callback: Callback = None,
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
+    network_wrapper: Callable[[torch.nn.Module, slice], Callable[..., torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples of ``image_shape`` (channels first), batch by batch, on ``device``.
 
     Sample ``i`` starts from noise drawn with ``seeds[i]`` and uses its own generator for every
-    stochastic step. Returns a CPU float tensor ``(N, *image_shape)``.
+    stochastic step. Class-conditional models need ``class_labels`` (one per sample) and take a
+    classifier-free ``guidance_scale`` (see :func:`guided`). ``network_wrapper(model, batch)`` may
+    wrap the network for one batch (``batch``: the samples' slice; the wrapper is called like the
+    network, ``(x, timesteps=t, **kwargs)``, with a doubled batch under guidance), e.g. to add
+    ControlNet residuals from each sample's label map.
+    Returns a CPU float tensor ``(N, *image_shape)``.
 
     Raises:
-        ValueError: an unknown sampler name.
+        ValueError: an unknown sampler name, class labels for an unconditional model or the reverse.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
     sample_fn = SAMPLERS[sampler]
     options = {"eta": eta} if sampler == "ddim" else {}
     model.eval()
-
-    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return model(x, timesteps=t)
+    embeds = getattr(model, "num_class_embeds", None)
+    if embeds is not None and class_labels is None:
+        raise ValueError("a class-conditional model needs class labels to sample")
+    if class_labels is not None and len(class_labels) != len(seeds):
+        raise ValueError(f"{len(class_labels)} class labels for {len(seeds)} samples")
+    if class_labels is not None and embeds is not None and any(not 0 <= int(c) < embeds - 1 for c in class_labels):
+        raise ValueError(f"class labels must lie in 0..{embeds - 2}")
 
     steps_per_batch = len(scheduler.timesteps)
     total_batches = (len(seeds) + batch_size - 1) // batch_size
@@ -149,6 +190,13 @@ def generate(
         batch_seeds = seeds[b * batch_size : (b + 1) * batch_size]
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch_seeds]
         x = initial_noise(image_shape, generators, device)
+        labels = None if class_labels is None else torch.as_tensor([int(c) for c in class_labels[b * batch_size : (b + 1) * batch_size]], device=device)
+        base = model if network_wrapper is None else network_wrapper(model, slice(b * batch_size, b * batch_size + len(batch_seeds)))
+        inner = guided(base, class_labels=labels, null_class=None if embeds is None else embeds - 1, guidance_scale=guidance_scale)
+
+        def network(x: torch.Tensor, t: torch.Tensor, _inner: Model = inner) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                return _inner(x, t)
 
         def report(step: int, _total: int, _b: int = b) -> None:
             if callback is not None:

@@ -34,8 +34,9 @@ def build_train_scheduler(diffusion: DiffusionConfig, *, spatial_dims: int) -> S
     )
 
 
-def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int) -> Scheduler | SigmaSchedule:
-    """The reverse-process scheduler for ``sampler`` with ``steps`` inference steps.
+def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int, clip: bool = True) -> Scheduler | SigmaSchedule:
+    """The reverse-process scheduler for ``sampler`` with ``steps`` inference steps; ``clip`` keeps each
+    step's estimate of x0 in the data range [-1, 1] (images), off for latents, which have no such range.
 
     Raises:
         ValueError: a sampler that does not fit the trained process, or too many steps.
@@ -45,7 +46,9 @@ def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps:
     if steps > diffusion.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
     if sampler in SCORE_SAMPLERS:  # any trained process, read as a denoiser over sigma
-        return karras_schedule(build_train_scheduler(diffusion, spatial_dims=spatial_dims), steps, prediction_type=diffusion.prediction_type)
+        schedule = karras_schedule(build_train_scheduler(diffusion, spatial_dims=spatial_dims), steps, prediction_type=diffusion.prediction_type)
+        schedule.clip = clip
+        return schedule
     if (sampler == "rflow") != (diffusion.scheduler == "rflow"):
         raise ValueError(f"sampler '{sampler}' does not fit a model trained with scheduler '{diffusion.scheduler}'")
     scheduler: Scheduler
@@ -63,5 +66,7 @@ def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps:
         scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
     else:
         raise ValueError(f"unknown sampler '{sampler}' (allowed: ddpm, ddim, rflow, {', '.join(SCORE_SAMPLERS)})")
+    if hasattr(scheduler, "clip_sample"):
+        scheduler.clip_sample = clip
     scheduler.set_timesteps(steps)
     return scheduler

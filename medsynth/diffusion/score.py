@@ -43,6 +43,7 @@ class SigmaSchedule:
     kind: str
     prediction_type: str
     num_train_timesteps: int
+    clip: bool = True  # keep the denoiser's x0 in [-1, 1] (images; not latents)
 
     @property
     def initial_scale(self) -> float:
@@ -89,9 +90,10 @@ def karras_schedule(scheduler: Scheduler, steps: int, *, prediction_type: str, r
     return SigmaSchedule(sigmas, timesteps, kind, prediction_type, scheduler.num_train_timesteps)
 
 
-def denoiser(model: Model, schedule: SigmaSchedule, *, clip: bool = True) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def denoiser(model: Model, schedule: SigmaSchedule, *, clip: bool | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``D(x, i)``: the network's estimate of x0 from ``x = x0 + sigmas[i] n`` (see the module docstring);
-    clamped to the data range ``[-1, 1]`` with ``clip``."""
+    clamped to the data range ``[-1, 1]`` with ``clip`` (default: the schedule's)."""
+    clip = schedule.clip if clip is None else clip
 
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
         sigma = schedule.sigmas[i].item()
@@ -130,7 +132,7 @@ def _euler_step(D: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor,
 
 @torch.no_grad()
 def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                 clip: bool = True) -> torch.Tensor:
+                 clip: bool | None = None) -> torch.Tensor:
     """Euler steps of the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Alg. 1 without churn)."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
@@ -143,7 +145,7 @@ def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gene
 
 @torch.no_grad()
 def heun_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                clip: bool = True) -> torch.Tensor:
+                clip: bool | None = None) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (EDM Alg. 1); the last step (to sigma 0) is Euler."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
@@ -161,7 +163,7 @@ def heun_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gener
 
 @torch.no_grad()
 def pc_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-              clip: bool = True, snr: float = PC_SNR) -> torch.Tensor:
+              clip: bool | None = None, snr: float = PC_SNR) -> torch.Tensor:
     """Predictor-corrector sampling: an Euler-ancestral predictor step (the reverse SDE's
     discretisation) to the next level, then one Langevin corrector step there with the step size set
     by ``snr`` from the per-sample norms of noise and score (Song et al. 2021, Alg. 4 / 5)."""
@@ -190,7 +192,7 @@ def pc_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generat
 
 @torch.no_grad()
 def dpmpp_2m_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                    clip: bool = True) -> torch.Tensor:
+                    clip: bool | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep second order in log sigma; one network
     evaluation per step."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas

@@ -36,6 +36,8 @@ def unet_kwargs(model: ModelConfig, in_channels: int = 1, out_channels: int = 1)
         "num_head_channels": model.num_head_channels,
         "norm_num_groups": model.norm_num_groups,
         "use_flash_attention": model.use_flash_attention,
+        # Classifier-free guidance: one embedding per class plus a last one for "no class".
+        "num_class_embeds": None if model.num_classes is None else model.num_classes + 1,
     }
 
 

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +90,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def training_identity(config: Config) -> str:
-    """What must match for a checkpoint to be resumed: network, process, data size, seed."""
+def training_identity(config: Config, extra: dict | None = None) -> str:
+    """What must match for a checkpoint to be resumed: network, process, data size, seed (and ``extra``)."""
     train = to_plain(config.train)
     for key in ("resume", "checkpoint_every", "val_every", "log_every"):
         train.pop(key)
     return digest({"model": to_plain(config.model), "diffusion": to_plain(config.diffusion), "train": train, "seed": config.seed,
-                   "image_size": config.data.image_size, "spatial_dims": config.data.spatial_dims})
+                   "image_size": config.data.image_size, "spatial_dims": config.data.spatial_dims, **({"extra": extra} if extra else {})})
+
+
+def check_classes(classes: np.ndarray | None, count: int, num_classes: int, split: str) -> np.ndarray:
+    """Class labels for a class-conditional model: one per image, each in 0..K-1."""
+    if classes is None or len(classes) != count:
+        raise MedsynthError(f"model.num_classes is set but the {split} data has no class label per image")
+    classes = np.asarray(classes, dtype=np.int64)
+    bad = sorted(set(classes[(classes < 0) | (classes >= num_classes)].tolist()))
+    if bad:
+        what = "images without a class label (-1)" if bad == [-1] else f"class labels {bad[:5]}"
+        raise MedsynthError(f"the {split} data has {what}; model.num_classes={num_classes} needs labels 0..{num_classes - 1} "
+                            "(phantom classes, or class_label in your datalist)")
+    return classes
 
 
 def _memory_format(spatial_dims: int) -> torch.memory_format:
@@ -118,6 +132,10 @@ def train_diffusion(
     spacing_mm: list[float] | None = None,
     log_metrics: MetricsCallback = None,
     step_callback: Callable[[int], None] | None = None,
+    train_classes: np.ndarray | None = None,
+    val_classes: np.ndarray | None = None,
+    extra_state: dict | None = None,
+    identity_extra: dict | None = None,
 ) -> TrainResult:
     """Train a diffusion model on ``train_images`` (N, C, *spatial) in [-1, 1].
 
@@ -131,6 +149,10 @@ def train_diffusion(
         spacing_mm: the voxel spacing of the training inputs, stored with the model (denoising checks it).
         log_metrics: called with ``({name: value}, step)`` on rank 0.
         step_callback: called after every completed (and, when due, checkpointed) step.
+        train_classes: class labels 0..K-1 of ``train_images`` (class-conditional models, ``model.num_classes``).
+        val_classes: the same for ``val_images``.
+        extra_state: more entries for the model file (e.g. the autoencoder of a latent model).
+        identity_extra: more that a resumed checkpoint must match (e.g. the autoencoder's digest).
 
     Returns:
         The paths of the final checkpoint and model file, and the metric history.
@@ -140,6 +162,10 @@ def train_diffusion(
     if tcfg.batch_size % ctx.world_size:
         raise MedsynthError(f"train.batch_size {tcfg.batch_size} is not divisible by the {ctx.world_size} processes")
     amp_dtype = autocast_dtype(tcfg.precision, device)
+    num_classes = config.model.num_classes
+    if num_classes is not None:
+        train_classes = check_classes(train_classes, len(train_images), num_classes, "training")
+        val_classes = check_classes(val_classes, len(val_images), num_classes, "validation")
     checkpoint_path = work_dir / "checkpoints" / "last.pt"
 
     # 1. network, EMA, optimiser, schedules (identical on every rank: same seed)
@@ -159,7 +185,7 @@ def train_diffusion(
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     scheduler = build_train_scheduler(config.diffusion, spatial_dims=spatial_dims)
     inferer = DiffusionInferer(scheduler)
-    identity = training_identity(config)
+    identity = training_identity(config, identity_extra)
 
     # 2. resume
     start, history, resumed_from = 0, [], None
@@ -178,6 +204,8 @@ def train_diffusion(
     net = DistributedDataParallel(model) if ctx.distributed else model
     data = torch.as_tensor(train_images, dtype=torch.float32)
     val = torch.as_tensor(val_images[: tcfg.val_images], dtype=torch.float32)
+    classes = None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long)
+    val_labels = None if val_classes is None else torch.as_tensor(val_classes[: tcfg.val_images], dtype=torch.long).to(device)
 
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
@@ -196,8 +224,9 @@ def train_diffusion(
         x0 = val.to(device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = (torch.arange(len(x0), device=device) * (config.diffusion.max_train_timestep or scheduler.num_train_timesteps) // len(x0)).long()
+        network = ema.shadow if val_labels is None else partial(ema.shadow, class_labels=val_labels)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            prediction = inferer(inputs=x0, diffusion_model=ema.shadow, noise=noise, timesteps=t)
+            prediction = inferer(inputs=x0, diffusion_model=network, noise=noise, timesteps=t)
         target = prediction_target(scheduler, x0, noise, t, config.diffusion.prediction_type)
         return float(weighted_mse(prediction, target, None))
 
@@ -218,10 +247,16 @@ def train_diffusion(
             generator = step_generator(config.seed, step, device)
             noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
             t = sample_timesteps(scheduler, tcfg.batch_size, generator=generator, device=device, high=config.diffusion.max_train_timestep)[shard]
+            network = net
+            if classes is not None:
+                # label dropout: a share of the batch learns the unconditional model (the null class K)
+                dropped = (torch.rand(tcfg.batch_size, generator=generator, device=device) < tcfg.label_dropout)[shard]
+                labels = torch.where(dropped, torch.full_like(dropped, num_classes, dtype=torch.long), classes[index].to(device))
+                network = partial(net, class_labels=labels)
 
             # 1. predict (epsilon | v | velocity) for the noised batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                prediction = inferer(inputs=x0, diffusion_model=net, noise=noise, timesteps=t)
+                prediction = inferer(inputs=x0, diffusion_model=network, noise=noise, timesteps=t)
             # 2. Min-SNR-weighted regression to the target
             target = prediction_target(scheduler, x0, noise, t, config.diffusion.prediction_type)
             loss = weighted_mse(prediction, target, min_snr_weights(scheduler, t, config.diffusion.prediction_type, config.diffusion.min_snr_gamma))
@@ -273,12 +308,14 @@ def train_diffusion(
     if ctx.is_main:
         save_state(model_path, {
             "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "step": tcfg.max_steps,
-            "spatial_dims": spatial_dims, "image_size": list(config.data.image_size),
+            # the network's input size: the image size, or the latent size of a latent model
+            "spatial_dims": spatial_dims, "image_size": list(train_images.shape[2:]),
             "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs(config.model, train_images.shape[1], train_images.shape[1]).items()},
             "diffusion": to_plain(config.diffusion), "intensity": intensity or {},
             # How the training inputs were made from scans: what denoising needs to treat a scan the same way.
             "data": {"spacing_mm": spacing_mm, "slice_axis": config.data.slice_axis, "mr_percentile": config.data.mr_percentile,
                      "ct_window": list(config.data.ct_window)},
             "state_dict": ema.shadow.state_dict(),
+            **(extra_state or {}),
         })
     return TrainResult(steps=tcfg.max_steps, model_path=model_path, checkpoint_path=checkpoint_path, history=history, resumed_from=resumed_from)
