@@ -160,7 +160,7 @@ class AutoencoderConfig(StrictModel):
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64], description="Encoder widths; the latent is 2^(len-1) times smaller per side")
     latent_channels: int = Field(3, ge=1)
     num_res_blocks: int = Field(1, ge=1)
-    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, False])
+    attention_levels: list[bool] | None = Field(None, description="Self-attention per level; null: none")
     norm_num_groups: int = Field(16, ge=1)
     with_nonlocal_attn: bool = Field(False, description="Self-attention in the encoder/decoder middle block (memory-hungry in 3D)")
     max_steps: int = Field(1000, ge=1)
@@ -189,7 +189,7 @@ class AutoencoderConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoencoderConfig:
-        if len(self.attention_levels) != len(self.channels):
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
             raise ValueError("attention_levels needs one entry per channels entry")
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:

@@ -46,7 +46,7 @@ def autoencoder_kwargs(cfg: AutoencoderConfig, channels: int = 1) -> dict[str, A
         "channels": list(cfg.channels),
         "latent_channels": cfg.latent_channels,
         "num_res_blocks": cfg.num_res_blocks,
-        "attention_levels": list(cfg.attention_levels),
+        "attention_levels": list(cfg.attention_levels) if cfg.attention_levels is not None else [False] * len(cfg.channels),
         "norm_num_groups": cfg.norm_num_groups,
         "with_encoder_nonlocal_attn": cfg.with_nonlocal_attn,
         "with_decoder_nonlocal_attn": cfg.with_nonlocal_attn,

@@ -82,3 +82,70 @@ def test_class_conditional_model_on_data_without_classes_is_one_line_exit_2(writ
     code, err = run_cli(["run", str(config), "--stages", "prepare,train"], capsys)
     one_line_exit_2(code, err, "images without a class label", "model.num_classes=2")
     assert not (tmp_path / "out" / "train").exists() and not list((tmp_path / "out").glob(".train*"))
+
+
+LATENT = {"stages": ["prepare", "autoencoder", "train", "sample", "evaluate"], "diffusion": {"space": "latent"},
+          "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8, "batch_size": 4, "max_steps": 4, "adv_start": 2,
+                          "disc_channels": 8, "disc_layers": 2, "val_images": 2, "val_every": 2, "log_every": 2}}
+
+
+def test_latent_pipeline_trains_autoencoder_then_diffusion_on_latents(write_config, tmp_path: Path, capsys) -> None:
+    from mlflow import MlflowClient
+
+    from medsynth.models.loading import load_trained_model
+
+    config = write_config(LATENT)
+    out = tmp_path / "out"
+    code, err = run_cli(["run", str(config)], capsys)
+    assert code == 0, err
+    for name in ("autoencoder.pt", "reconstructions.png", "loss_curve.png", "manifest.json"):
+        assert (out / "autoencoder" / name).is_file(), name
+    summary = json.loads((out / "autoencoder" / "manifest.json").read_text())["summary"]
+    assert summary["latent_shape"] == [2, 8, 8] and summary["scale_factor"] > 0
+    trained = load_trained_model(out / "train" / "model.pt")
+    assert trained.is_latent and trained.image_size == [8, 8] and trained.output_size == [16, 16]
+    assert trained.network.in_channels == 2
+    assert np.load(out / "train" / "latents_train.npy").shape[1:] == (2, 8, 8)
+    samples = np.load(out / "sample" / "samples.npy")
+    assert samples.shape == (4, 1, 16, 16) and np.isfinite(samples).all()
+    # MLflow: the autoencoder stage's run has reconstruction metrics and the figure
+    manifest = json.loads((out / "autoencoder" / "manifest.json").read_text())
+    run = MlflowClient().get_run(manifest["mlflow_run_id"])
+    assert {"val/psnr", "val/ssim", "autoencoder/scale_factor"} <= set(run.data.metrics)
+    assert "reconstructions.png" in [a.path for a in MlflowClient().list_artifacts(run.info.run_id)]
+
+    # a changed autoencoder retrains the latent model (its digest is an input of train)
+    code, err = run_cli(["run", str(config), "autoencoder.max_steps=5", "--stages", "autoencoder,train"], capsys)
+    assert code == 0, err
+    assert load_trained_model(out / "train" / "model.pt").autoencoder.step == 5
+
+
+def test_latent_3d_samples_decode_with_a_sliding_window(write_config, tmp_path: Path, capsys) -> None:
+    from conftest import TINY_3D
+
+    config = write_config({**LATENT, "stages": ["prepare", "autoencoder", "train", "sample"],
+                           "autoencoder": {**LATENT["autoencoder"], "batch_size": 2, "patch_size": [8, 8, 8], "disc_layers": 1, "decode_roi": [4, 4, 4]},
+                           "sample": {"sampler": "dpmpp_2m", "steps": 3, "num_samples": 2, "batch_size": 2}}, base=TINY_3D)
+    code, err = run_cli(["run", str(config)], capsys)
+    assert code == 0, err
+    samples = np.load(tmp_path / "out" / "sample" / "samples.npy")
+    assert samples.shape == (2, 1, 16, 16, 16) and np.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["diffusion.space=latent", "data.image_size=[18, 18]", "data.phantom.shape=[18, 18]"], "divisible by the autoencoder's downsampling 4"),
+    (["diffusion.space=latent", "stages=[prepare, train, denoise]"], "stage denoise needs a pixel-space model"),
+    (["autoencoder.perceptual_weight=0.1"], "perceptual_weights"),
+    (["autoencoder.patch_size=[6, 6]"], "autoencoder.patch_size"),
+    (["autoencoder.decode_roi=[4, 4, 4]"], "autoencoder.decode_roi"),
+])
+def test_bad_latent_settings_are_one_line_exit_2(write_config, tmp_path: Path, capsys, overrides, expected) -> None:
+    code, err = run_cli(["run", str(write_config()), *overrides], capsys)
+    one_line_exit_2(code, err, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_latent_model_needs_the_autoencoder_stage_first(write_config, tmp_path: Path, capsys) -> None:
+    config = write_config(LATENT)
+    code, err = run_cli(["run", str(config), "--stages", "prepare,train"], capsys)
+    one_line_exit_2(code, err, "needs the outputs of stage 'autoencoder'")
