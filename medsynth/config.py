@@ -207,12 +207,15 @@ class AutoencoderConfig(StrictModel):
 class ControlNetConfig(StrictModel):
     """MONAI ``ControlNet`` trained on top of the trained (frozen) diffusion model: label map -> image."""
 
-    conditioning_channels: list[int] = Field(default_factory=lambda: [16, 32, 64],
-                                             description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels)")
+    conditioning_channels: list[int] = Field(default_factory=lambda: [16],
+                                             description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels); "
+                                             "one entry for pixel-space models (each further entry halves the map, for latents)")
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     conditioning_scale: float = Field(1.0, ge=0.0, description="Weight of the ControlNet residuals at sampling")
+    label_maps: Path | None = Field(None, description="Label maps to generate from (sample / augment): a NIfTI file or a folder of them, "
+                                    "each of the model's image size with values 0..labels-1; null: the held-out cases' label maps")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(250, ge=1)
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
@@ -419,6 +422,8 @@ class Config(StrictModel):
             raise ValueError(f"autoencoder.decode_roi {roi} needs {self.data.spatial_dims} positive sides (latent voxels)")
         if "controlnet" in self.stages and self.diffusion.space == "latent":
             raise ValueError("stage controlnet is built for pixel-space models (diffusion.space: pixel)")
+        if "controlnet" in self.stages and len(self.controlnet.conditioning_channels) != 1:
+            raise ValueError("controlnet.conditioning_channels needs one entry for a pixel-space model (the label map is at image size)")
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
             if sampler is None:
                 continue

@@ -33,12 +33,17 @@ def synthesise(
     guidance_scale: float = 1.0,
     decode_roi: list[int] | None = None,
     decode_overlap: float = 0.25,
+    controlnet=None,
+    label_maps: np.ndarray | None = None,
+    conditioning_scale: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """Draw one sample per seed (of the given class, for class-conditional models, with classifier-free
     guidance ``guidance_scale``); returns normalised images ``(N, C, *spatial)`` and the seconds taken.
 
     A latent model samples latents and decodes them with its autoencoder, one sample at a time, with a
-    sliding window of ``decode_roi`` latent voxels when given (bounded memory for large volumes)."""
+    sliding window of ``decode_roi`` latent voxels when given (bounded memory for large volumes).
+    With a ``controlnet`` (:class:`~medsynth.models.controlnet.TrainedControlNet`) sample ``i`` is
+    generated from ``label_maps[i]`` (``(N, 1, *image_size)``)."""
     if not trained.diffusion.can_sample:
         raise MedsynthError(f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
                             "only) cannot sample from pure noise; use it with medsynth denoise")
@@ -53,6 +58,14 @@ def synthesise(
         raise MedsynthError(f"{trained.path}: {exc}") from None
     trained.network.to(device)
     channels = trained.network.in_channels
+    wrapper = None
+    if controlnet is not None:
+        from medsynth.models.controlnet import controlnet_wrapper
+
+        if label_maps is None or len(label_maps) != len(seeds):
+            raise MedsynthError(f"{trained.path}: sampling with a ControlNet needs one label map per sample")
+        controlnet.network.to(device)
+        wrapper = controlnet_wrapper(controlnet, label_maps, conditioning_scale=conditioning_scale)
     started = time.perf_counter()
     # disable=None: bars on a terminal, silence in logs and CI.
     with tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True, disable=None) as bar:
@@ -65,7 +78,7 @@ def synthesise(
         images = generate(
             trained.network, scheduler, sampler=sampler, image_shape=(channels, *trained.image_size), seeds=list(seeds),
             batch_size=batch_size, device=device, eta=eta, autocast_dtype=autocast_dtype("auto", device), callback=progress,
-            class_labels=class_labels, guidance_scale=guidance_scale,
+            class_labels=class_labels, guidance_scale=guidance_scale, network_wrapper=wrapper,
         )
     if trained.autoencoder is not None:
         from medsynth.models.autoencoder import decode
@@ -85,6 +98,36 @@ def sample_classes(class_label: int | list[int] | None, count: int, num_classes:
     if bad:
         raise MedsynthError(f"class labels {bad} are outside the model's classes 0..{num_classes - 1}")
     return [int(cycle[i % len(cycle)]) for i in range(count)]
+
+
+def label_maps_for(path: str | Path | None, fallback: np.ndarray | None, count: int) -> tuple[np.ndarray, list[str]]:
+    """``count`` label maps ``(count, 1, *spatial)`` to generate from, cycled: the NIfTI files at ``path``
+    (a file or a folder of ``*.nii``/``*.nii.gz``, in the model's voxel order as the label files that
+    ``sample`` writes), else ``fallback`` (the held-out cases' maps). Returns the maps and their sources.
+
+    Raises:
+        MedsynthError: no label maps, an unreadable file (named).
+    """
+    from medsynth.io.volumes import read_nifti
+
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise MedsynthError(f"{path}: controlnet.label_maps not found")
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz"))) if path.is_dir() else [path]
+        if not files:
+            raise MedsynthError(f"{path}: no NIfTI label maps (.nii / .nii.gz) in the folder")
+        maps = [read_nifti(f).array for f in files]
+        shapes = {m.shape for m in maps}
+        if len(shapes) > 1:
+            raise MedsynthError(f"{path}: label maps of different shapes {sorted(shapes)}")
+        stack, sources = np.stack(maps)[:, None], [str(f) for f in files]
+    elif fallback is not None and len(fallback):
+        stack, sources = np.asarray(fallback), [f"held-out label map {i}" for i in range(len(fallback))]
+    else:
+        raise MedsynthError("no label maps to generate from: the prepared data has none and controlnet.label_maps is not set")
+    order = [i % len(stack) for i in range(count)]
+    return stack[order], [sources[i] for i in order]
 
 
 def to_units(images: np.ndarray, intensity: dict) -> np.ndarray:

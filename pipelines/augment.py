@@ -15,12 +15,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medsynth.config import digest, to_plain
 from medsynth.data.prepare import load_summary
 from medsynth.io.atomic import atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
 from medsynth.tracking import code_version
+from medsynth.io.nifti import spacing_affine, write_nifti
+from pipelines.controlnet import sampling_inputs
 from pipelines.specs import augment_section
 from pipelines.stage import StageContext
 
@@ -50,9 +54,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seeds = [cfg["seed"] + i for i in range(count)]
     # Class-conditional models: every class in turn (a balanced synthetic set), guided like sample.
     classes = sample_classes(None, count, trained.num_classes)
+    controlnet, label_maps, label_sources, _ = sampling_inputs(ctx, count)
     images, seconds = synthesise(trained, sampler=cfg["sampler"], steps=cfg["steps"], seeds=seeds, batch_size=cfg["batch_size"],
                                  device=ctx.dist.device, eta=cfg["eta"], desc="augment", class_labels=classes,
-                                 guidance_scale=cfg["guidance_scale"], decode_roi=cfg["decode"]["roi"], decode_overlap=cfg["decode"]["overlap"])
+                                 guidance_scale=cfg["guidance_scale"], decode_roi=cfg["decode"]["roi"], decode_overlap=cfg["decode"]["overlap"],
+                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale)
     units = to_units(images, trained.intensity)
 
     provenance_base = {
@@ -77,7 +83,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         write_scan(work / "synthetic" / f"{name}.nii.gz", image[0], summary["spacing_mm"], modality=trained.intensity["modality"],
                    description=f"medsynth SYNTHETIC seed {seed}")
         extra = {} if classes is None else {"class_label": classes[i]}
-        atomic_write_json(work / "synthetic" / f"{name}.json", provenance_base | {"seed": seed, "index": i} | extra)
+        sidecar: dict = {}
+        if label_maps is not None:  # paired (image, label) for segmentation training
+            write_nifti(work / "synthetic" / f"{name}_label.nii.gz", label_maps[i, 0].astype(np.uint8),
+                        spacing_affine(list(summary["spacing_mm"]), label_maps.shape[2:]), description="medsynth label map of a synthetic image")
+            extra["label"] = f"synthetic/{name}_label.nii.gz"
+            sidecar = {"label_map_source": label_sources[i], "conditioning_scale": config.controlnet.conditioning_scale}
+        atomic_write_json(work / "synthetic" / f"{name}.json", provenance_base | {"seed": seed, "index": i} | extra | sidecar)
         synthetic.append({"image": f"synthetic/{name}.nii.gz", "case_id": name, "modality": trained.intensity["modality"],
                           "synthetic": True, "provenance": f"synthetic/{name}.json"} | extra)
 

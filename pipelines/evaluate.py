@@ -146,6 +146,13 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
     if classes_path.exists():
         class_check = class_agreement(ctx, np.load(classes_path, allow_pickle=False), fake)
         metrics |= class_check.pop("metrics")
+    maps_path = ctx.inputs["sample"] / "sample_labels.npy"
+    if maps_path.exists() and labels is not None:
+        from medsynth.metrics.label_adherence import label_adherence
+
+        fake_maps = np.load(maps_path, allow_pickle=False)
+        count = int(max(fake_maps.max(), labels.max())) + 1
+        metrics |= {f"eval/{k}": v for k, v in label_adherence(fake, fake_maps, real, labels, count, class_names).items()}
     details = {"num_real": len(real), "num_fake": len(fake), "ssim_settings": ssim_settings(tuple(real.shape[2:])),
                "labels": labels is not None, "evaluate_config": to_plain(cfg), "class_check": class_check, "metrics": metrics}
     # JSON has no NaN: a class that no synthetic voxel was assigned to is recorded as null.

@@ -23,7 +23,7 @@ def augment_section(config: Config) -> dict[str, Any]:
     section["guidance_scale"] = config.sample.guidance_scale
     section["decode"] = {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}
     if "controlnet" in config.stages:
-        section["conditioning_scale"] = config.controlnet.conditioning_scale
+        section["controlnet"] = controlnet_sampling(config)
     return section
 
 
@@ -40,8 +40,20 @@ def model_inputs(config: Config) -> tuple[str, ...]:
 def sample_section(config: Config) -> dict[str, Any]:
     section = {"sample": to_plain(config.sample), "decode": {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}}
     if "controlnet" in config.stages:
-        section["conditioning_scale"] = config.controlnet.conditioning_scale
+        section["controlnet"] = controlnet_sampling(config)
     return section
+
+
+def controlnet_sampling(config: Config) -> dict[str, Any]:
+    """What sampling from label maps depends on: the scale, and the given label maps' files."""
+    path = config.controlnet.label_maps
+    files = {}
+    if path is not None:
+        target = Path(path)
+        for file in sorted(target.rglob("*")) if target.is_dir() else [target]:
+            if file.is_file():
+                files[str(file)] = [file.stat().st_size, file.stat().st_mtime_ns]
+    return {"conditioning_scale": config.controlnet.conditioning_scale, "label_maps": str(path) if path else None, "files": files}
 
 
 def evaluate_inputs(config: Config) -> tuple[str, ...]:
@@ -103,7 +115,9 @@ SPECS: dict[str, StageSpec] = {
                              "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")}},
                   train_inputs, "DDPM/RFlow training (pixels or latents) with EMA, checkpoints, exact resume, DDP", trains=True),
         StageSpec("controlnet", "pipelines.controlnet",
-                  lambda c: {"controlnet": {k: v for k, v in to_plain(c.controlnet).items() if k not in ("resume", "conditioning_scale")}},
+                  lambda c: {"controlnet": {k: v for k, v in to_plain(c.controlnet).items() if k not in ("resume", "conditioning_scale", "label_maps")},
+                             "train": {k: to_plain(c.train)[k] for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision",
+                                                                         "val_images")}},
                   ("prepare", "train"), "ControlNet on the trained model: label map -> image", trains=True),
         StageSpec("sample", "pipelines.sample", sample_section, model_inputs,
                   "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)"),

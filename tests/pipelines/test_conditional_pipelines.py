@@ -149,3 +149,59 @@ def test_latent_model_needs_the_autoencoder_stage_first(write_config, tmp_path: 
     config = write_config(LATENT)
     code, err = run_cli(["run", str(config), "--stages", "prepare,train"], capsys)
     one_line_exit_2(code, err, "needs the outputs of stage 'autoencoder'")
+
+
+CONTROL = {"stages": ["prepare", "train", "controlnet", "sample", "evaluate", "augment"],
+           "controlnet": {"conditioning_channels": [8], "max_steps": 4, "batch_size": 4, "log_every": 2}}
+
+
+def test_controlnet_pipeline_generates_paired_images_and_labels(write_config, tmp_path: Path, capsys) -> None:
+    import nibabel as nib
+
+    config = write_config(CONTROL)
+    out = tmp_path / "out"
+    code, err = run_cli(["run", str(config)], capsys)
+    assert code == 0, err
+    assert (out / "controlnet" / "controlnet.pt").is_file()
+    maps = np.load(out / "sample" / "sample_labels.npy")
+    val_maps = np.load(out / "prepare" / "cache" / "val_labels.npy")
+    assert maps.shape == (4, 1, 16, 16) and np.array_equal(maps[0], val_maps[0])
+    label_file = nib.load(out / "sample" / "labels" / "sample_0000.nii.gz")
+    assert np.array_equal(np.asarray(label_file.dataobj), maps[0, 0])
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["metrics"]
+    for key in ("eval/label/dice", "eval/label/dice_real", "eval/label/dice_shuffled", "eval/label/mean_abs_difference"):
+        assert np.isfinite(metrics[key]), key
+    datalist = json.loads((out / "augment" / "datalist_augmented.json").read_text())
+    synthetic = [e for e in datalist["training"] if e.get("synthetic")]
+    assert synthetic and all((out / "augment" / e["label"]).is_file() for e in synthetic)
+
+    # your own label maps: a folder of NIfTI maps of the model's size
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(val_maps[i, 0].astype(np.uint8), np.eye(4)), folder / f"map{i}.nii.gz")
+    code, err = run_cli(["sample", str(config), f"controlnet.label_maps={folder}"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "sample" / "samples.json").read_text())
+    assert record["label_maps"][:2] == [str(folder / "map0.nii.gz"), str(folder / "map1.nii.gz")]
+
+    # a label map of the wrong shape -> one line, exit 2, the sample stage's outputs untouched
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((12, 12), np.uint8), np.eye(4)), bad)
+    before = (out / "sample" / "samples.json").read_text()
+    code, err = run_cli(["sample", str(config), f"controlnet.label_maps={bad}"], capsys)
+    one_line_exit_2(code, err, str(bad))
+    assert (out / "sample" / "samples.json").read_text() == before
+    code, err = run_cli(["sample", str(config), f"controlnet.label_maps={tmp_path / 'missing'}"], capsys)
+    one_line_exit_2(code, err, "not found")
+    too_high = tmp_path / "high.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16), 99, np.uint8), np.eye(4)), too_high)
+    code, err = run_cli(["sample", str(config), f"controlnet.label_maps={too_high}"], capsys)
+    one_line_exit_2(code, err, "outside")
+
+
+def test_controlnet_stage_refuses_latent_models_and_wide_embeddings(write_config, tmp_path: Path, capsys) -> None:
+    code, err = run_cli(["run", str(write_config(CONTROL)), "controlnet.conditioning_channels=[8, 16]"], capsys)
+    one_line_exit_2(code, err, "controlnet.conditioning_channels needs one entry")
+    code, err = run_cli(["run", str(write_config({**CONTROL, **LATENT, "stages": CONTROL["stages"]}))], capsys)
+    one_line_exit_2(code, err, "stage controlnet is built for pixel-space models")
