@@ -41,13 +41,13 @@ else:
     trained = TrainedModel(unet, config.diffusion, dims, latent, ae.intensity, 0, Path("untrained"), {}, ae)
 started = time.perf_counter()
 images, _ = synthesise(trained, sampler=spec["sampler"], steps=spec["steps"], seeds=[0], batch_size=1, device=torch.device("cpu"),
-                       decode_roi=spec["roi"], decode_overlap=spec["overlap"])
+                       decode_roi=None if spec["roi"] is None else [spec["roi"]] * trained.spatial_dims, decode_overlap=spec["overlap"])
 seconds = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"peak_mb": peak / 1024, "baseline_mb": baseline / 1024, "seconds": seconds, "shape": list(images.shape)}))
 """
 
-VARIANTS = {"whole": None, "window16": [16, 16, 16], "window8": [8, 8, 8]}
+VARIANTS = {"whole": None, "window16": 16, "window8": 8}  # latent window side
 
 
 def main() -> None:

@@ -53,3 +53,36 @@ def test_denoise_benchmark_script(tiny_run: Path, tmp_path: Path) -> None:
     result = json.loads((tmp_path / "d.json").read_text())
     assert set(result["quality"]["table"]["0.05"]) == {"noisy", "diffusion:tweedie", "tv"}
     assert set(result["timing"]["median_s"]) == {"nlm", "diffusion:tweedie", "tv", "diffusion:fast"}
+
+
+def test_guidance_benchmark_script(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import TINY, deep_update
+
+    config = deep_update(TINY, {"output_dir": str(tmp_path / "out"), "stages": ["prepare", "train"], "model": {"num_classes": 2},
+                                "data": {"phantom": {"count": 12, "lesion_size": 3.0}}, "evaluate": {"classifier_steps": 5},
+                                "tracking": {"registered_model": "medsynth-tests-guidance"}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    done = script("guidance.py", "--run", str(tmp_path / "out"), "--scales", "0", "2", "--num-samples", "4", "--steps", "3",
+                  "--out", str(tmp_path / "g.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["guidance_scale"] for r in rows] == [0.0, 2.0] and all(0 <= r["agreement"] <= 1 for r in rows)
+
+
+def test_ldm_sampling_memory_script(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import TINY, deep_update
+
+    config = deep_update(TINY, {"diffusion": {"space": "latent"}, "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = script("ldm_sampling.py", "--config", str(path), "--steps", "2", "--variants", "whole", "window8", "--out", str(tmp_path / "m.json"),
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert results["whole"]["shape"] == [1, 1, 16, 16] and results["window8"]["peak_mb"] > 0
