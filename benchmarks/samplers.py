@@ -73,6 +73,9 @@ class Counted(torch.nn.Module):
 def quality(run: Path, trained, sampler: str, steps: int, args, real: torch.Tensor, labels, names) -> dict:
     diffusion = trained.diffusion
     schedule = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims)
+    if trained.num_classes is not None or trained.is_latent:
+        raise SystemExit(f"{trained.path}: this benchmark compares unconditional pixel-space models (use benchmarks/guidance.py for "
+                         "class-conditional ones)")
     counted = Counted(trained.network)
     started = time.perf_counter()
     fake = generate(counted, schedule, sampler=sampler, image_shape=(trained.network.in_channels, *trained.image_size),

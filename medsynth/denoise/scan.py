@@ -149,6 +149,9 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
     modality = modality or trained.modality
     if image.ndim == 2 and trained.spatial_dims == 3:
         raise MedsynthError("a 3D model cannot denoise a 2D image; use a 2D model")
+    if trained.is_latent:
+        raise MedsynthError(f"{trained.path}: a latent diffusion model cannot denoise (it models latents, not the scan's voxels); "
+                            "use a pixel-space model (diffusion.space: pixel)")
     # 2. Rician bias (from the input, or later from the output), 3. normalised units
     corrected = rician_bias_correct(image, sigma) if modality == "mr" else image
     intensity = model_intensity(trained, corrected, sigma)
@@ -172,6 +175,11 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
         axis = None
         batch = ras[None, None]
     network = trained.network.to(device)
+    if trained.num_classes is not None:  # a class-conditional model denoises as its unconditional self (the "no class" token)
+        conditional, null = network, trained.num_classes
+
+        def network(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return conditional(x, timesteps=timesteps, class_labels=torch.full((len(x),), null, dtype=torch.long, device=x.device))
     chunks = [slice(i, i + settings.slice_batch) for i in range(0, len(batch), settings.slice_batch)]
     means, stds, last = [], [], None
     unit = "slice" if axis is not None or ras.ndim == 2 else "volume"

@@ -49,7 +49,8 @@ def _train(tmp_path_factory, base: dict, name: str) -> Path:
                                 "tracking": {"registered_model": f"medsynth-tests-{name}"}})
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["run", str(path), "--stages", "prepare,train"]) == 0
+    stages = [s for s in config.get("stages", []) if s in ("prepare", "autoencoder", "train")] or ["prepare", "train"]
+    assert main(["run", str(path), "--stages", ",".join(stages)]) == 0
     return folder / "out" / "train" / "model.pt"
 
 
@@ -311,3 +312,19 @@ def test_denoising_prior_trained_on_low_timesteps_only(tmp_path_factory, tmp_pat
         synthesise(load_trained_model(prior, torch.device("cpu")), sampler="ddim", steps=3, seeds=[0], batch_size=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="max_train_timestep"):
         DiffusionConfig(num_train_timesteps=100, max_train_timestep=101)
+
+
+def test_class_conditional_model_denoises_as_its_unconditional_self_and_latent_models_are_refused(tmp_path_factory, tmp_path, capsys):
+    conditional = _train(tmp_path_factory, deep_update(TINY, {"model": {"num_classes": 2}, "data": {"phantom": {"count": 12}}}), "denoise-cfg")
+    source, _ = brain_nifti(tmp_path / "scan.nii.gz")
+    code, _, err = run_cli(["denoise", source, tmp_path / "ok.nii.gz", "--checkpoint", conditional], capsys)
+    assert code == 0, err
+    assert np.isfinite(nib.load(tmp_path / "ok.nii.gz").get_fdata()).all()
+
+    latent = _train(tmp_path_factory, deep_update(TINY, {"stages": ["prepare", "autoencoder", "train"], "diffusion": {"space": "latent"},
+                                                         "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8,
+                                                                         "max_steps": 2, "batch_size": 4, "adv_weight": 0.0}}), "denoise-latent")
+    out = tmp_path / "latent.nii.gz"
+    capsys.readouterr()  # the training's own output
+    code, _, err = run_cli(["denoise", source, out, "--checkpoint", latent], capsys)
+    assert_clean_failure(code, err, out, "latent diffusion model cannot denoise")
