@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if label_maps is not None:  # the real image behind each label map, or the maps themselves when they were given
         real = paired_real if paired_real is not None else label_maps.astype(np.float32) / max(1, label_maps.max()) * 2 - 1
     sample_grid(images, work / "grid.png", real=real, title=f"{config.name}: {cfg.sampler}, {cfg.steps} steps"
-                + (" (top: the images of the label maps)" if label_maps is not None else ""))
+                + (" (real: the images the label maps come from)" if label_maps is not None else ""))
     train_summary = ctx.upstream_manifest("train").get("summary", {})
     record = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seeds": seeds, "classes": classes,
               "guidance_scale": cfg.guidance_scale if classes is not None else None, "seconds": seconds,
