@@ -46,6 +46,17 @@ TINY_3D = {
 }
 
 
+class Interrupt:
+    """Raises KeyboardInterrupt after a given step, as Ctrl-C between steps would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __call__(self, step: int) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
 def deep_update(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

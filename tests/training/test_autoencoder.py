@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.networks.nets import PatchDiscriminator, resnet10
 
-from conftest import TINY, TINY_3D, deep_update
+from conftest import TINY, TINY_3D, Interrupt, deep_update
 from medsynth.config import Config
 from medsynth.errors import MedsynthError
 from medsynth.models.autoencoder import (
@@ -67,17 +67,6 @@ def blobs(n: int, side: int = 16, spatial_dims: int = 2, seed: int = 0) -> np.nd
         radius = rng.uniform(0.3, 0.7, spatial_dims).reshape(-1, *[1] * spatial_dims)
         out[i, 0][(((grid - centre) / radius) ** 2).sum(0) < 1] = rng.uniform(0, 1)
     return out
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt after a given step, as Ctrl-C between steps would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, step: int) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")

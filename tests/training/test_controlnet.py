@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, deep_update
+from conftest import TINY, Interrupt, deep_update
 from medsynth.config import Config, ControlNetConfig
 from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler
@@ -159,17 +159,6 @@ def test_controlnet_file_holds_ema_weights_and_how_to_rebuild_them(trained2d, ba
     checkpoint = load_state(result.checkpoint_path, expected_format=CONTROLNET_CHECKPOINT_FORMAT)
     assert all(torch.equal(v, checkpoint["ema"]["shadow"][k]) for k, v in state["state_dict"].items())
     assert not controlnet.network.training and not any(p.requires_grad for p in controlnet.network.parameters())
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt after a given step, as Ctrl-C between steps would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, step: int) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path, base2d: TrainedModel, data2d) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, deep_update
+from conftest import TINY, Interrupt, deep_update
 from medsynth.config import Config
 from medsynth.errors import MedsynthError
 from medsynth.training.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
@@ -24,17 +24,6 @@ def tiny_config(**train) -> Config:
 
 def data(spatial=(16, 16), n=12) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (n, 1, *spatial)).astype(np.float32)
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt after a given step, as Ctrl-C between steps would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, step: int) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("interrupt_at", [3, 4])
