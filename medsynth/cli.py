@@ -28,8 +28,10 @@ STAGE_HELP = {
     "train": "train the diffusion model on images or latents (checkpoints, EMA, MLflow model); works under torchrun",
     "controlnet": "train a ControlNet on the trained model: label map -> image; works under torchrun",
     "sample": "draw synthetic scans (NIfTI + grid.png) with DDPM, DDIM, RFlow or a score-based sampler",
-    "evaluate": "score samples against held-out images (MMD, diversity, per-class intensities) and denoised scans (PSNR, SSIM)",
-    "augment": "write synthetic training cases with provenance and a merged datalist",
+    "evaluate": "score samples against held-out images (FID, precision/recall, MMD, diversity, memorisation audit; moves the best "
+                "alias) and denoised scans (PSNR, SSIM)",
+    "augment": "write audited synthetic training cases (NIfTI, optionally DICOM) with provenance and a merged datalist",
+    "utility": "train a small MONAI model on real / real + synthetic / synthetic data and score it on held-out real data",
 }
 
 

@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medsynth.errors import MedsynthError
 
-STAGES = ("prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment")
+STAGES = ("prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility")
 # Samplers: the MONAI-scheduler ones, and the score-based ones that read any model over sigma.
 SCORE_SAMPLER_NAMES = ("euler", "heun", "pc", "dpmpp_2m")
 SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"]
 
 # What ``stages`` means when a config does not say: the synthesis pipeline.
 DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
-StageName = Literal["prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment"]
+StageName = Literal["prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility"]
 DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
@@ -49,8 +49,14 @@ class TrackingConfig(StrictModel):
     # so the alias that marks the model trained by the newest run has its own name.
     model_alias: str = Field("current", pattern=r"^[\w\-]+$", description="Alias set on the newly registered version")
     log_model: bool = Field(True, description="Log the EMA model with mlflow.pytorch.log_model")
+    best_metric: str | None = Field("eval/fid", min_length=1, description="evaluate moves the registered model's best_alias to this run's "
+                                    "model when it beats the current best on this metric (compared only under the same feature network "
+                                    "and held-out set); null: never")
+    best_direction: Literal["min", "max"] = Field("min", description="Whether lower (min) or higher (max) best_metric is better")
+    best_alias: str = Field("best", pattern=r"^[\w\-]+$", description="The alias that marks the best model so far")
+    compare_runs: int = Field(10, ge=1, description="Earlier evaluations shown beside this one in the run-comparison figure and table")
 
-    @field_validator("model_alias")
+    @field_validator("model_alias", "best_alias")
     @classmethod
     def _alias_not_reserved(cls, value: str) -> str:
         if value.lower() == "latest" or (value[:1] in "vV" and value[1:].isdigit()):
@@ -292,6 +298,26 @@ class SampleConfig(StrictModel):
                                   "1: plain conditional, 0: unconditional, > 1: stronger class, less diversity")
 
 
+class FeaturesConfig(StrictModel):
+    """The feature network behind FID, precision/recall, feature MMD and the feature-space memorisation audit."""
+
+    network: Literal["self_trained", "file"] = Field(
+        "self_trained", description="self_trained: a small MONAI network medsynth trains on the real training images (seeded); "
+        "file: a MONAI ResNet / MedicalNet state dict from a local file (weights)")
+    weights: Path | None = Field(None, description="network: file - the local weights file (never downloaded)")
+    depth: Literal[10, 18, 34, 50] = Field(10, description="network: file - the ResNet depth the weights belong to")
+    steps: int = Field(400, ge=1, description="network: self_trained - training steps")
+    width: int = Field(16, ge=4, description="network: self_trained - width of the first block")
+    slices_per_plane: int = Field(8, ge=1, description="Volumes (2.5D): slices per orthogonal plane fed to a 2D network")
+    k: int = Field(3, ge=1, description="Neighbours defining the real and synthetic manifolds of improved precision/recall")
+
+    @model_validator(mode="after")
+    def _weights_for_file(self) -> FeaturesConfig:
+        if self.network == "file" and self.weights is None:
+            raise ValueError("evaluate.features.network 'file' needs evaluate.features.weights (a local weights file)")
+        return self
+
+
 class EvaluateConfig(StrictModel):
     """Samples against held-out real images."""
 
@@ -299,6 +325,20 @@ class EvaluateConfig(StrictModel):
     histogram_bins: int = Field(64, ge=8)
     classifier_steps: int = Field(400, ge=1, description="Class-conditional samples: training steps of the classifier (trained on the real "
                                   "training images) that checks each sample shows its requested class")
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+
+
+class AuditConfig(StrictModel):
+    """Memorisation audit of the synthetic cases against the training cases."""
+
+    enabled: bool = True
+    threshold: float = Field(0.3, gt=0.0, description="A synthetic case is flagged when its distance to the nearest training case is below "
+                             "this fraction of that case's distance to its nearest other real patient")
+    features: bool = Field(True, description="Measure in the feature space of the run's feature network (evaluate.features) as well as "
+                           "in image space")
+    rule: Literal["any", "all"] = Field("any", description="Flag when the ratio is below threshold in any / all of the spaces")
+    action: Literal["refuse", "drop"] = Field("refuse", description="Flagged cases: refuse the whole set (exit 2) or drop them and say how many")
+    figure_pairs: int = Field(8, ge=1, description="Closest (synthetic, training) pairs shown in the audit figure")
 
 
 class AugmentConfig(StrictModel):
@@ -309,6 +349,19 @@ class AugmentConfig(StrictModel):
     sampler: SamplerName | None = Field(None, description="null: same as sample.sampler")
     steps: int | None = Field(None, ge=1, description="null: same as sample.steps")
     seed: int = Field(100000, ge=0, description="Synthetic case i uses seed + i")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    dicom: bool = Field(False, description="Also write every synthetic case as a DICOM series (CT / MR Image Storage, marked SYNTHETIC)")
+
+
+class UtilityConfig(StrictModel):
+    """Downstream utility: a small MONAI model trained on real, real + synthetic and synthetic data, scored on held-out real data."""
+
+    task: Literal["auto", "classification", "segmentation"] = Field(
+        "auto", description="auto: segmentation when the synthetic cases have label maps (ControlNet), else classification on class labels")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="One training per seed and regime; mean +- std over seeds")
+    steps: int = Field(300, ge=1, description="Training steps, the same in every regime")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
 
 
 class DenoiseConfig(StrictModel):
@@ -390,6 +443,7 @@ class Config(StrictModel):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    utility: UtilityConfig = Field(default_factory=UtilityConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
@@ -420,6 +474,17 @@ class Config(StrictModel):
         roi = self.autoencoder.decode_roi
         if roi is not None and (len(roi) != self.data.spatial_dims or any(r < 1 for r in roi)):
             raise ValueError(f"autoencoder.decode_roi {roi} needs {self.data.spatial_dims} positive sides (latent voxels)")
+        if "utility" in self.stages:
+            if "augment" not in self.stages:
+                raise ValueError("stage utility trains on the augment stage's synthetic cases: add augment to stages")
+            task = self.utility.task
+            if task == "segmentation" and "controlnet" not in self.stages:
+                raise ValueError("utility.task segmentation needs synthetic label maps: add controlnet to stages")
+            if task == "classification" and self.model.num_classes is None:
+                raise ValueError("utility.task classification needs the class of every synthetic case: set model.num_classes")
+            if task == "auto" and self.model.num_classes is None and "controlnet" not in self.stages:
+                raise ValueError("stage utility needs labels to learn: a class-conditional model (model.num_classes) or a ControlNet "
+                                 "(controlnet in stages)")
         if "controlnet" in self.stages and self.diffusion.space == "latent":
             raise ValueError("stage controlnet is built for pixel-space models (diffusion.space: pixel)")
         if "controlnet" in self.stages and len(self.controlnet.conditioning_channels) != 1:

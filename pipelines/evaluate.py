@@ -1,8 +1,15 @@
 """evaluate: synthetic samples against held-out real images, and denoised scans against clean ones.
 
 Samples (when the config runs ``sample``): MMD (MONAI), MS-SSIM diversity of samples vs the real
-set, per-label-class intensity distances; ``metrics.json`` and ``evaluation.png``. New metrics join
-:func:`medsynth.metrics.fidelity.evaluate_fidelity` without touching this stage.
+set, per-label-class intensity distances; on the features of the run's feature network
+(:mod:`pipelines.features`; 2.5D for volumes) FID, improved precision/recall and kernel MMD; a
+memorisation audit of the samples against the training images; ``metrics.json``, ``evaluation.png``,
+``memorisation.png``, ``audit.json``. Then the MLflow review (:mod:`medsynth.review`): a table of this
+evaluation beside earlier comparable ones (``evaluation_summary.json``) and ``runs_comparison.png``,
+logged to this stage's run and to the pipeline's parent run, and the registered model's
+``tracking.best_alias`` moved to this run's model when it beats the current best on
+``tracking.best_metric``. New pixel metrics join :func:`medsynth.metrics.fidelity.evaluate_fidelity`
+without touching this stage.
 
 Denoising (when the config runs ``denoise``): PSNR and SSIM (MONAI) of every method and of the noisy
 input at every noise level, over the whole image and inside the foreground, with the data range
@@ -27,6 +34,7 @@ from medsynth.io.atomic import atomic_write_json
 from medsynth.io.volumes import read_nifti
 from medsynth.metrics.fidelity import evaluate_fidelity, ssim_settings
 from medsynth.metrics.restoration import foreground, restoration_metrics, restoration_settings
+from pipelines.features import preflight  # noqa: F401 - the runner checks a feature weights file before any stage runs
 from pipelines.stage import StageContext
 
 
@@ -153,8 +161,12 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
         fake_maps = np.load(maps_path, allow_pickle=False)
         count = int(max(fake_maps.max(), labels.max())) + 1
         metrics |= {f"eval/{k}": v for k, v in label_adherence(fake, fake_maps, real, labels, count, class_names).items()}
+    features = feature_checks(ctx, real, fake)
+    metrics |= features.pop("metrics")
     details = {"num_real": len(real), "num_fake": len(fake), "ssim_settings": ssim_settings(tuple(real.shape[2:])),
-               "labels": labels is not None, "evaluate_config": to_plain(cfg), "class_check": class_check, "metrics": metrics}
+               "labels": labels is not None, "evaluate_config": to_plain(cfg), "class_check": class_check,
+               "feature_network": features["feature_network"], "comparison_key": features["comparison_key"],
+               "audit": features["audit_summary"], "metrics": metrics}
     # JSON has no NaN: a class that no synthetic voxel was assigned to is recorded as null.
     atomic_write_json(work / "metrics.json", details | {"metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}})
     evaluation_figure(real, fake, metrics, work / "evaluation.png")
@@ -162,5 +174,87 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_params({"eval.ssim_settings": json.dumps(details["ssim_settings"], default=str)})
     ctx.tracker.log_artifact(work / "evaluation.png")
     ctx.tracker.log_artifact(work / "metrics.json")
-    return metrics
+    for name in ("audit.json", "memorisation.png", "feature_network.pt"):
+        if (work / name).exists():
+            ctx.tracker.log_artifact(work / name)
+    review = review_runs(ctx, metrics, features["comparison_key"], num_real=len(real), num_fake=len(fake))
+    return metrics | {"best_alias": review}
+
+
+def feature_checks(ctx: StageContext, real: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
+    """Feature-space fidelity against the held-out images and the memorisation audit against the
+    training images, both with the run's feature network (see :mod:`pipelines.features`)."""
+    from medsynth.io.atomic import file_digest
+    from medsynth.metrics.features import central_slices, feature_fidelity
+    from medsynth.metrics.memorisation import audit_figure, memorisation_audit
+    from medsynth.review import comparison_key
+    from pipelines.features import describe, feature_network, train_groups
+
+    config, cfg, audit_cfg = ctx.config, ctx.config.evaluate.features, ctx.config.augment.audit
+    dims, device = config.data.spatial_dims, ctx.dist.device
+    network = feature_network(ctx)
+    # k-NN manifolds need k + 1 samples a side; small held-out sets get a smaller k, recorded beside the values.
+    slices = 1
+    if dims == 3 and int(network.identity.get("network_spatial_dims", 3)) == 2:  # 2.5D: every slice is a sample
+        slices = min(len(central_slices(size, cfg.slices_per_plane)) for size in real.shape[2:])
+    samples = min(len(real), len(fake)) * slices
+    k = max(1, min(cfg.k, samples - 1))
+    values = feature_fidelity(real, fake, network, spatial_dims=dims, k=k, device=device, slices_per_plane=cfg.slices_per_plane)
+    # "mmd" here is on features; the pixel-space one keeps the name eval/mmd
+    metrics = {"eval/" + ("feature_" + k if k.startswith("mmd") else k): float(v) for k, v in values.items()}
+    cache = ctx.inputs["prepare"] / "cache"
+    train = np.load(cache / "train_images.npy", allow_pickle=False)
+    embed = {"spatial_dims": dims, "device": device, "slices_per_plane": cfg.slices_per_plane}
+    use_features = audit_cfg.features
+    audit = memorisation_audit(fake, train, train_groups(cache), threshold=audit_cfg.threshold, rule=audit_cfg.rule,
+                               synthetic_features=network.embed(fake, **embed) if use_features else None,
+                               train_features=network.embed(train, **embed) if use_features else None)
+    atomic_write_json(ctx.work / "audit.json", audit.to_json() | {"against": "training images", "feature_network": network.identity})
+    audit_figure(audit, fake, train, ctx.work / "memorisation.png", top=audit_cfg.figure_pairs)
+    metrics |= {f"eval/{k}": float(v) for k, v in audit.summary().items()}
+    real_digest = file_digest(cache / "val_images.npy")
+    key = comparison_key(feature_weights_sha256=str(network.identity.get("weights_sha256")), real_sha256=real_digest,
+                         num_real=len(real), num_fake=len(fake))
+    ctx.tracker.log_params({"eval.feature_network": describe(network)})
+    ctx.tracker.set_tags({"medsynth.comparison_key": key, "medsynth.feature_network": str(network.identity.get("weights_sha256", ""))[:16]})
+    return {"metrics": metrics, "feature_network": network.identity | {"precision_recall_k": k}, "comparison_key": key,
+            "audit_summary": audit.summary()}
+
+
+def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_real: int, num_fake: int) -> str:
+    """The MLflow review of this evaluation (see the module docstring); returns what happened to the best alias."""
+    from medsynth import review
+
+    if not getattr(ctx.tracker, "enabled", False):
+        return "not tracked"
+    import mlflow
+
+    config, tracking = ctx.config, ctx.config.tracking
+    client = mlflow.MlflowClient()
+    run = client.get_run(ctx.tracker.run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    current = review._row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
+    earlier = review.earlier_evaluations(client, run.info.experiment_id, key=key, exclude_run_id=run.info.run_id, limit=tracking.compare_runs)
+    rows = review.summary_rows(current, earlier)
+    atomic_write_json(ctx.work / "evaluation_summary.json", {"comparison_key": key, "num_real": num_real, "num_fake": num_fake,
+                                                             "rows": rows})
+    review.comparison_figure(rows, ctx.work / "runs_comparison.png")
+    for target in filter(None, (run.info.run_id, parent)):
+        client.log_artifact(target, str(ctx.work / "evaluation_summary.json"))
+        client.log_artifact(target, str(ctx.work / "runs_comparison.png"))
+    if parent:  # the pipeline run shows its headline numbers too
+        for name in review.KEY_METRICS:
+            if metrics.get(name) is not None and np.isfinite(metrics[name]):
+                client.log_metric(parent, name, float(metrics[name]))
+    train_run_id = json.loads((ctx.inputs["sample"] / "samples.json").read_text()).get("train_run_id")
+    if tracking.best_metric is None or tracking.registered_model is None or not tracking.log_model or not train_run_id:
+        decision = {"decision": "skipped", "reason": "no registered model or no tracking.best_metric"}
+    else:
+        decision = review.promote_best(client, registered_model=tracking.registered_model, train_run_id=train_run_id,
+                                       metric=tracking.best_metric, value=metrics.get(tracking.best_metric),
+                                       direction=tracking.best_direction, key=key, alias=tracking.best_alias)
+    atomic_write_json(ctx.work / "best_alias.json", decision)
+    ctx.tracker.set_tags({"medsynth.best_alias": decision["decision"]})
+    print(f"evaluate: {tracking.best_alias} alias {decision['decision']}: {decision['reason']}", flush=True)
+    return decision["decision"]
 

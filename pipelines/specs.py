@@ -24,6 +24,8 @@ def augment_section(config: Config) -> dict[str, Any]:
     section["decode"] = {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}
     if "controlnet" in config.stages:
         section["controlnet"] = controlnet_sampling(config)
+    if section["audit"]["enabled"] and section["audit"]["features"]:
+        section |= feature_section(config)
     return section
 
 
@@ -54,6 +56,21 @@ def controlnet_sampling(config: Config) -> dict[str, Any]:
             if file.is_file():
                 files[str(file)] = [file.stat().st_size, file.stat().st_mtime_ns]
     return {"conditioning_scale": config.controlnet.conditioning_scale, "label_maps": str(path) if path else None, "files": files}
+
+
+def feature_section(config: Config) -> dict[str, Any]:
+    """The feature network's settings (and its weights file's signature when it is a file)."""
+    features = config.evaluate.features
+    section: dict[str, Any] = {"features": to_plain(features)}
+    if features.network == "file" and features.weights is not None and Path(features.weights).is_file():
+        stat = Path(features.weights).stat()
+        section["weights_file"] = [str(features.weights), stat.st_size, stat.st_mtime_ns]
+    return section
+
+
+def evaluate_section(config: Config) -> dict[str, Any]:
+    """evaluate's own section, the feature network, and the audit settings it applies to the samples."""
+    return {"evaluate": to_plain(config.evaluate), "audit": to_plain(config.augment.audit)} | feature_section(config)
 
 
 def evaluate_inputs(config: Config) -> tuple[str, ...]:
@@ -123,10 +140,13 @@ SPECS: dict[str, StageSpec] = {
                   "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)"),
         StageSpec("denoise", "pipelines.denoise", denoise_section, ("prepare", "train"),
                   "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines"),
-        StageSpec("evaluate", "pipelines.evaluate", lambda c: {"evaluate": to_plain(c.evaluate)}, evaluate_inputs,
-                  "samples: MMD, MS-SSIM diversity, per-class intensities; denoising: PSNR / SSIM per method and level"),
+        StageSpec("evaluate", "pipelines.evaluate", evaluate_section, evaluate_inputs,
+                  "samples: FID / precision-recall / MMD on self-trained features, MS-SSIM diversity, memorisation audit, "
+                  "best-model alias; denoising: PSNR / SSIM per method and level"),
         StageSpec("augment", "pipelines.augment", augment_section, model_inputs,
-                  "synthetic cases with provenance + merged datalist"),
+                  "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist"),
+        StageSpec("utility", "pipelines.utility", lambda c: {"utility": to_plain(c.utility)}, ("prepare", "augment"),
+                  "downstream model trained on real / real + synthetic / synthetic, scored on held-out real data"),
     )
 }
 assert tuple(SPECS) == STAGES

@@ -31,8 +31,9 @@ TINY = {
     "diffusion": {"num_train_timesteps": 100},
     "train": {"batch_size": 4, "max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "val_every": 2, "log_every": 2, "val_images": 4},
     "sample": {"sampler": "ddim", "steps": 5, "num_samples": 4, "batch_size": 4},
-    "evaluate": {"num_real": 4},
+    "evaluate": {"num_real": 4, "features": {"steps": 10, "slices_per_plane": 2}},
     "augment": {"ratio": 0.5, "steps": 3},
+    "utility": {"steps": 5, "seeds": [0, 1]},
 }
 
 TINY_3D = {
@@ -41,7 +42,7 @@ TINY_3D = {
     "data": {"source": "phantom", "phantom": {"kind": "body_ct", "count": 6, "shape": [16, 16, 16]}, "spatial_dims": 3, "image_size": [16, 16, 16], "val_fraction": 0.34},
     "train": {**TINY["train"], "batch_size": 2, "max_steps": 2, "channels_last": False},
     "sample": {"sampler": "ddim", "steps": 3, "num_samples": 2, "batch_size": 2},
-    "evaluate": {"num_real": 2},
+    "evaluate": {"num_real": 2, "features": {"steps": 10, "slices_per_plane": 2}},
     "augment": {"ratio": 0.5, "steps": 2},
 }
 

@@ -1,0 +1,147 @@
+"""Reviewing evaluations across runs in MLflow: a summary table, a comparison figure, the ``best`` alias.
+
+Feature metrics (FID, precision/recall, feature MMD) only compare between evaluations made with the
+same feature network, on the same held-out real set, with the same number of synthetic images (FID
+is biased by the sample count). Every evaluation records that as a *comparison key*
+(:func:`comparison_key`), a tag on its MLflow run and on the registered model version it scored; the
+table, the figure and the ``best`` alias only ever put side by side what shares a key.
+
+MLflow has no "promote when better" of its own: :func:`promote_best` reads the current best version's
+recorded value through ``MlflowClient`` and moves the alias with ``set_registered_model_alias``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from medsynth.figures import _save  # noqa: E402
+
+# The metrics a review shows, when the evaluation produced them (lower is better unless listed in HIGHER_IS_BETTER).
+KEY_METRICS = ("eval/fid", "eval/precision", "eval/recall", "eval/feature_mmd", "eval/diversity_ms_ssim/fake", "eval/mmd",
+               "eval/audit/flagged_fraction", "eval/class/agreement", "eval/label/dice")
+HIGHER_IS_BETTER = {"eval/precision", "eval/recall", "eval/class/agreement", "eval/label/dice"}
+KEY_TAG = "medsynth.comparison_key"
+STAGE_TAG = "medsynth.stage"
+VALUE_TAG = "medsynth.best_value"
+METRIC_TAG = "medsynth.best_metric"
+
+
+def comparison_key(*, feature_weights_sha256: str, real_sha256: str, num_real: int, num_fake: int) -> str:
+    """16 hex digits, equal exactly when two evaluations' feature metrics are comparable."""
+    text = json.dumps([feature_weights_sha256, real_sha256, int(num_real), int(num_fake)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def earlier_evaluations(client: Any, experiment_id: str, *, key: str, exclude_run_id: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` finished evaluate runs of the experiment with the same comparison key."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STAGE_TAG}` = 'evaluate' and tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit + 1,
+    )
+    rows = []
+    for run in runs:
+        if run.info.run_id == exclude_run_id:
+            continue
+        rows.append(_row(run.info.run_id, run.info.run_name, run.data.tags.get("mlflow.parentRunId"), run.info.start_time,
+                         run.data.metrics))
+    return rows[:limit]
+
+
+def _row(run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"run_id": run_id, "run_name": run_name or run_id[:8], "pipeline_run_id": parent, "start_time": start_time}
+    row |= {k: metrics.get(k) for k in KEY_METRICS}
+    return row
+
+
+def summary_rows(current: dict[str, Any], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This evaluation first (``this_run`` True), then the earlier comparable ones, newest first;
+    only the metrics at least one of them has."""
+    rows = [current | {"this_run": True}] + [row | {"this_run": False} for row in earlier]
+    present = [k for k in KEY_METRICS if any(r.get(k) is not None and math.isfinite(r[k]) for r in rows)]
+    keep = ["this_run", "run_name", "run_id", "pipeline_run_id", *present]
+    return [{k: r.get(k) for k in keep} for r in rows]
+
+
+def comparison_figure(rows: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """One bar panel per key metric, one bar per run (oldest left, this run highlighted)."""
+    metrics = [k for k in KEY_METRICS if k in rows[0]]
+    ordered = list(reversed(rows))
+    columns = min(3, max(1, len(metrics)))
+    lines = max(1, math.ceil(len(metrics) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 2.9 * lines), squeeze=False)
+    names = [r["run_name"].split("/")[0][:14] + ("*" if r["this_run"] else "") for r in ordered]
+    for ax, metric in zip(axes.flat, metrics):
+        values = [r.get(metric) if r.get(metric) is not None else math.nan for r in ordered]
+        colours = ["tab:orange" if r["this_run"] else "tab:blue" for r in ordered]
+        ax.bar(range(len(ordered)), values, color=colours)
+        ax.set_xticks(range(len(ordered)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{metric.removeprefix('eval/')} ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_axis_off()
+    fig.suptitle(title or "evaluations with the same feature network and held-out set (* this run)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _better(value: float, best: float, direction: str) -> bool:
+    return value < best if direction == "min" else value > best
+
+
+def promote_best(client: Any, *, registered_model: str, train_run_id: str, metric: str, value: float, direction: str, key: str,
+                 alias: str = "best") -> dict[str, Any]:
+    """Tag the model version trained by ``train_run_id`` with this evaluation and move ``alias`` to it
+    when it beats the version that holds the alias now.
+
+    Returns ``{"decision": "moved" | "kept" | "skipped", "reason", "version", "previous_version",
+    "previous_value"}``. The alias stays where it is when the current best was measured under another
+    comparison key (the numbers do not compare) or has no recorded value.
+    """
+    from mlflow.exceptions import MlflowException
+
+    result: dict[str, Any] = {"decision": "skipped", "metric": metric, "value": value, "alias": alias,
+                              "version": None, "previous_version": None, "previous_value": None}
+    if value is None or not math.isfinite(value):
+        return result | {"reason": f"{metric} was not measured in this evaluation"}
+    versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{train_run_id}'")
+    if not versions:
+        return result | {"reason": f"no version of registered model '{registered_model}' comes from training run {train_run_id}"}
+    version = str(max(int(v.version) for v in versions))
+    result["version"] = version
+    client.set_model_version_tag(registered_model, version, METRIC_TAG, metric)
+    client.set_model_version_tag(registered_model, version, VALUE_TAG, repr(float(value)))
+    client.set_model_version_tag(registered_model, version, KEY_TAG, key)
+    try:
+        best = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException:
+        best = None
+    if best is None:
+        client.set_registered_model_alias(registered_model, alias, version)
+        return result | {"decision": "moved", "reason": f"no version had the alias '{alias}' yet"}
+    result["previous_version"] = str(best.version)
+    if str(best.version) == version:
+        return result | {"decision": "kept", "reason": f"version {version} already holds '{alias}'; its recorded value is updated"}
+    tags = best.tags or {}
+    if tags.get(KEY_TAG) != key or tags.get(METRIC_TAG) != metric:
+        return result | {"decision": "kept", "reason": f"version {best.version} was scored with another feature network, held-out set, "
+                                                        f"sample count or metric: not comparable"}
+    try:
+        previous = float(tags[VALUE_TAG])
+    except (KeyError, ValueError):
+        return result | {"decision": "kept", "reason": f"version {best.version} has no recorded {metric}"}
+    result["previous_value"] = previous
+    if _better(value, previous, direction):
+        client.set_registered_model_alias(registered_model, alias, version)
+        return result | {"decision": "moved", "reason": f"{metric} {value:.4g} beats {previous:.4g} of version {best.version}"}
+    return result | {"decision": "kept", "reason": f"{metric} {value:.4g} does not beat {previous:.4g} of version {best.version}"}
