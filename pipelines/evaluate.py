@@ -229,7 +229,7 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
         return "not tracked"
     import mlflow
 
-    config, tracking = ctx.config, ctx.config.tracking
+    tracking = ctx.config.tracking
     client = mlflow.MlflowClient()
     run = client.get_run(ctx.tracker.run_id)
     parent = run.data.tags.get("mlflow.parentRunId")

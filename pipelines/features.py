@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,10 +26,15 @@ FILE_NAME = "feature_network.pt"
 
 
 def preflight(config: Config) -> None:
-    """A weights file named in the config must exist before any stage runs."""
+    """A weights file named in the config must exist and hold the network's weights before any stage runs."""
     features = config.evaluate.features
-    if features.network == "file" and not Path(features.weights).is_file():
+    if features.network != "file":
+        return
+    if not Path(features.weights).is_file():
         raise MedsynthError(f"{features.weights}: feature network weights file not found (evaluate.features.weights; medsynth never downloads weights)")
+    from medsynth.metrics.features import feature_network_from_file
+
+    feature_network_from_file(features.weights, spatial_dims=config.data.spatial_dims, depth=features.depth)
 
 
 def feature_network(ctx: StageContext) -> FeatureNetwork:

@@ -5,6 +5,8 @@ stage, synthetic DICOM export without patient identifiers, and their bad inputs 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,6 +151,9 @@ def test_synthetic_dicom_export_carries_no_training_identifiers(write_config, tm
     assert "SYNTHETIC" in header.SeriesDescription and "SYNTHETIC" in header.ImageComments
     assert list(header.ImageType)[:2] == ["DERIVED", "SECONDARY"] and header.SOPClassUID == pydicom.uid.CTImageStorage
     assert str(header.PatientName).startswith("SYNTHETIC")
+    if shutil.which("dciodvfy"):  # dicom3tools' validator of the standard's IODs
+        report = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True).stderr
+        assert not [line for line in report.splitlines() if line.startswith("Error")], report
     sidecar = json.loads((augment / "synthetic" / f"{series[0].name}.json").read_text())
     assert str(sidecar["seed"]) in (header.get("DerivationDescription", "") + header.ImageComments)
     for path in augment.rglob("*"):
@@ -169,6 +174,28 @@ def test_3d_pipeline_reports_per_plane_feature_metrics(write_config, tmp_path: P
     for plane in ("axial", "coronal", "sagittal"):
         assert f"eval/fid/{plane}" in metrics and f"eval/precision/{plane}" in metrics
     assert metrics["eval/fid"] == pytest.approx(np.mean([metrics[f"eval/fid/{p}"] for p in ("axial", "coronal", "sagittal")]))
+
+
+def test_feature_weights_file_is_checked_before_any_stage(write_config, tmp_path: Path, capsys) -> None:
+    from monai.networks.nets.resnet import ResNetFeatures
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a weights file")
+    wrong = tmp_path / "resnet18.pt"
+    torch.save(ResNetFeatures("resnet18", pretrained=False, spatial_dims=2, in_channels=1).state_dict(), wrong)
+    for path, depth, expected in ((garbage, 10, "not a readable weights file"), (wrong, 10, str(wrong))):
+        code, _, err = run_cli(["run", str(write_config()), "evaluate.features.network=file", f"evaluate.features.weights={path}",
+                                f"evaluate.features.depth={depth}"], capsys)
+        one_line_exit_2(code, err, expected)
+        assert not (tmp_path / "out").exists()
+    # the right depth: the pipeline runs with the file's features, recorded as such
+    good = tmp_path / "resnet10.pt"
+    torch.save(ResNetFeatures("resnet10", pretrained=False, spatial_dims=2, in_channels=1).state_dict(), good)
+    code, _, err = run_cli(["run", str(write_config()), "stages=[prepare,train,sample,evaluate]", "evaluate.features.network=file",
+                            f"evaluate.features.weights={good}"], capsys)
+    assert code == 0, err
+    identity = json.loads((tmp_path / "out" / "evaluate" / "metrics.json").read_text())["feature_network"]
+    assert identity["kind"] == "file" and not (tmp_path / "out" / "evaluate" / "feature_network.pt").exists()
 
 
 @pytest.mark.parametrize("overrides, expected", [
