@@ -249,9 +249,12 @@ class PerceptualFeatures(nn.Module):
         return self.network(x)[1:]  # [0] is the stem (conv1) output; LPIPS-style losses use the blocks
 
 
-def _load_local_weights(network: nn.Module, path: Path) -> None:
+def _load_local_weights(network: nn.Module, path: Path, *, keys: tuple[str, str] = ("autoencoder.perceptual_weights", "autoencoder.perceptual_depth"),
+                        what: str = "perceptual ResNet") -> None:
+    """Load a local ResNet state dict into ``network``; ``keys`` (file key, depth key) and ``what`` name
+    the setting in the one-line errors."""
     if not path.is_file():
-        raise MedsynthError(f"{path}: perceptual weights file not found (autoencoder.perceptual_weights; medsynth never downloads weights)")
+        raise MedsynthError(f"{path}: {what} weights file not found ({keys[0]}; medsynth never downloads weights)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
@@ -264,13 +267,13 @@ def _load_local_weights(network: nn.Module, path: Path) -> None:
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
-        raise MedsynthError(f"{path}: {len(missing)} of {len(expected)} weights of the perceptual ResNet are missing "
-                            f"(e.g. '{missing[0]}'); check autoencoder.perceptual_depth")
+        raise MedsynthError(f"{path}: {len(missing)} of {len(expected)} weights of the {what} are missing "
+                            f"(e.g. '{missing[0]}'); check {keys[1]}")
     try:
         network.load_state_dict({k: state[k] for k in expected})
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
-        raise MedsynthError(f"{path}: weights do not fit the perceptual ResNet ({detail[:160]}); check autoencoder.perceptual_depth "
+        raise MedsynthError(f"{path}: weights do not fit the {what} ({detail[:160]}); check {keys[1]} "
                             "and that the file is for the data's spatial_dims") from None
 
 
