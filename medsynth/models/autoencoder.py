@@ -254,7 +254,7 @@ def _load_local_weights(network: nn.Module, path: Path, *, keys: tuple[str, str]
     """Load a local ResNet state dict into ``network``; ``keys`` (file key, depth key) and ``what`` name
     the setting in the one-line errors."""
     if not path.is_file():
-        raise MedsynthError(f"{path}: {what} weights file not found ({keys[0]}; medsynth never downloads weights)")
+        raise MedsynthError(f"{path}: {what.split()[0]} weights file not found ({keys[0]}; medsynth never downloads weights)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
