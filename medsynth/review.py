@@ -35,6 +35,14 @@ VALUE_TAG = "medsynth.best_value"
 METRIC_TAG = "medsynth.best_metric"
 
 
+def client() -> Any:
+    """An ``MlflowClient`` on the configured tracking URI (this module and :mod:`medsynth.tracking` are
+    the library's only MLflow users)."""
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
 def comparison_key(*, feature_weights_sha256: str, real_sha256: str, num_real: int, num_fake: int) -> str:
     """16 hex digits, equal exactly when two evaluations' feature metrics are comparable."""
     text = json.dumps([feature_weights_sha256, real_sha256, int(num_real), int(num_fake)])

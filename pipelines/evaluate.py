@@ -227,10 +227,8 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
 
     if not getattr(ctx.tracker, "enabled", False):
         return "not tracked"
-    import mlflow
-
     tracking = ctx.config.tracking
-    client = mlflow.MlflowClient()
+    client = review.client()
     run = client.get_run(ctx.tracker.run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
     current = review._row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
