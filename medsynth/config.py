@@ -336,7 +336,8 @@ class AuditConfig(StrictModel):
                              "this fraction of that case's distance to its nearest other real patient")
     features: bool = Field(True, description="Measure in the feature space of the run's feature network (evaluate.features) as well as "
                            "in image space")
-    rule: Literal["any", "all"] = Field("any", description="Flag when the ratio is below threshold in any / all of the spaces")
+    rule: Literal["image", "any", "all"] = Field("image", description="Flag when the ratio is below threshold in image space (feature "
+                                                 "space measured and reported only), in any space, or in all spaces")
     action: Literal["refuse", "drop"] = Field("refuse", description="Flagged cases: refuse the whole set (exit 2) or drop them and say how many")
     figure_pairs: int = Field(8, ge=1, description="Closest (synthetic, training) pairs shown in the audit figure")
 

@@ -25,10 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from medsynth.figures import _save  # noqa: E402
 
-# The metrics a review shows, when the evaluation produced them (lower is better unless listed in HIGHER_IS_BETTER).
+# The metrics a review shows, when the evaluation produced them (lower is better unless listed in HIGHER_IS_BETTER or NEITHER).
 KEY_METRICS = ("eval/fid", "eval/precision", "eval/recall", "eval/feature_mmd", "eval/diversity_ms_ssim/fake", "eval/mmd",
                "eval/audit/flagged_fraction", "eval/class/agreement", "eval/label/dice")
 HIGHER_IS_BETTER = {"eval/precision", "eval/recall", "eval/class/agreement", "eval/label/dice"}
+# Read against the real set's own value, not as better or worse.
+NEITHER = {"eval/diversity_ms_ssim/fake"}
 KEY_TAG = "medsynth.comparison_key"
 STAGE_TAG = "medsynth.stage"
 VALUE_TAG = "medsynth.best_value"
@@ -94,7 +96,8 @@ def comparison_figure(rows: list[dict[str, Any]], path: str | Path, *, title: st
         colours = ["tab:orange" if r["this_run"] else "tab:blue" for r in ordered]
         ax.bar(range(len(ordered)), values, color=colours)
         ax.set_xticks(range(len(ordered)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{metric.removeprefix('eval/')} ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better)", fontsize=9)
+        reading = "close to real's" if metric in NEITHER else ("higher" if metric in HIGHER_IS_BETTER else "lower") + " is better"
+        ax.set_title(f"{metric.removeprefix('eval/')} ({reading})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_axis_off()

@@ -153,6 +153,11 @@ def test_feature_space_and_rules():
     assert all_rule.flagged() == []
     assert all(scan["flagged_in"] == ["feature"] for scan in any_rule.per_scan)
     assert [scan["feature"]["nearest"] for scan in any_rule.per_scan] == list(range(len(train)))
+    # rule "image": feature space is measured and reported, only image space flags
+    image_rule = memorisation_audit(fresh, train, groups, rule="image", **kwargs)
+    assert image_rule.flagged() == [] and all(scan["flagged_in"] == ["feature"] for scan in image_rule.per_scan)
+    image_rule = memorisation_audit(copies_of(train), train, groups, rule="image", **(kwargs | {"synthetic_features": fresh_features}))
+    assert image_rule.flagged() == list(range(len(train)))
 
     # copies in both spaces: flagged under either rule
     both = memorisation_audit(copies_of(train), train, groups, rule="all", **kwargs)
