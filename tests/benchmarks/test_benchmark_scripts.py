@@ -86,3 +86,15 @@ def test_ldm_sampling_memory_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "m.json").read_text())["results"]
     assert results["whole"]["shape"] == [1, 1, 16, 16] and results["window8"]["peak_mb"] > 0
+
+
+@pytest.mark.parametrize("dims", ["2", "3"])
+def test_feature_metrics_script(tmp_path: Path, dims: str) -> None:
+    done = script("feature_metrics.py", "--train", "8", "--test", "8", "--size", "16", "--dims", dims, "--steps", "3", "--threads", "1",
+                  "--out", str(tmp_path / "f.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert [r["case"] for r in result["rows"]][0] == "real vs real (other half)" and len(result["rows"]) == 6
+    assert all(r["fid"] >= 0 and 0 <= r["precision"] <= 1 for r in result["rows"])
+    if dims == "3":
+        assert "fid/axial" in result["rows"][0]
