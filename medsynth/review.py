@@ -63,21 +63,22 @@ def earlier_evaluations(client: Any, experiment_id: str, *, key: str, exclude_ru
     for run in runs:
         if run.info.run_id == exclude_run_id:
             continue
-        rows.append(_row(run.info.run_id, run.info.run_name, run.data.tags.get("mlflow.parentRunId"), run.info.start_time,
+        rows.append(row(run.info.run_id, run.info.run_name, run.data.tags.get("mlflow.parentRunId"), run.info.start_time,
                          run.data.metrics))
     return rows[:limit]
 
 
-def _row(run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"run_id": run_id, "run_name": run_name or run_id[:8], "pipeline_run_id": parent, "start_time": start_time}
-    row |= {k: metrics.get(k) for k in KEY_METRICS}
-    return row
+def row(run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]) -> dict[str, Any]:
+    """One evaluation as a table row: its run, its pipeline (parent) run, and the key metrics it has."""
+    out: dict[str, Any] = {"run_id": run_id, "run_name": run_name or run_id[:8], "pipeline_run_id": parent, "start_time": start_time}
+    out |= {k: metrics.get(k) for k in KEY_METRICS}
+    return out
 
 
 def summary_rows(current: dict[str, Any], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """This evaluation first (``this_run`` True), then the earlier comparable ones, newest first;
     only the metrics at least one of them has."""
-    rows = [current | {"this_run": True}] + [row | {"this_run": False} for row in earlier]
+    rows = [current | {"this_run": True}] + [r | {"this_run": False} for r in earlier]
     present = [k for k in KEY_METRICS if any(r.get(k) is not None and math.isfinite(r[k]) for r in rows)]
     keep = ["this_run", "run_name", "run_id", "pipeline_run_id", *present]
     return [{k: r.get(k) for k in keep} for r in rows]

@@ -198,10 +198,10 @@ def feature_checks(ctx: StageContext, real: np.ndarray, fake: np.ndarray) -> dic
     if dims == 3 and int(network.identity.get("network_spatial_dims", 3)) == 2:  # 2.5D: every slice is a sample
         slices = min(len(central_slices(size, cfg.slices_per_plane)) for size in real.shape[2:])
     samples = min(len(real), len(fake)) * slices
-    k = max(1, min(cfg.k, samples - 1))
-    values = feature_fidelity(real, fake, network, spatial_dims=dims, k=k, device=device, slices_per_plane=cfg.slices_per_plane)
+    neighbours = max(1, min(cfg.k, samples - 1))
+    values = feature_fidelity(real, fake, network, spatial_dims=dims, k=neighbours, device=device, slices_per_plane=cfg.slices_per_plane)
     # "mmd" here is on features; the pixel-space one keeps the name eval/mmd
-    metrics = {"eval/" + ("feature_" + k if k.startswith("mmd") else k): float(v) for k, v in values.items()}
+    metrics = {"eval/" + ("feature_" + name if name.startswith("mmd") else name): float(v) for name, v in values.items()}
     cache = ctx.inputs["prepare"] / "cache"
     train = np.load(cache / "train_images.npy", allow_pickle=False)
     embed = {"spatial_dims": dims, "device": device, "slices_per_plane": cfg.slices_per_plane}
@@ -217,7 +217,7 @@ def feature_checks(ctx: StageContext, real: np.ndarray, fake: np.ndarray) -> dic
                          num_real=len(real), num_fake=len(fake))
     ctx.tracker.log_params({"eval.feature_network": describe(network)})
     ctx.tracker.set_tags({"medsynth.comparison_key": key, "medsynth.feature_network": str(network.identity.get("weights_sha256", ""))[:16]})
-    return {"metrics": metrics, "feature_network": network.identity | {"precision_recall_k": k}, "comparison_key": key,
+    return {"metrics": metrics, "feature_network": network.identity | {"precision_recall_k": neighbours}, "comparison_key": key,
             "audit_summary": audit.summary()}
 
 
@@ -231,7 +231,7 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
     client = review.client()
     run = client.get_run(ctx.tracker.run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
-    current = review._row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
+    current = review.row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
     earlier = review.earlier_evaluations(client, run.info.experiment_id, key=key, exclude_run_id=run.info.run_id, limit=tracking.compare_runs)
     rows = review.summary_rows(current, earlier)
     atomic_write_json(ctx.work / "evaluation_summary.json", {"comparison_key": key, "num_real": num_real, "num_fake": num_fake,
