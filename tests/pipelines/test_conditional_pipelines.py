@@ -151,7 +151,7 @@ def test_latent_model_needs_the_autoencoder_stage_first(write_config, tmp_path: 
     one_line_exit_2(code, err, "needs the outputs of stage 'autoencoder'")
 
 
-CONTROL = {"stages": ["prepare", "train", "controlnet", "sample", "evaluate", "augment"],
+CONTROL = {"stages": ["prepare", "train", "controlnet", "sample", "evaluate", "augment", "utility"],
            "controlnet": {"conditioning_channels": [8], "max_steps": 4, "batch_size": 4, "log_every": 2}}
 
 
@@ -174,6 +174,11 @@ def test_controlnet_pipeline_generates_paired_images_and_labels(write_config, tm
     datalist = json.loads((out / "augment" / "datalist_augmented.json").read_text())
     synthetic = [e for e in datalist["training"] if e.get("synthetic")]
     assert synthetic and all((out / "augment" / e["label"]).is_file() for e in synthetic)
+    # utility: a MONAI UNet segments held-out real images after training on real / real + synthetic / synthetic pairs
+    utility = json.loads((out / "utility" / "utility.json").read_text())
+    assert utility["task"] == "segmentation" and utility["metric"] == "dice"
+    assert all(0.0 <= r["mean"]["dice"] <= 1.0 for r in utility["regimes"].values())
+    assert np.load(out / "augment" / "synthetic_labels.npy").shape[1:] == (1, 16, 16)
 
     # your own label maps: a folder of NIfTI maps of the model's size
     folder = tmp_path / "maps"
