@@ -113,7 +113,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             extra["label"] = f"synthetic/{name}_label.nii.gz"
             sidecar = {"label_map_source": label_sources[i], "conditioning_scale": config.controlnet.conditioning_scale}
         if audit is not None:
-            sidecar["memorisation_audit"] = {space: audit.per_scan[i][space]["ratio"] for space in audit.spaces} | {
+            sidecar["memorisation_audit"] = {space: _finite(audit.per_scan[i][space]["ratio"]) for space in audit.spaces} | {
                 "threshold": audit.threshold, "flagged": bool(audit.per_scan[i]["flagged"])}
         provenance = provenance_base | {"seed": seed, "index": i} | extra | sidecar
         atomic_write_json(work / "synthetic" / f"{name}.json", provenance)
@@ -184,4 +184,10 @@ def audit_synthetic(ctx: StageContext, images: np.ndarray, count: int) -> tuple[
     if flagged:
         print(f"augment: dropped {len(flagged)} of {count} synthetic cases flagged by the memorisation audit "
               f"(threshold {cfg.threshold}, {'image and feature' if cfg.features else 'image'} space, rule {cfg.rule})", flush=True)
-    return audit, [i not in set(flagged) for i in range(count)]
+    flagged_set = set(flagged)
+    return audit, [i not in flagged_set for i in range(count)]
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity (a ratio is infinite when two training patients' scans are identical)."""
+    return float(value) if np.isfinite(value) else None
