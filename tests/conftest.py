@@ -58,6 +58,14 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
+def one_line_exit_2(code: int, err: str, *expected: str) -> None:
+    """The CLI's bad-input contract: exit code 2 and one line, ``error: ...``, holding every ``expected`` text."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
 def deep_update(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -39,8 +39,9 @@ from monai.networks.nets.resnet import ResNetFeatures
 from torch import nn
 
 from medsynth.errors import MedsynthError
-from medsynth.io.atomic import atomic_write, file_digest
+from medsynth.io.atomic import file_digest
 from medsynth.models.autoencoder import _load_local_weights, _zscore
+from medsynth.training.checkpoint import load_state, save_state
 
 # Arrays are in RAS voxel order (X, Y, Z): an axial slice is one index along Z (array axis 2), a
 # coronal one along Y (axis 1), a sagittal one along X (axis 0).
@@ -402,7 +403,7 @@ def save_feature_network(fn: FeatureNetwork, path: str | Path) -> Path:
         "identity": fn.identity,
         "state_dict": {k: v.detach().cpu().clone() for k, v in fn.network.state_dict().items()},
     }
-    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    return save_state(path, blob)
 
 
 def load_feature_network(path: str | Path) -> FeatureNetwork:
@@ -413,14 +414,9 @@ def load_feature_network(path: str | Path) -> FeatureNetwork:
             not match its recorded digest.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MedsynthError(f"{path}: feature network file not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
-        raise MedsynthError(f"{path}: not a readable feature network file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FEATURE_NETWORK_FORMAT or not isinstance(blob.get("identity"), dict) \
-            or not isinstance(blob.get("state_dict"), dict) or not all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values()):
+    blob = load_state(path, expected_format=FEATURE_NETWORK_FORMAT, what="feature network")
+    if not isinstance(blob.get("identity"), dict) or not isinstance(blob.get("state_dict"), dict) \
+            or not all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values()):
         raise MedsynthError(f"{path}: not a medsynth feature network file (expected format {FEATURE_NETWORK_FORMAT!r} with identity and state_dict)")
     identity: dict[str, Any] = blob["identity"]
     try:

@@ -33,8 +33,10 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
-def load_state(path: str | Path, *, expected_format: str) -> dict[str, Any]:
+def load_state(path: str | Path, *, expected_format: str, what: str | None = None) -> dict[str, Any]:
     """Load a medsynth checkpoint or model file safely.
+
+    ``what`` names the kind of file in the errors (default: the word after ``medsynth-`` in the format).
 
     Raises:
         MedsynthError: missing file, not a torch file, a pickle that needs code execution, or a file
@@ -42,14 +44,15 @@ def load_state(path: str | Path, *, expected_format: str) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise MedsynthError(f"{path}: file not found")
+        raise MedsynthError(f"{path}: {what + ' ' if what else ''}file not found")
+    noun = what or expected_format.split("-")[1]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise MedsynthError(f"{path}: not a readable medsynth {expected_format.split('-')[1]} file ({reason})") from None
+        raise MedsynthError(f"{path}: not a readable medsynth {noun} file ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != expected_format:
-        raise MedsynthError(f"{path}: not a medsynth {expected_format.split('-')[1]} file (format tag '{expected_format}' missing)")
+        raise MedsynthError(f"{path}: not a medsynth {noun} file (format tag '{expected_format}' missing)")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
         raise MedsynthError(f"{path}: written by a newer medsynth (format version {state['format_version']})")
     return state

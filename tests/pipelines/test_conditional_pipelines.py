@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_line_exit_2
 from medsynth.cli import main
 
 CFG = {"data": {"phantom": {"count": 16, "lesion_size": 3.0}}, "model": {"num_classes": 2},
@@ -20,13 +21,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     """Exit code and stderr (stage status lines go to stdout)."""
     code = main(args)
     return code, capsys.readouterr().err
-
-
-def one_line_exit_2(code: int, err: str, *expected: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 def test_class_conditional_pipeline_records_classes_and_checks_them(write_config, tmp_path: Path, capsys) -> None:

@@ -19,7 +19,7 @@ import torch
 from medsynth.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY_3D  # noqa: E402
+from conftest import TINY_3D, one_line_exit_2  # noqa: E402
 from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series  # noqa: E402
 
 torch.set_num_threads(1)
@@ -33,13 +33,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def one_line_exit_2(code: int, err: str, *expected: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 def test_evaluate_reports_feature_metrics_audit_and_review(write_config, tmp_path: Path, capsys) -> None:
