@@ -69,14 +69,9 @@ def feature_network(ctx: StageContext) -> FeatureNetwork:
     classes = np.load(classes_file, allow_pickle=False) if classes_file.exists() else None
     network = train_feature_network(images, classes, spatial_dims=config.data.spatial_dims, steps=cfg.steps, seed=config.seed,
                                     width=cfg.width, device=ctx.dist.device)
-    network.identity["train_images_sha256"] = wanted["train_images_sha256"]
+    network.identity["train_images_sha256"] = wanted["train_images_sha256"]  # the file's digest, as matched above
     save_feature_network(network, ctx.work / FILE_NAME)
     return network
-
-
-def comparison_key(network: FeatureNetwork) -> str:
-    """A short digest that is equal exactly when two feature networks give comparable numbers."""
-    return str(network.identity.get("weights_sha256", ""))[:16]
 
 
 def describe(network: FeatureNetwork) -> str:
