@@ -142,6 +142,10 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
         return {}
     distributed_stage = spec.trains
     if not ctx.is_main and not distributed_stage:
+        if spec.shards and ctx.distributed:
+            # this rank computes its share; rank 0 gathers and writes (no folder, no tracker here)
+            run_fn(StageContext(spec.name, config, config_path, None, {u: stage_dir(config, u) for u in spec.upstream(config)},
+                                tracking.NullTracker(), ctx))
         barrier(ctx)
         return {}
     say(f"{spec.name}: running -> {final}", ctx)

@@ -34,7 +34,7 @@ class StageContext:
     name: str
     config: Config
     config_path: str
-    work: Path  # write outputs here; it becomes output_dir/<name> on success
+    work: Path  # write outputs here; it becomes output_dir/<name> on success (None on ranks > 0 of a sharded stage)
     inputs: dict[str, Path]  # upstream stage name -> its final output folder
     tracker: Any  # medsynth.tracking.Tracker or NullTracker
     dist: DistContext
@@ -56,6 +56,9 @@ class StageSpec:
     description: str
     # training stages: every torchrun rank takes part, and a fixed work folder keeps checkpoints to resume
     trains: bool = False
+    # sharded stages: every torchrun rank runs the stage function on its share of the work (batch
+    # synthesis / denoising); rank 0 alone gathers, writes and logs (ctx.work is None on other ranks)
+    shards: bool = False
 
     def upstream(self, config: Config) -> tuple[str, ...]:
         """The stages whose outputs this stage reads (for evaluate: whatever of sample / denoise the config runs)."""
