@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from medsynth.errors import MedsynthError
 
@@ -28,10 +37,27 @@ StageName = Literal["prepare", "autoencoder", "train", "controlnet", "sample", "
 DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
-class StrictModel(BaseModel):
-    """Base: unknown keys are errors, values are validated on assignment too."""
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type names ``bool`` (directly or inside ``X | None``, ``Literal``, ``list``)."""
+    if annotation is bool:
+        return True
+    return any(_accepts_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int, float)))
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """Base: unknown keys are errors, values are validated on assignment too; numbers must be finite
+    (``.inf`` / ``.nan`` in YAML) and a boolean is not a number (pydantic would read ``true`` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name is not None else bool
+        if isinstance(value, bool) and not _accepts_bool(annotation):
+            expected = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+            raise ValueError(f"expected {expected or str(annotation).replace('typing.', '')}, not a boolean")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +299,12 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     val_images: int = Field(64, ge=1, description="Held-out images used for the validation loss")
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
-    channels_last: bool = Field(False, description="channels-last memory format (helps on GPUs; measured 10 % slower on a 2-core CPU)")
+    channels_last: bool = Field(False, description="channels-last memory format: measured slower for MONAI's GroupNorm-heavy UNet on a "
+                                "2-core CPU (10 %) and on an H100 (bf16: 0.81x), see docs/benchmarks.md")
+    compile: bool = Field(False, description="torch.compile the network: 1.9-2.6x the images/s on an H100, no gain on a 2-core CPU "
+                          "(docs/benchmarks.md); the first steps wait for the compilation (about a minute)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs on GPUs")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass: less memory, more time "
                                          "(same weights, tested)")
@@ -531,6 +562,22 @@ class Config(StrictModel):
 # ---------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice in one mapping", key_node.start_mark)
+            try:
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     """Parse ``key.sub=value`` strings; values are read as YAML (``3``, ``1e-4``, ``true``, ``[32, 32]``)."""
     parsed = []
@@ -597,7 +644,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise MedsynthError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -606,7 +653,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except UnicodeDecodeError:
         raise MedsynthError(f"{path}: not a UTF-8 text file") from None
     if raw is None:
-        raw = {}
+        # An empty file would silently run the whole default pipeline; '{}' says "every default" on purpose.
+        raise MedsynthError(f"{path}: empty config file; expected a mapping of keys (see configs/quickstart.yaml), or '{{}}' for every default")
     if not isinstance(raw, dict):
         raise MedsynthError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for keys, value in parse_overrides(overrides or []):

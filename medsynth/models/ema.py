@@ -36,8 +36,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         shadow = dict(self.shadow.named_parameters())
-        for name, param in model.named_parameters():
-            shadow[name].lerp_(param.detach(), 1.0 - decay)
+        names = [name for name, _ in model.named_parameters()]
+        # one multi-tensor kernel instead of one per parameter (the same arithmetic as lerp_)
+        torch._foreach_lerp_([shadow[n] for n in names], [p.detach() for _, p in model.named_parameters()], 1.0 - decay)
         shadow_buffers = dict(self.shadow.named_buffers())
         for name, buffer in model.named_buffers():
             shadow_buffers[name].copy_(buffer)

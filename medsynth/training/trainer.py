@@ -116,6 +116,27 @@ def _memory_format(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
+def adamw(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop,
+    measured about 4x faster per optimiser step on a 2-core CPU (docs/benchmarks.md)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def resident_data(images: np.ndarray, device: torch.device, budget: float = 0.25) -> torch.Tensor:
+    """The training set as one tensor: on the GPU when it takes under ``budget`` of the free memory
+    (no host-to-device copy per step), else in pinned host memory (asynchronous copies)."""
+    data = torch.as_tensor(images, dtype=torch.float32)
+    if device.type != "cuda":
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.to(device) if data.nbytes < budget * free else data.pin_memory()
+
+
+def compiled(network: torch.nn.Module, enabled: bool, mode: str) -> torch.nn.Module:
+    """``torch.compile`` the network when asked (``train.compile``); static shapes (fixed batch)."""
+    return torch.compile(network, mode=mode, dynamic=False) if enabled else network
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
@@ -171,12 +192,13 @@ def train_diffusion(
     # 1. network, EMA, optimiser, schedules (identical on every rank: same seed)
     torch.manual_seed(config.seed)
     model = build_unet(config.model, spatial_dims=spatial_dims, in_channels=train_images.shape[1], out_channels=train_images.shape[1]).to(device)
-    if tcfg.channels_last:
+    channels_last = tcfg.channels_last
+    if channels_last:
         model = model.to(memory_format=_memory_format(spatial_dims))
     ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
     if tcfg.gradient_checkpointing:  # after the EMA copy: only the trained network recomputes
         enable_gradient_checkpointing(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=tcfg.warmup_steps, total=tcfg.max_steps, floor=tcfg.min_lr_ratio)
     )
@@ -201,10 +223,10 @@ def train_diffusion(
         set_rng_states(state["rng"])
         start, history, resumed_from = int(state["step"]), list(state["history"]), int(state["step"])
 
-    net = DistributedDataParallel(model) if ctx.distributed else model
-    data = torch.as_tensor(train_images, dtype=torch.float32)
+    net = compiled(DistributedDataParallel(model) if ctx.distributed else model, tcfg.compile, tcfg.compile_mode)
+    data = resident_data(train_images, device)
     val = torch.as_tensor(val_images[: tcfg.val_images], dtype=torch.float32)
-    classes = None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long)
+    classes = None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long).to(data.device)
     val_labels = None if val_classes is None else torch.as_tensor(val_classes[: tcfg.val_images], dtype=torch.long).to(device)
 
     def checkpoint(step: int) -> None:
@@ -240,9 +262,9 @@ def train_diffusion(
             # Every rank draws the whole global batch's indices, noise and timesteps and keeps its
             # share, so N processes train exactly what one process would (up to summation order).
             shard = slice(ctx.rank, None, ctx.world_size)
-            index = batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard]
-            x0 = data[index].to(device)
-            if tcfg.channels_last:
+            index = torch.as_tensor(batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard], device=data.device)
+            x0 = data[index].to(device, non_blocking=True)
+            if channels_last:
                 x0 = x0.contiguous(memory_format=_memory_format(spatial_dims))
             generator = step_generator(config.seed, step, device)
             noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
@@ -260,7 +282,9 @@ def train_diffusion(
             # 2. Min-SNR-weighted regression to the target
             target = prediction_target(scheduler, x0, noise, t, config.diffusion.prediction_type)
             loss = weighted_mse(prediction, target, min_snr_weights(scheduler, t, config.diffusion.prediction_type, config.diffusion.min_snr_gamma))
-            if not torch.isfinite(loss):
+            # On CPU the check costs nothing; on a GPU reading the loss each step would stall the
+            # queue of kernels, so the window's loss sum is checked before it is logged or checkpointed.
+            if device.type == "cpu" and not torch.isfinite(loss):
                 raise MedsynthError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr")
             # 3. update weights, LR, EMA
             updating = True
@@ -276,11 +300,16 @@ def train_diffusion(
             completed, updating = step + 1, False
 
             done = completed
-            window_loss.append(loss.item())
+            window_loss.append(loss.detach())
             window_images += len(x0) * ctx.world_size
-            if done % tcfg.log_every == 0 or done == tcfg.max_steps:
+            logging_due = done % tcfg.log_every == 0 or done == tcfg.max_steps
+            if logging_due or done % tcfg.checkpoint_every == 0:
+                window_mean = float(torch.stack(window_loss).mean())
+                if not math.isfinite(window_mean):
+                    raise MedsynthError(f"training diverged before step {done} (loss {window_mean}); lower train.lr")
+            if logging_due:
                 elapsed = time.perf_counter() - window_start
-                record = {"train/loss": float(np.mean(window_loss)), "train/lr": optimizer.param_groups[0]["lr"],
+                record = {"train/loss": window_mean, "train/lr": optimizer.param_groups[0]["lr"],
                           "train/images_per_s": window_images / max(elapsed, 1e-9)}
                 if done % tcfg.val_every == 0 or done == tcfg.max_steps:
                     record["val/loss"] = validation_loss() if ctx.is_main else float("nan")
