@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from medsynth.diffusion.schedulers import build_sampling_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.io.nifti import spacing_affine, write_nifti
 from medsynth.models.loading import TrainedModel
+from medsynth.training.distributed import DistContext, map_sharded, shard
 from medsynth.training.trainer import autocast_dtype
 
 
@@ -36,14 +38,22 @@ def synthesise(
     controlnet=None,
     label_maps: np.ndarray | None = None,
     conditioning_scale: float = 1.0,
-) -> tuple[np.ndarray, float]:
+    dist: DistContext | None = None,
+) -> tuple[np.ndarray | None, float]:
     """Draw one sample per seed (of the given class, for class-conditional models, with classifier-free
     guidance ``guidance_scale``); returns normalised images ``(N, C, *spatial)`` and the seconds taken.
 
     A latent model samples latents and decodes them with its autoencoder, one sample at a time, with a
     sliding window of ``decode_roi`` latent voxels when given (bounded memory for large volumes).
     With a ``controlnet`` (:class:`~medsynth.models.controlnet.TrainedControlNet`) sample ``i`` is
-    generated from ``label_maps[i]`` (``(N, 1, *image_size)``)."""
+    generated from ``label_maps[i]`` (``(N, 1, *image_size)``).
+
+    Under ``torchrun`` (``dist`` with several ranks) sample ``i`` is drawn by rank ``i % world_size``,
+    ``batch_size`` samples per rank per round, and rank 0 gathers each round
+    (:func:`~medsynth.training.distributed.map_sharded`): rank 0 gets all ``N`` images, the other ranks
+    ``None``. Sample ``i`` depends only on ``seeds[i]`` (its own noise generator), so the images do
+    not depend on the number of processes beyond floating-point noise. The seconds are the wall time
+    on this rank."""
     if not trained.diffusion.can_sample:
         raise MedsynthError(f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
                             "only) cannot sample from pure noise; use it with medsynth denoise")
@@ -58,34 +68,49 @@ def synthesise(
         raise MedsynthError(f"{trained.path}: {exc}") from None
     trained.network.to(device)
     channels = trained.network.in_channels
-    wrapper = None
     if controlnet is not None:
-        from medsynth.models.controlnet import controlnet_wrapper
-
         if label_maps is None or len(label_maps) != len(seeds):
             raise MedsynthError(f"{trained.path}: sampling with a ControlNet needs one label map per sample")
         controlnet.network.to(device)
-        wrapper = controlnet_wrapper(controlnet, label_maps, conditioning_scale=conditioning_scale)
-    started = time.perf_counter()
-    # disable=None: bars on a terminal, silence in logs and CI.
-    with tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True, disable=None) as bar:
+    dist = dist or DistContext(0, 1, 0, torch.device(device))
+    image_shape = (channels, *trained.image_size)
+
+    def draw(part: list[int], bar: tqdm) -> list[np.ndarray]:
+        """This rank's samples ``part`` (at most one batch): generate, decode latents, clamp."""
+        done_before = bar.n
 
         def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
+            bar.n = done_before + done
             bar.refresh()
 
-        images = generate(
-            trained.network, scheduler, sampler=sampler, image_shape=(channels, *trained.image_size), seeds=list(seeds),
-            batch_size=batch_size, device=device, eta=eta, autocast_dtype=autocast_dtype("auto", device), callback=progress,
-            class_labels=class_labels, guidance_scale=guidance_scale, network_wrapper=wrapper,
-        )
-    if trained.autoencoder is not None:
-        from medsynth.models.autoencoder import decode
+        labels = None if class_labels is None else [class_labels[i] for i in part]
+        batch_wrapper = None
+        if controlnet is not None:
+            from medsynth.models.controlnet import controlnet_wrapper
 
-        images = torch.cat([decode(trained.autoencoder, z[None], roi_size=decode_roi, overlap=decode_overlap, device=device)
-                            for z in tqdm(images, desc=f"{desc}: decode", unit="image", dynamic_ncols=True, disable=None)])
-    return images.clamp(-1.0, 1.0).numpy(), time.perf_counter() - started
+            batch_wrapper = controlnet_wrapper(controlnet, label_maps[part], conditioning_scale=conditioning_scale)
+        images = generate(
+            trained.network, scheduler, sampler=sampler, image_shape=image_shape, seeds=[seeds[i] for i in part],
+            batch_size=batch_size, device=device, eta=eta, autocast_dtype=autocast_dtype("auto", device), callback=progress,
+            class_labels=labels, guidance_scale=guidance_scale, network_wrapper=batch_wrapper,
+        )
+        if trained.autoencoder is not None:
+            from medsynth.models.autoencoder import decode
+
+            images = torch.cat([decode(trained.autoencoder, z[None], roi_size=decode_roi, overlap=decode_overlap, device=device)
+                                for z in tqdm(images, desc=f"{desc}: decode", unit="image", dynamic_ncols=True, disable=None if dist.is_main else True)])
+        return list(images.clamp(-1.0, 1.0).numpy())
+
+    steps_per_round = len(scheduler.timesteps)
+    rounds = math.ceil(len(shard(len(seeds), dist.rank, dist.world_size)) / batch_size)
+    gathered: list[np.ndarray] = []
+    started = time.perf_counter()
+    # disable=None: bars on a terminal, silence in logs and CI; rank 0 alone shows one.
+    with tqdm(total=rounds * steps_per_round, desc=desc, unit="step", dynamic_ncols=True, disable=None if dist.is_main else True) as bar:
+        for pairs in map_sharded(lambda part: draw(part, bar), len(seeds), dist, chunk=batch_size):
+            gathered.extend(image for _, image in pairs)
+    seconds = time.perf_counter() - started
+    return (np.stack(gathered) if dist.is_main else None), seconds
 
 
 def sample_classes(class_label: int | list[int] | None, count: int, num_classes: int | None) -> list[int] | None:

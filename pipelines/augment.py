@@ -20,6 +20,9 @@ With ``augment.dicom: true`` every kept case is also written as a DICOM series
 (``dicom/synthetic_XXXX/``, :func:`medsynth.io.dicom_synthetic.write_synthetic_series`): new UIDs, a
 pseudonymous patient, DERIVED\\SECONDARY, "SYNTHETIC" in the series description and image comments,
 provenance in the series.
+
+Under ``torchrun`` the cases are drawn split across the ranks (case ``i`` on rank ``i % world_size``)
+and gathered on rank 0, which alone audits, decides and writes (docs/scale_out.md).
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from medsynth.config import digest, to_plain
 from medsynth.data.prepare import load_summary
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json, file_digest
+from medsynth.io.nifti import spacing_affine, write_nifti
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
 from medsynth.tracking import code_version
-from medsynth.io.nifti import spacing_affine, write_nifti
 from pipelines.controlnet import sampling_inputs
 from pipelines.features import preflight  # noqa: F401 - the runner checks a feature weights file before any stage runs
 from pipelines.specs import augment_section
@@ -59,7 +62,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = augment_section(config)
     prepare_dir = ctx.inputs["prepare"]
     final_dir = Path(config.output_dir) / "augment"
-    summary = load_summary(prepare_dir / "cache")
     real = json.loads((prepare_dir / "datalist.json").read_text())
     n_real = len(real["training"])
     wanted = max(1, math.ceil(cfg["ratio"] * n_real))
@@ -67,15 +69,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     model_path = ctx.inputs["train"] / "model.pt"
     trained = load_trained_model(model_path, ctx.dist.device)
-    train_summary = ctx.upstream_manifest("train").get("summary", {})
     seeds = [cfg["seed"] + i for i in range(count)]
     # Class-conditional models: every class in turn (a balanced synthetic set), guided like sample.
     classes = sample_classes(None, count, trained.num_classes)
     controlnet, label_maps, label_sources, _ = sampling_inputs(ctx, count)
+    # Under torchrun every rank draws its share; rank 0 gets all cases and alone audits and writes.
     images, seconds = synthesise(trained, sampler=cfg["sampler"], steps=cfg["steps"], seeds=seeds, batch_size=cfg["batch_size"],
                                  device=ctx.dist.device, eta=cfg["eta"], desc="augment", class_labels=classes,
                                  guidance_scale=cfg["guidance_scale"], decode_roi=cfg["decode"]["roi"], decode_overlap=cfg["decode"]["overlap"],
-                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale)
+                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale,
+                                 dist=ctx.dist)
+    if images is None:  # a rank > 0: its share is with rank 0
+        return {}
+
+    summary = load_summary(prepare_dir / "cache")
+    train_summary = ctx.upstream_manifest("train").get("summary", {})
     units = to_units(images, trained.intensity)
     audit, keep = audit_synthetic(ctx, images, count)
     kept = [i for i in range(count) if keep[i]]

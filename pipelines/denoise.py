@@ -14,12 +14,17 @@ The evaluate stage scores them against the clean scans.
 
 With ``denoise.datalist``, your own noisy scans (NIfTI or DICOM series) are denoised by every method
 too, into ``scans/<name>/`` in their own format (see :func:`_denoise_datalist`).
+
+Under ``torchrun`` the (level, case) pairs and the datalist's scans are split across the ranks (item
+``k`` on rank ``k % world_size``) and gathered on rank 0 round by round; rank 0 alone writes, with the
+names of a single-process run (docs/scale_out.md).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +34,15 @@ from medsynth.config import Config, to_plain
 from medsynth.data.prepare import safe_name
 from medsynth.data.transforms import foreground_mask
 from medsynth.denoise.classical import available_methods
-from medsynth.denoise.files import denoise_path, read_datalist
-from medsynth.denoise.scan import PriorSettings, denoise_scan
+from medsynth.denoise.files import ScanInput, denoise_input, provenance_record, read_datalist, read_scan, write_result
+from medsynth.denoise.scan import Denoised, PriorSettings, denoise_scan
 from medsynth.errors import MedsynthError
-from medsynth.io.atomic import atomic_write_json
+from medsynth.io.atomic import atomic_write_json, file_digest
 from medsynth.io.nifti import write_nifti
 from medsynth.io.volumes import read_nifti
-from medsynth.models.loading import load_trained_model
+from medsynth.models.loading import TrainedModel, load_trained_model
 from medsynth.noise.models import gaussian_noise, low_dose_ct, low_dose_ct_image_domain, rician_noise
+from medsynth.training.distributed import map_sharded
 from pipelines.stage import StageContext
 
 
@@ -78,37 +84,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
     settings = PriorSettings(mode=cfg.mode, steps=cfg.steps, samples=cfg.samples, seed=cfg.seed, overlap=cfg.overlap,
                              sw_batch_size=cfg.sw_batch_size)
 
+    def denoise_case(k: int) -> dict[str, Any]:
+        """Case ``k % len(cases)`` at level ``k // len(cases)``: simulated noise, then every method (nothing written)."""
+        j, i = divmod(k, len(cases))
+        case = cases[i]
+        source = Path(case["image"]) if Path(case["image"]).is_absolute() else prepare_dir / case["image"]
+        clean = read_nifti(source)
+        spacing = float(np.sqrt((clean.affine[:3, 0] ** 2).sum()))
+        noisy, true_sigma = simulate(clean.array, noise, levels[j], seed=cfg.seed + 1000 * j + i, spacing_mm=spacing, photons=cfg.photons)
+        given = {"auto": None, "oracle": true_sigma}.get(cfg.sigma, cfg.sigma) if isinstance(cfg.sigma, str) else float(cfg.sigma)
+        results = {}
+        for method in cfg.methods:
+            started = time.perf_counter()
+            result = denoise_scan(noisy, clean.affine, method=method, modality=modality, sigma=given, trained=trained, settings=settings,
+                                  device=ctx.dist.device)
+            results[method] = (result, time.perf_counter() - started)
+        return {"source": source, "affine": clean.affine, "noisy": noisy, "true_sigma": true_sigma, "results": results}
+
+    # Under torchrun the (level, case) pairs are split across the ranks, one per rank per round; rank 0
+    # gathers every round and alone writes, so the outputs are those of one process.
     entries: list[dict[str, Any]] = []
     seconds: dict[str, float] = {m: 0.0 for m in cfg.methods}
-    for j, level in enumerate(levels):
-        for i, case in enumerate(cases):
-            source = Path(case["image"]) if Path(case["image"]).is_absolute() else prepare_dir / case["image"]
-            clean = read_nifti(source)
-            spacing = float(np.sqrt((clean.affine[:3, 0] ** 2).sum()))
-            noisy, true_sigma = simulate(clean.array, noise, level, seed=cfg.seed + 1000 * j + i, spacing_mm=spacing, photons=cfg.photons)
-            folder = Path(f"level_{j}") / safe_name(case.get("case_id", f"case_{i:04d}"))
-            write_nifti(work / folder / "noisy.nii.gz", noisy, clean.affine, description=f"medsynth {noise} {level}")
-            entry = {"level_index": j, "level": level, "case_id": case.get("case_id"), "clean": str(source), "noisy": str(folder / "noisy.nii.gz"),
-                     "true_sigma": true_sigma, "methods": {}}
-            given = {"auto": None, "oracle": true_sigma}.get(cfg.sigma, cfg.sigma) if isinstance(cfg.sigma, str) else float(cfg.sigma)
-            for method in cfg.methods:
-                started = time.perf_counter()
-                result = denoise_scan(noisy, clean.affine, method=method, modality=modality, sigma=given, trained=trained,
-                                      settings=settings, device=ctx.dist.device)
-                took = time.perf_counter() - started
-                seconds[method] += took
-                out = folder / f"{method}.nii.gz"
-                write_nifti(work / out, result.image, clean.affine, description=f"medsynth denoise {method}")
-                record = {"file": str(out), "sigma": result.sigma, "seconds": took} | {
-                    k: v for k, v in result.record.items() if k in ("timestep", "matched_sigma_normalised", "network_evaluations", "warning")}
-                if result.uncertainty is not None:
-                    record["uncertainty"] = str(folder / f"{method}_uncertainty.nii.gz")
-                    write_nifti(work / record["uncertainty"], result.uncertainty, clean.affine, description="medsynth posterior std")
-                entry["methods"][method] = record
-            entries.append(entry)
-            print(f"denoise: level {level} case {i + 1}/{len(cases)} done", flush=True)
+    for pairs in map_sharded(lambda part: [denoise_case(k) for k in part], len(levels) * len(cases), ctx.dist):
+        for k, done in pairs:
+            j, i = divmod(k, len(cases))
+            entries.append(_write_case(work, cases[i], i, j, levels[j], noise, done, seconds))
+            print(f"denoise: level {levels[j]} case {i + 1}/{len(cases)} done", flush=True)
 
-    scans = _denoise_datalist(ctx, settings, datalist) if datalist else []
+    scans = _denoise_datalist(ctx, settings, datalist, trained) if datalist else []
+    if not ctx.dist.is_main:
+        return {}
 
     atomic_write_json(work / "denoise.json", {
         "modality": modality, "noise": noise, "levels": levels, "level_meaning": "dose fraction" if noise.startswith("low_dose_ct")
@@ -121,24 +126,61 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"images": len(entries), "levels": levels, "noise": noise, "datalist_scans": len(scans)} | {k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()}
 
 
-def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+def _write_case(work: Path, case: dict[str, Any], i: int, j: int, level: float, noise: str, done: dict[str, Any],
+                seconds: dict[str, float]) -> dict[str, Any]:
+    """Write one denoised (level, case) pair (rank 0) and return its ``denoise.json`` entry; adds each method's time to ``seconds``."""
+    affine = done["affine"]
+    folder = Path(f"level_{j}") / safe_name(case.get("case_id", f"case_{i:04d}"))
+    write_nifti(work / folder / "noisy.nii.gz", done["noisy"], affine, description=f"medsynth {noise} {level}")
+    entry = {"level_index": j, "level": level, "case_id": case.get("case_id"), "clean": str(done["source"]), "noisy": str(folder / "noisy.nii.gz"),
+             "true_sigma": done["true_sigma"], "methods": {}}
+    for method, (result, took) in done["results"].items():
+        seconds[method] += took
+        out = folder / f"{method}.nii.gz"
+        write_nifti(work / out, result.image, affine, description=f"medsynth denoise {method}")
+        record = {"file": str(out), "sigma": result.sigma, "seconds": took} | {
+            k: v for k, v in result.record.items() if k in ("timestep", "matched_sigma_normalised", "network_evaluations", "warning")}
+        if result.uncertainty is not None:
+            record["uncertainty"] = str(folder / f"{method}_uncertainty.nii.gz")
+            write_nifti(work / record["uncertainty"], result.uncertainty, affine, description="medsynth posterior std")
+        entry["methods"][method] = record
+    return entry
+
+
+def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tuple[str, Path]], trained: TrainedModel | None) -> list[dict[str, Any]]:
     """Every method on each scan of ``denoise.datalist`` (real noisy scans: no reference, so no scores).
 
     NIfTI scans give ``scans/<name>/<method>.nii.gz``, DICOM series ``scans/<name>/<method>/`` (a derived
-    series); each with its provenance record. The noise level is estimated per scan unless
-    ``denoise.sigma`` is a number (``oracle`` has no meaning without a reference and acts as ``auto``).
+    series); each with its provenance record (its ``output`` is the final path under ``output_dir/denoise``).
+    The noise level is estimated per scan unless ``denoise.sigma`` is a number (``oracle`` has no meaning
+    without a reference and acts as ``auto``). Under torchrun the scans are split across the ranks, one
+    per rank per round, and rank 0 alone writes; the other ranks return an empty list.
     """
     cfg = ctx.config.denoise
     sigma = float(cfg.sigma) if not isinstance(cfg.sigma, str) else None
+    checkpoint = ctx.inputs["train"] / "model.pt"
+    model_digest = file_digest(checkpoint) if trained is not None else None
+    final = Path(ctx.config.output_dir) / ctx.name
+
+    def denoise_one(k: int) -> tuple[ScanInput, dict[str, Denoised]]:
+        scan = read_scan(scans[k][1])
+        results = {method: denoise_input(scan, method=method, sigma=sigma, modality=ctx.config.modality, trained=trained if method == "diffusion" else None,
+                                         settings=settings, device=str(ctx.dist.device), progress=False) for method in cfg.methods}
+        # Rank 0 writes from the source file's header (NIfTI) or slices (DICOM), not from its voxels: not sent.
+        return replace(scan, volume=replace(scan.volume, array=np.empty(0, np.float32))), results
+
     records = []
-    for k, (name, source) in enumerate(scans):
-        outputs = {}
-        for method in cfg.methods:
-            out = Path("scans") / name / (f"{method}.nii.gz" if source.is_file() else method)
-            record = denoise_path(source, ctx.work / out, method=method, sigma=sigma, modality=ctx.config.modality,
-                                  checkpoint=ctx.inputs["train"] / "model.pt" if method == "diffusion" else None,
-                                  settings=settings, device=str(ctx.dist.device), progress=False)
-            outputs[method] = {"output": str(out), "sigma": record["denoise"]["sigma"], "sigma_source": record["denoise"]["sigma_source"]}
-        records.append({"name": name, "input": str(source), "outputs": outputs})
-        print(f"denoise: datalist scan {k + 1}/{len(scans)} done", flush=True)
+    for pairs in map_sharded(lambda part: [denoise_one(k) for k in part], len(scans), ctx.dist):
+        for k, (scan, results) in pairs:
+            name, source = scans[k]
+            outputs = {}
+            for method, result in results.items():
+                out = Path("scans") / name / (f"{method}.nii.gz" if source.is_file() else method)
+                diffusion = method == "diffusion"
+                provenance = provenance_record(scan, final / out, result, model_uri=None, checkpoint=checkpoint if diffusion else None,
+                                               model_digest=model_digest if diffusion else None)
+                write_result(scan, result, ctx.work / out, provenance)
+                outputs[method] = {"output": str(out), "sigma": result.record["sigma"], "sigma_source": result.record["sigma_source"]}
+            records.append({"name": name, "input": str(source), "outputs": outputs})
+            print(f"denoise: datalist scan {k + 1}/{len(scans)} done", flush=True)
     return records

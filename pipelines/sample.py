@@ -3,6 +3,9 @@
 Outputs (``output_dir/sample/``): ``images/sample_XXXX.nii.gz`` (in the data's units and model-space
 spacing), ``samples.npy`` (normalised, for evaluation), ``grid.png``, ``samples.json`` (seeds,
 sampler, steps, model).
+
+Under ``torchrun`` the samples are split across the ranks (sample ``i`` on rank ``i % world_size``) and
+gathered on rank 0, which alone writes; the outputs are those of one process (docs/scale_out.md).
 """
 
 from __future__ import annotations
@@ -15,25 +18,29 @@ from medsynth.config import to_plain
 from medsynth.data.prepare import load_summary
 from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json
+from medsynth.io.nifti import spacing_affine, write_nifti
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
-from medsynth.io.nifti import spacing_affine, write_nifti
 from pipelines.controlnet import sampling_inputs
 from pipelines.stage import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.sample
-    summary = load_summary(ctx.inputs["prepare"] / "cache")
     trained = load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device)
     seeds = [cfg.seed + i for i in range(cfg.num_samples)]
     classes = sample_classes(cfg.class_label, cfg.num_samples, trained.num_classes)
     controlnet, label_maps, label_sources, paired_real = sampling_inputs(ctx, cfg.num_samples)
+    # Under torchrun every rank draws its share of the samples; rank 0 gets them all and alone writes.
     images, seconds = synthesise(trained, sampler=cfg.sampler, steps=cfg.steps, seeds=seeds, batch_size=cfg.batch_size, device=ctx.dist.device, eta=cfg.eta,
                                  class_labels=classes, guidance_scale=cfg.guidance_scale,
                                  decode_roi=config.autoencoder.decode_roi, decode_overlap=config.autoencoder.decode_overlap,
-                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale)
+                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale,
+                                 dist=ctx.dist)
+    if images is None:  # a rank > 0: its share is with rank 0
+        return {}
 
+    summary = load_summary(ctx.inputs["prepare"] / "cache")
     units = to_units(images, trained.intensity)
     for i, image in enumerate(units):
         write_scan(work / "images" / f"sample_{i:04d}.nii.gz", image[0], summary["spacing_mm"], modality=trained.intensity["modality"],

@@ -1,6 +1,9 @@
 """The stage registry: names, the config sections and upstream stages each stage's outputs depend
 on, and the module that runs it. Light on purpose (no torch, MONAI or MLflow imports), so that a
-fully cached pipeline is recognised in well under a second."""
+fully cached pipeline is recognised in well under a second.
+
+Under ``torchrun``: ``trains`` stages run DDP on every rank; ``shards`` stages split their work across
+the ranks and gather it on rank 0; the others run on rank 0 alone (docs/scale_out.md)."""
 
 from __future__ import annotations
 
@@ -137,14 +140,14 @@ SPECS: dict[str, StageSpec] = {
                                                                          "val_images")}},
                   ("prepare", "train"), "ControlNet on the trained model: label map -> image", trains=True),
         StageSpec("sample", "pipelines.sample", sample_section, model_inputs,
-                  "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)"),
+                  "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)", shards=True),
         StageSpec("denoise", "pipelines.denoise", denoise_section, ("prepare", "train"),
-                  "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines"),
+                  "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines", shards=True),
         StageSpec("evaluate", "pipelines.evaluate", evaluate_section, evaluate_inputs,
                   "samples: FID / precision-recall / MMD on self-trained features, MS-SSIM diversity, memorisation audit, "
                   "best-model alias; denoising: PSNR / SSIM per method and level"),
         StageSpec("augment", "pipelines.augment", augment_section, model_inputs,
-                  "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist"),
+                  "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist", shards=True),
         StageSpec("utility", "pipelines.utility", lambda c: {"utility": to_plain(c.utility)}, ("prepare", "augment"),
                   "downstream model trained on real / real + synthetic / synthetic, scored on held-out real data"),
     )

@@ -29,6 +29,7 @@ from medsynth.io.atomic import atomic_write, atomic_write_json, file_digest, sta
 from medsynth.io.dicom_write import write_derived_series
 from medsynth.io.nifti import write_nifti
 from medsynth.io.volumes import NIFTI_SUFFIXES, Volume, _is_scan_slice, _read_dicom_header, _sop_class, read_dicom_series, read_nifti
+from medsynth.models.loading import TrainedModel
 
 
 @dataclass
@@ -160,6 +161,61 @@ def write_result(scan: ScanInput, result: Denoised, output: Path, provenance: di
     return written
 
 
+def load_denoising_model(checkpoint: str | Path | None, model_uri: str | None, tracking_uri: str | None, device: str) -> tuple[TrainedModel, str]:
+    """The diffusion model from a model file or an MLflow model URI, and the model file's digest.
+
+    Raises:
+        MedsynthError: no model, or both a file and a URI.
+    """
+    from medsynth.models.loading import load_trained_model
+
+    if checkpoint is not None and model_uri is not None:
+        raise MedsynthError("give either --checkpoint or --model-uri, not both")
+    if checkpoint is None and model_uri is None:
+        raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
+    with tempfile.TemporaryDirectory(prefix="medsynth-model-") as tmp:
+        model_file = Path(checkpoint) if checkpoint is not None else _fetch(model_uri, tmp, tracking_uri)
+        return load_trained_model(model_file, device), file_digest(model_file)
+
+
+def denoise_input(
+    scan: ScanInput,
+    *,
+    method: str,
+    sigma: float | None,
+    modality: str | None,
+    trained: TrainedModel | None,
+    settings: PriorSettings | None,
+    device: str,
+    progress: bool,
+) -> Denoised:
+    """Denoise a scan read by :func:`read_scan` (nothing is written); the modality defaults to the
+    DICOM series' own, else the model's.
+
+    Raises:
+        MedsynthError: a modality that contradicts the DICOM series, or none known.
+    """
+    modality = modality or scan.volume.modality or (trained.modality if trained is not None else None)
+    if scan.volume.modality and modality != scan.volume.modality:
+        raise MedsynthError(f"{scan.path}: the DICOM series is {scan.volume.modality.upper()} but --modality is {modality}")
+    if modality is None:
+        raise MedsynthError(f"{scan.path}: the modality is unknown; pass --modality mr or --modality ct")
+    return denoise_scan(scan.volume.array, scan.volume.affine, method=method, modality=modality, sigma=sigma, trained=trained,
+                        settings=settings, device=device, progress=progress)
+
+
+def provenance_record(scan: ScanInput, output: str | Path, result: Denoised, *, model_uri: str | None, checkpoint: str | Path | None,
+                      model_digest: str | None) -> dict[str, Any]:
+    """What the provenance sidecar of a denoised scan records: input, output, model, code, settings."""
+    from medsynth.tracking import code_version
+
+    return {
+        "input": str(scan.path), "input_kind": scan.kind, "input_digest": scan.digest, "output": str(output),
+        "model_uri": model_uri, "checkpoint": str(checkpoint) if checkpoint is not None else None, "model_digest": model_digest,
+        "code_version": code_version(), "denoise": result.record,
+    }
+
+
 def denoise_path(
     input_path: str | Path,
     output: str | Path,
@@ -180,9 +236,6 @@ def denoise_path(
     Returns:
         The provenance record (also written beside / inside the output).
     """
-    from medsynth.models.loading import load_trained_model
-    from medsynth.tracking import code_version
-
     if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
         raise MedsynthError(f"--sigma must be 'auto' or a number >= 0, got {sigma}")
     if checkpoint is not None and model_uri is not None:
@@ -190,28 +243,9 @@ def denoise_path(
     scan = read_scan(input_path)
     output = check_output(scan, output, overwrite=overwrite)
 
-    trained = None
-    model_digest = None
-    if method == "diffusion":
-        if checkpoint is None and model_uri is None:
-            raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
-        with tempfile.TemporaryDirectory(prefix="medsynth-model-") as tmp:
-            model_file = Path(checkpoint) if checkpoint is not None else _fetch(model_uri, tmp, tracking_uri)
-            trained = load_trained_model(model_file, device)
-            model_digest = file_digest(model_file)
-    modality = modality or scan.volume.modality or (trained.modality if trained is not None else None)
-    if scan.volume.modality and modality != scan.volume.modality:
-        raise MedsynthError(f"{scan.path}: the DICOM series is {scan.volume.modality.upper()} but --modality is {modality}")
-    if modality is None:
-        raise MedsynthError(f"{scan.path}: the modality is unknown; pass --modality mr or --modality ct")
-
-    result = denoise_scan(scan.volume.array, scan.volume.affine, method=method, modality=modality, sigma=sigma, trained=trained,
-                          settings=settings, device=device, progress=progress)
-    provenance = {
-        "input": str(scan.path), "input_kind": scan.kind, "input_digest": scan.digest, "output": str(output),
-        "model_uri": model_uri, "checkpoint": str(checkpoint) if checkpoint is not None else None, "model_digest": model_digest,
-        "code_version": code_version(), "denoise": result.record,
-    }
+    trained, model_digest = load_denoising_model(checkpoint, model_uri, tracking_uri, device) if method == "diffusion" else (None, None)
+    result = denoise_input(scan, method=method, sigma=sigma, modality=modality, trained=trained, settings=settings, device=device, progress=progress)
+    provenance = provenance_record(scan, output, result, model_uri=model_uri, checkpoint=checkpoint, model_digest=model_digest)
     written = write_result(scan, result, output, provenance)
     provenance["written"] = [str(p) for p in written]
     return provenance
@@ -261,6 +295,10 @@ def read_datalist(path: str | Path, key: str) -> list[tuple[str, Path]]:
         scan = Path(image) if Path(image).is_absolute() else path.parent / image
         if not scan.exists():
             raise MedsynthError(f"{path}: '{key}' entry {i}: {scan} not found")
+        # Checked here, before any stage runs (the denoise stage's preflight), not after training.
+        if not (scan.is_dir() or (scan.is_file() and _is_nifti(scan))):
+            raise MedsynthError(f"{path}: '{key}' entry {i}: {scan} is not a NIfTI file (.nii, .nii.gz) or a folder; "
+                                "expected a NIfTI file or a folder holding one DICOM series")
         # DICOM folders are often named after the patient: numbered instead, as prepare does.
         name = safe_name(_stem(scan)) if scan.is_file() else f"dicom_series_{i:04d}"
         while name in names:

@@ -3,15 +3,24 @@
 Launch (one machine, two processes)::
 
     torchrun --nproc_per_node=2 -m medsynth train configs/quickstart.yaml
+
+Besides training (DDP), batch work is split across the ranks: :func:`shard` gives each rank its items
+and :func:`map_sharded` computes them round by round, gathering every round's results on rank 0
+(see docs/scale_out.md).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,5 +73,69 @@ def barrier(ctx: DistContext) -> None:
 
 
 def teardown() -> None:
+    global _OBJECT_GROUP
+    _OBJECT_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- work split across ranks ---------------------------------------------------------------------
+
+
+def shard(count: int, rank: int, world_size: int) -> list[int]:
+    """The items of ``rank`` among ``0..count-1``: ``i`` with ``i % world_size == rank``.
+
+    Round robin, so shares differ by at most one item and every item belongs to exactly one rank.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    return list(range(rank, max(0, count), world_size))
+
+
+_OBJECT_GROUP: Any = None
+
+
+def _object_group() -> Any:
+    """The group that carries pickled CPU results: the default one under gloo, a gloo side group under nccl
+    (so that results are not staged through GPU memory). Created once, collectively, on first use."""
+    global _OBJECT_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _OBJECT_GROUP is None:
+        _OBJECT_GROUP = dist.new_group(backend="gloo")
+    return _OBJECT_GROUP
+
+
+def gather_to_main(obj: T, ctx: DistContext) -> list[T] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (``None`` on the other ranks); ``[obj]`` in a single
+    process. A collective: every rank must call it the same number of times."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return [obj]
+    received: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, received, dst=0, group=_object_group())
+    return received
+
+
+def map_sharded(compute: Callable[[list[int]], Sequence[T]], count: int, ctx: DistContext, *, chunk: int = 1) -> Iterator[list[tuple[int, T]]]:
+    """Compute items ``0..count-1`` split across the ranks (:func:`shard`), ``chunk`` items per rank per round.
+
+    ``compute(indices)`` returns one result per index. After each round rank 0 gathers the round's
+    results and gets them as ``(index, result)`` pairs in index order (round ``r`` holds the indices
+    ``r * chunk * world_size`` up to ``(r + 1) * chunk * world_size``); the other ranks get an empty
+    list for every round, so that all ranks run the same loop. Only one round's results are in
+    flight at a time, which bounds rank 0's memory for a long list of items. In a single process the
+    rounds are plain batches of ``chunk`` consecutive items.
+
+    Every rank must iterate to the end (the rounds are collectives).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    mine = shard(count, ctx.rank, ctx.world_size)
+    rounds = math.ceil(len(shard(count, 0, ctx.world_size)) / chunk)  # rank 0 holds the largest share
+    for r in range(rounds):
+        part = mine[r * chunk : (r + 1) * chunk]
+        results = list(compute(part)) if part else []
+        if len(results) != len(part):
+            raise ValueError(f"compute returned {len(results)} results for {len(part)} items")
+        gathered = gather_to_main(list(zip(part, results)), ctx)
+        yield [] if gathered is None else sorted((pair for pairs in gathered for pair in pairs), key=lambda pair: pair[0])
