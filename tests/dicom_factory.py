@@ -92,6 +92,8 @@ def write_ct_series(
     transfer_syntax: str = ExplicitVRLittleEndian,
     reverse_instance_numbers: bool = False,
     seed: int = 0,
+    identifiers: dict[str, str] | None = None,
+    name_prefix: str = "",
 ) -> list[Path]:
     """Write ``volume_hu`` as a CT Image Storage series, one file per slice.
 
@@ -110,6 +112,9 @@ def write_ct_series(
         transfer_syntax: an uncompressed transfer syntax UID.
         reverse_instance_numbers: number the slices against their spatial order.
         seed: seeds the write order.
+        identifiers: extra attributes set on every slice by keyword (e.g. ``{"PatientName": "Doe^Jane",
+            "AccessionNumber": "A123"}``), overriding the fake patient.
+        name_prefix: prepended to every file name (e.g. a patient's name, as some exporters do).
 
     Returns:
         The written files in slice order (``k = 0, 1, ...``).
@@ -160,9 +165,11 @@ def write_ct_series(
         ds.PixelRepresentation = pixel_representation
         # Pixel (row j, column i) of slice k is volume_hu[i, j, k].
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        for keyword, value in (identifiers or {}).items():
+            setattr(ds, keyword, value)
         datasets.append(ds)
 
-    paths = [folder / _file_name(series_uid, k) for k in range(n_slices)]
+    paths = [folder / (name_prefix + _file_name(series_uid, k)) for k in range(n_slices)]
     order = list(range(n_slices))
     if shuffle_files:
         rng.shuffle(order)

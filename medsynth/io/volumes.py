@@ -23,6 +23,7 @@ identifiers never leave this module: a Volume carries pixels, geometry and the m
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # DICOM LPS -> RAS: negate the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+# The most voxels one scan may hold (4 GiB as float32): a header claiming more is refused before any
+# memory is allocated (a 1 KB file can claim 32767^3 voxels).
+MAX_VOXELS = 2**30
+# Names that say "I am an image": such a file that cannot be read is an error, not something to skip.
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass
@@ -102,15 +108,30 @@ def _require_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _looks_like_image(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES + DICOM_SUFFIXES)
+
+
 def _files_in(folder: Path, *, recursive: bool) -> list[Path]:
-    """Regular, non-hidden files under ``folder``, sorted, skipping hidden sub-folders."""
+    """Regular, non-hidden files under ``folder``, sorted, skipping hidden sub-folders.
+
+    Raises:
+        MedsynthError: an entry named like an image (``*.nii``, ``*.nii.gz``, ``*.dcm``) that is not a
+            readable file, such as a broken symbolic link: skipping it would silently drop a scan.
+    """
     if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p))
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in names if not n.startswith("."))
-    return sorted(f for f in files if f.is_file())
+        entries = sorted(p for p in folder.iterdir() if not _is_hidden(p))
+    else:
+        entries = []
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            entries.extend(Path(root) / n for n in names if not n.startswith("."))
+        entries.sort()
+    for entry in entries:
+        if _looks_like_image(entry) and not entry.is_file() and not entry.is_dir():
+            what = "a broken symbolic link" if entry.is_symlink() else "not a regular file"
+            raise MedsynthError(f"{entry}: {what}; expected an image file")
+    return [f for f in entries if f.is_file()]
 
 
 # --- NIfTI ---------------------------------------------------------------------------------------
@@ -141,17 +162,31 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
     if path.is_dir():
         raise MedsynthError(f"{path}: expected a NIfTI file, got a folder")
 
-    # nibabel reads the header eagerly and the voxels lazily: force the voxels here so that a
-    # truncated or corrupt file fails now, with its name, rather than deep inside training.
+    # nibabel reads the header eagerly and the voxels lazily. Everything the header can tell (data
+    # type, shape, size, geometry) is checked before a voxel is read, so that a header claiming a huge
+    # image is refused without allocating it; then the voxels are forced here so that a truncated or
+    # corrupt file fails now, with its name, rather than deep inside training.
     try:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
             raise MedsynthError(f"{path}: expected a NIfTI file, nibabel reads it as {type(img).__name__}")
         dtype = img.get_data_dtype()
-        if dtype.names is not None or np.issubdtype(dtype, np.complexfloating):
+        if dtype.names is not None or np.issubdtype(dtype, np.complexfloating) or dtype.kind not in "biuf":
             raise MedsynthError(f"{path}: expected real-valued intensities, got NIfTI data type {dtype}")
-        array = img.get_fdata(dtype=np.float32)
+        shape = tuple(int(n) for n in img.shape)
+        spatial = list(shape)
+        while len(spatial) > max_dims and spatial[-1] == 1:
+            spatial.pop()
+        if not 2 <= len(spatial) <= max_dims:
+            expected = "a 2D" if max_dims == 2 else "a 2D or 3D"
+            raise MedsynthError(f"{path}: expected {expected} image, got shape {shape}")
+        if min(spatial) < 1:
+            raise MedsynthError(f"{path}: header gives shape {shape} with an empty dimension; expected at least 1 voxel per dimension")
+        voxels = int(np.prod(spatial, dtype=object))
+        if voxels > MAX_VOXELS:
+            raise MedsynthError(f"{path}: header claims shape {shape} ({voxels:.3g} voxels); expected at most {MAX_VOXELS:.3g} voxels per scan")
         affine = np.array(img.affine, dtype=np.float64)
+        array = img.get_fdata(dtype=np.float32).reshape(spatial)
     except MedsynthError:
         raise
     except MemoryError:
@@ -159,12 +194,12 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
     except Exception as exc:  # nibabel, gzip, zlib and EOF errors all mean a broken file
         raise MedsynthError(f"{path}: corrupt or truncated NIfTI file ({_reason(exc)})") from exc
 
-    shape = array.shape
-    while array.ndim > max_dims and array.shape[-1] == 1:
-        array = array[..., 0]
-    if not 2 <= array.ndim <= max_dims:
-        expected = "a 2D" if max_dims == 2 else "a 2D or 3D"
-        raise MedsynthError(f"{path}: expected {expected} image, got shape {shape}")
+    # The voxel axes must span as many world directions as the image has dimensions (a zero voxel size
+    # or a zero sform/qform makes the orientation and spacing undefined).
+    axes = affine[:3, : array.ndim]
+    if not np.all(np.isfinite(affine)) or np.linalg.matrix_rank(axes, tol=1e-6 * max(1.0, float(np.abs(axes).max()))) < array.ndim:
+        raise MedsynthError(f"{path}: degenerate voxel-to-world affine (sform/qform) {affine[:3].tolist()}; expected a finite affine "
+                            "with non-zero voxel sizes along independent axes")
 
     n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if n_bad:
@@ -176,18 +211,31 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
 
 
 def _read_dicom_header(path: Path) -> Dataset | None:
-    """The header of a DICOM file without its pixels, or ``None`` when the file is not DICOM."""
+    """The header of a DICOM file without its pixels, or ``None`` when the file is not DICOM.
+
+    A file that says it is DICOM (the ``DICM`` marker, or a ``.dcm`` name) but cannot be read, or
+    whose header has no SOP Class (a Type 1 attribute of every DICOM file: pydicom reads a file cut
+    short as an empty header without complaint), is an error, never silently skipped.
+    """
     try:
         if not pydicom.misc.is_dicom(path):
+            if path.name.lower().endswith(DICOM_SUFFIXES):
+                raise MedsynthError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, size {path.stat().st_size} bytes); "
+                                    "expected a DICOM Part 10 file")
             return None
     except OSError as exc:
         raise MedsynthError(f"{path}: cannot read file ({exc.strerror or _reason(exc)})") from exc
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except pydicom.errors.InvalidDicomError:
-        return None
+        with warnings.catch_warnings():
+            # pydicom warns about each odd value it meets; what matters is reported below, in one line.
+            warnings.simplefilter("ignore")
+            header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
         raise MedsynthError(f"{path}: corrupt DICOM file ({_reason(exc)})") from exc
+    if len(header) == 0 or not UID(_sop_class(header)).is_valid:
+        raise MedsynthError(f"{path}: corrupt or truncated DICOM file (no SOP Class UID in {path.stat().st_size} bytes); "
+                            "expected a complete DICOM file")
+    return header
 
 
 def _sop_class(header: Dataset) -> str:
@@ -342,8 +390,10 @@ def _slice_step(header: Dataset) -> float:
 def _read_slice(path: Path, header: Dataset) -> np.ndarray:
     """Decode one slice and apply its rescale (or modality LUT), as float32 ``(rows, columns)``."""
     try:
-        stored = dicom_pixel_array(path)
-        values = apply_modality_lut(stored, header)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings about odd values; failures are reported below
+            stored = dicom_pixel_array(path)
+            values = apply_modality_lut(stored, header)
     except MemoryError:
         raise
     except Exception as exc:
@@ -374,6 +424,12 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
                 f"{path}: colour image ({samples} samples per pixel); expected a greyscale scan"
             )
     _check_same(files, [(int(h.Rows), int(h.Columns)) for h in headers], "(Rows, Columns)")
+    rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    if rows < 1 or cols < 1:
+        raise MedsynthError(f"{files[0]}: Rows x Columns is {rows} x {cols}; expected at least one pixel")
+    if rows * cols * len(files) > MAX_VOXELS:
+        raise MedsynthError(f"{files[0]}: series of {len(files)} slices of {rows} x {cols} pixels ({rows * cols * len(files):.3g} voxels); "
+                            f"expected at most {MAX_VOXELS:.3g} voxels per scan")
     spacings = [_floats(f, h, "PixelSpacing", 2) for f, h in zip(files, headers)]
     spacings = [tuple(map(float, s)) if s is not None else (1.0, 1.0) for s in spacings]
     _check_same(files, spacings, "PixelSpacing", atol=1e-4)
@@ -397,7 +453,6 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = positions[0] if positions is not None else 0.0
 
-    rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     array = np.empty((cols, rows, len(files)), dtype=np.float32)
     for k, (path, header) in enumerate(zip(files, headers)):
         # pixel_array is (rows, columns); the volume is indexed (column, row, slice).
@@ -444,6 +499,8 @@ def read_dicom_series(folder: str | Path, *, recursive: bool = True) -> list[Vol
         header = _read_dicom_header(path)
         if header is None or not _is_scan_slice(header):
             continue
+        if "Rows" not in header or "Columns" not in header:  # reported by file, before any series check
+            raise MedsynthError(f"{path}: image without Rows/Columns; expected a complete image header")
         series[str(header.get("SeriesInstanceUID", ""))].append((path, header))
     if not series:
         raise MedsynthError(f"{folder}: holds no DICOM image series")

@@ -7,7 +7,10 @@ Both hold only tensors and plain Python values, are written atomically, and are 
 from __future__ import annotations
 
 import io
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,33 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
+def torch_load_weights(path: str | Path, *, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; any failure is one :class:`MedsynthError` line.
+
+    A file that holds pickled Python objects (classes, functions: anything a malicious pickle would
+    use to run code) is refused by torch's weights-only unpickler; the message says so instead of
+    repeating torch's advice on how to load it anyway. torch's warnings about the file are kept off
+    the terminal: the error line says everything.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
+        raise MedsynthError(f"{path}: not a readable {what} file ({_load_failure(exc)})") from None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why a weights-only load failed, in a few words (torch's own text runs to a page)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = f"; it references {found.group(1)}" if found is not None else ""
+        return (f"it holds pickled Python objects, not only tensors and plain values{detail}; refused: medsynth loads weights only "
+                "and never unpickles code")
+    return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+
+
 def load_state(path: str | Path, *, expected_format: str, what: str | None = None) -> dict[str, Any]:
     """Load a medsynth checkpoint or model file safely.
 
@@ -46,11 +76,7 @@ def load_state(path: str | Path, *, expected_format: str, what: str | None = Non
     if not path.is_file():
         raise MedsynthError(f"{path}: {what + ' ' if what else ''}file not found")
     noun = what or expected_format.split("-")[1]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise MedsynthError(f"{path}: not a readable medsynth {noun} file ({reason})") from None
+    state = torch_load_weights(path, what=f"medsynth {noun}")
     if not isinstance(state, dict) or state.get("format") != expected_format:
         raise MedsynthError(f"{path}: not a medsynth {noun} file (format tag '{expected_format}' missing)")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
