@@ -9,15 +9,24 @@ continues it), ``reconstructions.png`` (held-out images over their reconstructio
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
+from medsynth.config import Config
 from medsynth.data.prepare import load_split, load_summary
 from medsynth.errors import MedsynthError
 from medsynth.figures import loss_curve
 from medsynth.io.atomic import atomic_write_json
 from medsynth.training.autoencoder import train_autoencoder
 from pipelines.stage import StageContext
+
+
+def preflight(config: Config) -> None:
+    """The perceptual network's local weights file must load into it before any stage runs."""
+    cfg = config.autoencoder
+    if cfg.perceptual_weight > 0:
+        from medsynth.models.autoencoder import PerceptualFeatures
+
+        PerceptualFeatures(config.data.spatial_dims, cfg.perceptual_depth, cfg.perceptual_weights)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -30,7 +39,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise MedsynthError(f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; "
                             "rerun 'medsynth prepare'")
     if ctx.dist.is_main and config.autoencoder.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"autoencoder: resuming from {work / 'checkpoints' / 'last.pt'}", file=sys.stderr)
+        print(f"autoencoder: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
         ctx.tracker.log_dataset(train["images"], source=str((cache / "train_images.npy").resolve()), name=f"{config.name}-train", context="training")
 

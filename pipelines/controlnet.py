@@ -10,7 +10,6 @@ the base model it belongs to), ``checkpoints/last.pt`` (``controlnet.resume=true
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from medsynth.data.prepare import load_split, load_summary
@@ -41,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base = load_trained_model(model_path, ctx.dist.device)
     labels = num_labels(summary, train["labels"], val["labels"])
     if ctx.dist.is_main and config.controlnet.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}", file=sys.stderr)
+        print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}")
     result = train_controlnet(config, base, train["images"], train["labels"], val["images"], val["labels"], work, ctx.dist,
                               num_labels=labels, base_sha256=file_digest(model_path), log_metrics=ctx.tracker.log_metrics)
     if not ctx.dist.is_main:

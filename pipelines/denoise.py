@@ -181,6 +181,7 @@ def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tu
                                                model_digest=model_digest if diffusion else None)
                 write_result(scan, result, ctx.work / out, provenance)
                 outputs[method] = {"output": str(out), "sigma": result.record["sigma"], "sigma_source": result.record["sigma_source"]}
-            records.append({"name": name, "input": str(source), "outputs": outputs})
+            # the entry's position and digest, not its path: folders of real scans are often named after the patient
+            records.append({"name": name, "input": f"denoise.datalist entry {k}", "input_digest": scan.digest, "outputs": outputs})
             print(f"denoise: datalist scan {k + 1}/{len(scans)} done", flush=True)
     return records

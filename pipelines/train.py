@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise MedsynthError(f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; rerun 'medsynth prepare'")
 
     if ctx.dist.is_main and config.train.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"train: resuming from {work / 'checkpoints' / 'last.pt'}", file=sys.stderr)
+        print(f"train: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
         digest = ctx.tracker.log_dataset(
             train["images"], source=str((cache / "train_images.npy").resolve()), name=f"{config.name}-train", context="training",

@@ -23,7 +23,7 @@ from torch import nn
 
 from medsynth.config import AutoencoderConfig
 from medsynth.errors import MedsynthError
-from medsynth.training.checkpoint import load_state
+from medsynth.training.checkpoint import load_state, torch_load_weights
 
 AUTOENCODER_FORMAT = "medsynth-autoencoder"
 # Keys of autoencoder_state(): what a latent diffusion model file embeds to rebuild its autoencoder.
@@ -255,10 +255,7 @@ def _load_local_weights(network: nn.Module, path: Path, *, keys: tuple[str, str]
     the setting in the one-line errors."""
     if not path.is_file():
         raise MedsynthError(f"{path}: {what.split()[0]} weights file not found ({keys[0]}; medsynth never downloads weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
-        raise MedsynthError(f"{path}: not a readable weights file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    state = torch_load_weights(path, what="weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

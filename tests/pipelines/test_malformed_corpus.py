@@ -429,10 +429,8 @@ PICKLE_CASES = [
     pytest.param(_feature_weights, id="pickle-as-feature-network-weights"),
 ]
 PREPARED_PICKLE_CASES = [
-    pytest.param(_resume, id="pickle-as-train-resume-checkpoint", marks=pytest.mark.xfail(
-        strict=True, reason="pipelines/train.py prints 'train: resuming from ...' on stderr before the checkpoint is read: two lines")),
-    pytest.param(_perceptual, id="pickle-as-autoencoder-perceptual-weights", marks=pytest.mark.xfail(
-        strict=True, reason="models/autoencoder.py _load_local_weights calls torch.load itself: torch's UserWarning adds a line")),
+    pytest.param(_resume, id="pickle-as-train-resume-checkpoint"),
+    pytest.param(_perceptual, id="pickle-as-autoencoder-perceptual-weights"),
 ]
 
 
