@@ -7,13 +7,16 @@
 (The pipeline's ``denoise`` stage runs with ``medsynth run CONFIG --stages denoise``; ``medsynth
 denoise`` itself denoises one NIfTI file or DICOM series folder.)
 
-Errors the user can fix print one line (``error: ...``) and exit with code 2.
+Errors the user can fix print one line (``error: ...``) and exit with code 2. One command at a time
+per output folder (a second one is refused); rerunning a command after a crash continues it
+(training from its last checkpoint, the same MLflow runs).
 Distributed training: ``torchrun --nproc_per_node=2 -m medsynth train CONFIG``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train MONAI diffusion models on medical scans, sample, evaluate and augment, tracked in MLflow.",
         epilog="Overrides: key.sub=value after the config, e.g. train.max_steps=200 data.phantom.count=50. "
         "MLflow: runs go to $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; browse them with "
-        "'mlflow ui --backend-store-uri sqlite:///mlflow.db'.",
+        "'mlflow ui --backend-store-uri sqlite:///mlflow.db'; a team server: docs/team_setup.md.",
     )
     parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -155,23 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_paths(config, args.config)
         stages = _stages(args.stages) if args.command == "run" else [args.command]
 
-        from pipelines.runner import report_if_unchanged, run_pipeline
+        from pipelines.runner import output_folder, report_if_unchanged, run_pipeline
 
-        if report_if_unchanged(config, stages, args.force):
-            return 0
-        from medsynth.training.distributed import setup, teardown
+        # One medsynth command per output folder; under torchrun rank 0 holds it for all ranks.
+        with output_folder(config) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            if report_if_unchanged(config, stages, args.force):
+                return 0
+            from medsynth.training.distributed import setup, teardown
 
-        ctx = setup(config.device)
-        try:
-            run_pipeline(config, args.config, ctx, stages=stages, force=args.force, nested=args.command == "run")
-        finally:
-            teardown()
+            ctx = setup(config.device)
+            try:
+                run_pipeline(config, args.config, ctx, stages=stages, force=args.force, nested=args.command == "run")
+            finally:
+                teardown()
     except MedsynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (training keeps its last checkpoint; rerun with train.resume=true (autoencoder.resume, controlnet.resume) "
-              "to continue)", file=sys.stderr)
+        print("interrupted (training keeps its last checkpoint; rerun the same command to continue from it)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,11 +1,19 @@
-"""Atomic writes: a file or a whole output folder appears complete or not at all."""
+"""Atomic writes: a file or a whole output folder appears complete or not at all.
+
+Temporaries are hidden (dot-prefixed) siblings of what they become: ``.<file>.<random>.tmp`` for a
+file, ``.<folder>.<random>.partial`` for a folder being built and ``.<folder>.<random>.old`` for the
+outputs it replaces. A process killed with ``kill -9`` can leave them behind; the next process that
+holds the folder's :func:`folder_lock` removes them with :func:`remove_stale_temporaries`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -74,6 +82,95 @@ def staged_folder(final: str | Path, *, work: str | Path | None = None, keep_on_
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: str | Path, *, keep: set[str] = frozenset()) -> list[Path]:
+    """Remove what atomic writes of a killed process left in ``folder``: hidden ``*.tmp`` files,
+    ``*.partial`` and ``*.old`` folders (except the names in ``keep``, e.g. a training work folder
+    with checkpoints to resume), and hidden ``*.tmp`` files inside the kept folders.
+
+    Call it only while holding :func:`folder_lock` on ``folder``: nobody else is writing there then.
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name in keep and path.is_dir():
+            for tmp in path.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        elif path.is_dir() and _STAGED.fullmatch(name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.is_file() and _TEMPORARY.fullmatch(name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_STAGED = re.compile(r"\..+\.(partial|old)")
+_TEMPORARY = re.compile(r"\..+\.tmp")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, *, name: str = ".medsynth.lock") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block; refuse when another process holds it.
+
+    The lock is ``fcntl.flock`` on the hidden file ``name`` inside the folder: the kernel drops it when
+    the holder exits in any way, ``kill -9`` included, so a stale lock file never blocks anyone. The
+    holder writes its pid there (for the refusal message) and removes the file when the block ends;
+    a folder this call created is removed again when it is still empty then.
+
+    Raises:
+        MedsynthError: another process holds the lock (named by its pid), or the folder cannot be
+            created or written.
+    """
+    from medsynth.errors import MedsynthError
+
+    folder = Path(folder)
+    created = not folder.exists()
+    path = folder / name
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MedsynthError(f"output folder {folder}: cannot be created or written ({exc.strerror or exc}); expected a writable "
+                                f"folder (output_dir)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MedsynthError(
+                f"output folder {folder} is in use by another medsynth process (pid {holder}); wait for it to finish, "
+                f"or give this run another output_dir"
+            ) from None
+        # The previous holder removes the file before it lets go: when it did so between our open and
+        # our lock, we hold a lock on a file nobody else can see. Start again on the file that is there.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: nobody can have taken it in between
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes."""
     sha = hashlib.sha256()
@@ -81,7 +178,6 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             sha.update(block)
     return sha.hexdigest()
-
 
 
 def atomic_save_npy(path: str | Path, array: Any) -> Path:
