@@ -5,6 +5,7 @@ records its error and the others still run. Results go to stdout and, as JSON, t
 
     python benchmarks/gpu.py --out gpu.json            # on a machine with a CUDA GPU
     python benchmarks/gpu.py --device cpu --quick      # the same code path, tiny, on a CPU (a check)
+    python benchmarks/gpu.py --device cpu --parts sampling denoise --sample-count 32 --train-steps 50 --volume-depth 32
 
 Sampling and denoising time do not depend on the weights, so the model is a short GPU training of the
 quickstart network (its quality numbers per sampler are the CPU table in docs/benchmarks.md); the 3D
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script, not the card")
     parser.add_argument("--parts", nargs="*", default=["peak", "train", "large", "large_compiled", "train_compiled", "sampling", "denoise", "memory3d"])
+    parser.add_argument("--train-steps", type=int, default=300, help="training steps of the model sampling and denoising use")
+    parser.add_argument("--sample-count", type=int, default=256, help="samples per sampler (one batch)")
+    parser.add_argument("--volume-depth", type=int, default=64, help="slices of the 256x256 volume denoised")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -183,9 +187,9 @@ def main() -> None:
     part("train_compiled", lambda: throughput([*tiny, "train.compile=true", "train.compile_mode=reduce-overhead"], steps if quick else 100, 1,
                                               device, images))
     budgets = [("ddpm", 100), ("ddim", 50), ("dpmpp_2m", 20), ("euler", 20), ("heun", 10), ("pc", 10)]
-    made = part("sampling", lambda: sampling(device, 5 if quick else 300, 4 if quick else 256, budgets[:2] if quick else budgets))
+    made = part("sampling", lambda: sampling(device, 5 if quick else args.train_steps, 4 if quick else args.sample_count, budgets[:2] if quick else budgets))
     if made is not None:
-        part("denoise", lambda: denoising(made[1], device, 32 if quick else 256, 16 if quick else 64))
+        part("denoise", lambda: denoising(made[1], device, 32 if quick else 256, 16 if quick else args.volume_depth))
     part("memory3d", lambda: memory_3d(device, 16 if quick else 64, 1 if quick else 2, 1 if quick else 4))
     print(json.dumps(results, indent=2, default=float))
 
