@@ -286,14 +286,15 @@ def check_upstream_current(spec: StageSpec, config: Config) -> None:
 
 def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistContext, *, force: bool, nested: bool, tracking,
                invocation: Invocation | None = None) -> dict:
-    from medsynth.training.distributed import barrier
+    from medsynth.training.distributed import barrier, from_main
 
     run_fn = importlib.import_module(spec.module).run
     inputs = upstream_digests(spec, config)
     check_upstream_current(spec, config)
     key = cache_key(spec, config, inputs)
     final = stage_dir(config, spec.name)
-    if not force and is_fresh(final, key):
+    # Rank 0 decides: another rank reading the folder while rank 0 writes it could skip a stage rank 0 runs.
+    if from_main(not force and is_fresh(final, key), ctx):
         say(f"{spec.name}: unchanged, skipped ({final})", ctx)
         return {}
     distributed_stage = spec.trains

@@ -59,7 +59,9 @@ def setup(requested_device: str = "auto") -> DistContext:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = select_device(requested_device, local_rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # OMP_NUM_THREADS when the user (or torchrun) set it, else the machine's cores shared out
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, (os.cpu_count() or 1) // max(1, local_world)))
     else:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -104,6 +106,15 @@ def _object_group() -> Any:
     if _OBJECT_GROUP is None:
         _OBJECT_GROUP = dist.new_group(backend="gloo")
     return _OBJECT_GROUP
+
+
+def from_main(obj: T, ctx: DistContext) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process): one decision for all ranks."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_object_group())
+    return box[0]
 
 
 def gather_to_main(obj: T, ctx: DistContext) -> list[T] | None:
