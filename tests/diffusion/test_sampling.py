@@ -70,3 +70,25 @@ def test_sampler_and_process_must_match() -> None:
         build_sampling_scheduler(DiffusionConfig(scheduler="rflow"), sampler="ddim", steps=10, spatial_dims=2)
     with pytest.raises(ValueError, match="exceeds"):
         build_sampling_scheduler(DiffusionConfig(num_train_timesteps=100), sampler="ddim", steps=200, spatial_dims=2)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_batched_ddpm_step_is_monai_step_per_sample_bit_for_bit(prediction: str, clip: bool, variance: str) -> None:
+    from monai.networks.schedulers import DDPMScheduler
+
+    from medsynth.diffusion.sampling import _per_sample_step, ddpm_step
+
+    torch.manual_seed(0)
+    chain = DDPMScheduler(num_train_timesteps=50, prediction_type=prediction, clip_sample=clip, variance_type=variance)
+    chain, _ = respaced_ddpm(chain, 20) if variance == "fixed_small" else (chain, None)
+    x, output = torch.randn(5, 1, 8, 8) * 1.5, torch.randn(5, 1, 8, 8)
+    for timestep in (len(chain.timesteps) - 1, 7, 0):
+        ours = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        monai = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        prev, x0 = ddpm_step(chain, output, timestep, x, ours)
+        prev_ref, x0_ref = _per_sample_step(chain.step, output, timestep, x, monai)
+        assert torch.equal(prev, prev_ref) and torch.equal(x0, x0_ref), timestep
+        # the generators advanced alike: the next steps draw the same noise
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, monai))
