@@ -124,12 +124,12 @@ def adamw(params, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
 
 def resident_data(images: np.ndarray, device: torch.device, budget: float = 0.25) -> torch.Tensor:
     """The training set as one tensor: on the GPU when it takes under ``budget`` of the free memory
-    (no host-to-device copy per step), else in pinned host memory (asynchronous copies)."""
+    (no host-to-device copy per step), else in host memory (each batch copied)."""
     data = torch.as_tensor(images, dtype=torch.float32)
     if device.type != "cuda":
         return data
     free, _ = torch.cuda.mem_get_info(device)
-    return data.to(device) if data.nbytes < budget * free else data.pin_memory()
+    return data.to(device) if data.nbytes < budget * free else data
 
 
 def compiled(network: torch.nn.Module, enabled: bool, mode: str) -> torch.nn.Module:
@@ -263,7 +263,7 @@ def train_diffusion(
             # share, so N processes train exactly what one process would (up to summation order).
             shard = slice(ctx.rank, None, ctx.world_size)
             index = torch.as_tensor(batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard], device=data.device)
-            x0 = data[index].to(device, non_blocking=True)
+            x0 = data[index].to(device)
             if channels_last:
                 x0 = x0.contiguous(memory_format=_memory_format(spatial_dims))
             generator = step_generator(config.seed, step, device)
