@@ -79,7 +79,9 @@ def compute(part):
     return [{"square": i * i, "rank": ctx.rank, "payload": [i] * 1000} for i in part]
 
 rounds = [[(i, r["square"], r["rank"], len(r["payload"])) for i, r in pairs] for pairs in map_sharded(compute, COUNT, ctx, chunk=2)]
-print("RESULT", json.dumps({"rank": ctx.rank, "computed": computed, "rounds": rounds}), flush=True)
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(f"OUTDIR/rank{ctx.rank}.json", "w") as out:
+    json.dump({"rank": ctx.rank, "computed": computed, "rounds": rounds}, out)
 teardown()
 """
 
@@ -88,10 +90,10 @@ teardown()
 @pytest.mark.parametrize("count", [5, 1])
 def test_map_sharded_gathers_every_round_on_rank_0(tmp_path: Path, count: int) -> None:
     script = tmp_path / "gather.py"
-    script.write_text(textwrap.dedent(GATHER_SCRIPT.replace("COUNT", str(count))))
+    script.write_text(textwrap.dedent(GATHER_SCRIPT.replace("COUNT", str(count)).replace("OUTDIR", str(tmp_path))))
     done = torchrun(str(script), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = {r["rank"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT "))}
+    results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert results[0]["computed"] == shard(count, 0, 2) and results[1]["computed"] == shard(count, 1, 2)
     # rank 0 gets each round's items in order (round r: items 4r..4r+3), each from the rank that owns it;
     # rank 1 runs the same number of rounds and gets nothing
