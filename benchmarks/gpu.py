@@ -35,6 +35,13 @@ from medsynth.training.distributed import setup  # noqa: E402
 LARGE = ["data.image_size=[128,128]", "data.phantom.shape=[128,128]", "model.channels=[64,128,256]", "model.norm_num_groups=32"]
 
 
+def cuda_device() -> torch.device:
+    """The GPU, with TF32 allowed for fp32 matmuls and convolutions (every arm of a comparison alike)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
+
+
 def throughput(settings: list[str], steps: int, repeats: int, device: torch.device, images: int) -> dict:
     config = load_config("configs/quickstart.yaml", settings)
     data = phantom_batch(config, images)
@@ -174,8 +181,7 @@ def main() -> None:
 
     steps, repeats, images = (4, 1, 16) if quick else (60, 2, 256)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        device = cuda_device()
     part("peak", lambda: {"bf16_tflop_s": matmul_peak(device, torch.bfloat16, 256 if quick else 8192) / 1e12,
                           "fp32_tflop_s": matmul_peak(device, torch.float32, 256 if quick else 8192) / 1e12})
     tiny = ["train.batch_size=4"] if quick else []

@@ -4,13 +4,17 @@ Needs CUDA; writes JSON to argv[1].
 
     python benchmarks/gpu_compiled.py compiled.json
 """
-import json, sys, torch
-sys.path.insert(0, "benchmarks")
-from train_throughput import medsynth_loop, phantom_batch, tutorial_loop
-from medsynth.config import load_config
-LARGE = ["data.image_size=[128,128]", "data.phantom.shape=[128,128]", "model.channels=[64,128,256]", "model.norm_num_groups=32"]
-dev = torch.device("cuda")
-torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import LARGE, cuda_device  # noqa: E402
+from train_throughput import medsynth_loop, phantom_batch, tutorial_loop  # noqa: E402
+
+from medsynth.config import load_config  # noqa: E402
+
+dev = cuda_device()
 out = {}
 for name, base, mode in (("large", LARGE, "default"), ("large", LARGE, "reduce-overhead"), ("small", [], "reduce-overhead")):
     cfg = load_config("configs/quickstart.yaml", base)
