@@ -64,7 +64,9 @@ def main() -> None:
         if variant == "channels_last":
             model = model.to(memory_format=torch.channels_last)
         models[variant] = model
-        optimisers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if variant == "fused_adamw" else None)
+        optimisers[variant] = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, fused=True if variant == "fused_adamw" else None
+        )
         steps[variant] = torch.compile(model, dynamic=False) if variant == "compile" else model
 
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +76,9 @@ def main() -> None:
         noise = torch.randn(x.shape, generator=generator)
         t = torch.randint(0, 1000, (batch,), generator=generator)
         for variant in args.variants:
-            inputs = (x + noise).contiguous(memory_format=torch.channels_last) if variant == "channels_last" else x + noise
+            inputs = (
+                (x + noise).contiguous(memory_format=torch.channels_last) if variant == "channels_last" else x + noise
+            )
             start = time.perf_counter()
             with torch.backends.mkldnn.flags(enabled=variant != "no_onednn"):
                 loss = F.mse_loss(steps[variant](inputs, t), noise)
@@ -88,9 +92,15 @@ def main() -> None:
             times[variant].append(seconds)
     plain = statistics.median(times["plain"]) if "plain" in times else None
     result = {
-        "config": args.config, "threads": args.threads, "rounds": args.rounds, "batch_size": batch, "image_size": size,
+        "config": args.config,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "batch_size": batch,
+        "image_size": size,
         "step_s": {v: round(statistics.median(ts), 4) for v, ts in times.items()},
-        "ratio_images_per_s_vs_plain": {v: round(plain / statistics.median(ts), 3) for v, ts in times.items()} if plain else None,
+        "ratio_images_per_s_vs_plain": {v: round(plain / statistics.median(ts), 3) for v, ts in times.items()}
+        if plain
+        else None,
         "compile_first_step_s": None if compile_s is None else round(compile_s, 1),
         "adamw_step_ms": {k: round(v, 2) for k, v in optimiser_step_ms(copy.deepcopy(base)).items()},
     }

@@ -46,13 +46,19 @@ from pipelines.denoise import simulate
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="output folder of a denoising pipeline run (prepare + train)")
+    parser.add_argument(
+        "--run", type=Path, required=True, help="output folder of a denoising pipeline run (prepare + train)"
+    )
     parser.add_argument("--levels", type=float, nargs="*", help="noise levels (default: the run's config)")
     parser.add_argument("--num-images", type=int, default=12)
     parser.add_argument("--sigma", choices=("auto", "oracle"), default="auto")
     parser.add_argument("--methods", nargs="*", help="default: diffusion and every installed classical method")
-    parser.add_argument("--modes", nargs="*", default=["tweedie", "ddim"], help="diffusion modes to score (tweedie, ddim, ancestral)")
-    parser.add_argument("--rician", nargs="*", default=["output"], help="MR: where the prior's Rician correction goes (output, input)")
+    parser.add_argument(
+        "--modes", nargs="*", default=["tweedie", "ddim"], help="diffusion modes to score (tweedie, ddim, ancestral)"
+    )
+    parser.add_argument(
+        "--rician", nargs="*", default=["output"], help="MR: where the prior's Rician correction goes (output, input)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="reverse steps of the ddim/ancestral modes")
     parser.add_argument("--samples", type=int, default=1, help="posterior draws averaged (ddim/ancestral)")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap for the quality runs")
@@ -70,17 +76,41 @@ def method_names(args: argparse.Namespace) -> list[str]:
     names = args.methods or ["diffusion", *classical]
     expanded = []
     for name in names:
-        expanded += [f"diffusion:{mode}" + ("" if rician == "output" else f":{rician}") for mode in args.modes for rician in args.rician] \
-            if name == "diffusion" else [name]
+        expanded += (
+            [
+                f"diffusion:{mode}" + ("" if rician == "output" else f":{rician}")
+                for mode in args.modes
+                for rician in args.rician
+            ]
+            if name == "diffusion"
+            else [name]
+        )
     return expanded
 
 
-def run_method(name: str, noisy: np.ndarray, affine: np.ndarray, *, modality: str, sigma: float | None, trained, overlap: float,
-               args: argparse.Namespace) -> np.ndarray:
+def run_method(
+    name: str,
+    noisy: np.ndarray,
+    affine: np.ndarray,
+    *,
+    modality: str,
+    sigma: float | None,
+    trained,
+    overlap: float,
+    args: argparse.Namespace,
+) -> np.ndarray:
     method, mode, rician = (name.split(":") + ["", ""])[:3]
-    settings = PriorSettings(mode=mode or "tweedie", steps=args.steps, samples=args.samples if mode != "tweedie" else 1, seed=0, overlap=overlap,
-                             rician=rician or "output")
-    return denoise_scan(noisy, affine, method=method, modality=modality, sigma=sigma, trained=trained, settings=settings).image
+    settings = PriorSettings(
+        mode=mode or "tweedie",
+        steps=args.steps,
+        samples=args.samples if mode != "tweedie" else 1,
+        seed=0,
+        overlap=overlap,
+        rician=rician or "output",
+    )
+    return denoise_scan(
+        noisy, affine, method=method, modality=modality, sigma=sigma, trained=trained, settings=settings
+    ).image
 
 
 def quality(args, config, trained, names: list[str]) -> dict:
@@ -94,13 +124,23 @@ def quality(args, config, trained, names: list[str]) -> dict:
         for i, case in enumerate(cases):
             clean = read_nifti(prepare / case["image"])
             spacing = float(np.sqrt((clean.affine[:3, 0] ** 2).sum()))
-            noisy, true_sigma = simulate(clean.array, noise, level, seed=2000 + 1000 * j + i, spacing_mm=spacing, photons=config.denoise.photons)
+            noisy, true_sigma = simulate(
+                clean.array, noise, level, seed=2000 + 1000 * j + i, spacing_mm=spacing, photons=config.denoise.photons
+            )
             data_range = float(clean.array.max() - clean.array.min())
             mask = foreground(clean.array, modality)
             scores["noisy"].append(restoration_metrics(noisy, clean.array, data_range=data_range, mask=mask))
             for name in names:
-                estimate = run_method(name, noisy, clean.affine, modality=modality, sigma=true_sigma if args.sigma == "oracle" else None,
-                                      trained=trained, overlap=args.overlap, args=args)
+                estimate = run_method(
+                    name,
+                    noisy,
+                    clean.affine,
+                    modality=modality,
+                    sigma=true_sigma if args.sigma == "oracle" else None,
+                    trained=trained,
+                    overlap=args.overlap,
+                    args=args,
+                )
                 scores[name].append(restoration_metrics(estimate, clean.array, data_range=data_range, mask=mask))
         table[str(level)] = {n: {k: float(np.mean([s[k] for s in v])) for k in v[0]} for n, v in scores.items()}
         print(f"level {level}: done ({len(cases)} images)", file=sys.stderr, flush=True)
@@ -111,25 +151,55 @@ def timing(args, config, trained, names: list[str], level: float) -> dict:
     """Seconds per 256x256 slice, median over repeats, methods alternating within each round."""
     modality = config.modality
     spacing = trained.data.get("spacing_mm") or [1.0, 1.0]
-    phantom = generate_phantom(config.data.phantom.kind, (args.size, args.size), 123456, **({"noise_std": 0.0} if modality == "mr" else {"noise_std_hu": 0.0}))
+    phantom = generate_phantom(
+        config.data.phantom.kind,
+        (args.size, args.size),
+        123456,
+        **({"noise_std": 0.0} if modality == "mr" else {"noise_std_hu": 0.0}),
+    )
     clean = phantom.image.astype(np.float32)
     affine = np.diag([float(spacing[0]), float(spacing[-1]), 1.0, 1.0])
-    noisy, _ = simulate(clean, config.denoise_noise, level, seed=7, spacing_mm=float(spacing[0]), photons=config.denoise.photons)
+    noisy, _ = simulate(
+        clean, config.denoise_noise, level, seed=7, spacing_mm=float(spacing[0]), photons=config.denoise.photons
+    )
     timed = ["nlm"] + [n for n in names if n != "nlm" and not n.endswith(":input")] + ["diffusion:fast"]
     seconds: dict[str, list[float]] = {n: [] for n in timed}
     for name in timed:  # warm-up (first-call allocations, thread pools)
-        run_method("diffusion:tweedie" if name == "diffusion:fast" else name, noisy, affine, modality=modality, sigma=None, trained=trained,
-                   overlap=args.fast_overlap if name == "diffusion:fast" else args.overlap, args=args)
+        run_method(
+            "diffusion:tweedie" if name == "diffusion:fast" else name,
+            noisy,
+            affine,
+            modality=modality,
+            sigma=None,
+            trained=trained,
+            overlap=args.fast_overlap if name == "diffusion:fast" else args.overlap,
+            args=args,
+        )
     for _ in range(args.repeats):
         for name in timed:
             started = time.perf_counter()
-            run_method("diffusion:tweedie" if name == "diffusion:fast" else name, noisy, affine, modality=modality, sigma=None, trained=trained,
-                       overlap=args.fast_overlap if name == "diffusion:fast" else args.overlap, args=args)
+            run_method(
+                "diffusion:tweedie" if name == "diffusion:fast" else name,
+                noisy,
+                affine,
+                modality=modality,
+                sigma=None,
+                trained=trained,
+                overlap=args.fast_overlap if name == "diffusion:fast" else args.overlap,
+                args=args,
+            )
             seconds[name].append(time.perf_counter() - started)
     reference = statistics.median(seconds["nlm"])
-    return {"shape": [args.size, args.size], "level": level, "repeats": args.repeats, "overlap": args.overlap, "fast_overlap": args.fast_overlap,
-            "seconds": seconds, "median_s": {n: statistics.median(v) for n, v in seconds.items()},
-            "ratio_to_nlm": {n: statistics.median(v) / reference for n, v in seconds.items()}}
+    return {
+        "shape": [args.size, args.size],
+        "level": level,
+        "repeats": args.repeats,
+        "overlap": args.overlap,
+        "fast_overlap": args.fast_overlap,
+        "seconds": seconds,
+        "median_s": {n: statistics.median(v) for n, v in seconds.items()},
+        "ratio_to_nlm": {n: statistics.median(v) / reference for n, v in seconds.items()},
+    }
 
 
 def main() -> None:
@@ -139,7 +209,12 @@ def main() -> None:
     trained = load_trained_model(args.run / "train" / "model.pt", torch.device("cpu"))
     names = method_names(args)
     levels = args.levels or config.denoise.noise_levels(config.denoise_noise)
-    result: dict = {"run": str(args.run), "model_step": trained.step, "threads": args.threads, "torch": torch.__version__}
+    result: dict = {
+        "run": str(args.run),
+        "model_step": trained.step,
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
     if not args.skip_quality:
         result["quality"] = q = quality(args, config, trained, names)
         print(f"\nquality ({q['images']} held-out images, sigma {q['sigma']}; PSNR dB whole / foreground, SSIM whole):")
@@ -149,12 +224,18 @@ def main() -> None:
             print(f"  level {level}")
             for name, row in rows.items():
                 gain = row["psnr"] - rows["noisy"]["psnr"]
-                print(f"    {name:18s} {row['psnr']:6.2f} / {row['psnr_fg']:6.2f}   SSIM {row['ssim']:.3f}   gain {gain:+5.2f} dB")
+                print(
+                    f"    {name:18s} {row['psnr']:6.2f} / {row['psnr_fg']:6.2f}   SSIM {row['ssim']:.3f}   gain {gain:+5.2f} dB"
+                )
             for name in (n for n in rows if n.startswith("diffusion") and best):
-                print(f"    {name} - best classical ({best}): {rows[name]['psnr'] - rows[best]['psnr']:+.2f} dB whole, "
-                      f"{rows[name]['psnr_fg'] - rows[best]['psnr_fg']:+.2f} dB foreground")
+                print(
+                    f"    {name} - best classical ({best}): {rows[name]['psnr'] - rows[best]['psnr']:+.2f} dB whole, "
+                    f"{rows[name]['psnr_fg'] - rows[best]['psnr_fg']:+.2f} dB foreground"
+                )
     result["timing"] = t = timing(args, config, trained, names, levels[len(levels) // 2])
-    print(f"\ntime per {args.size}x{args.size} slice (median of {args.repeats}, {args.threads} threads; ratio to nlm in the same rounds):")
+    print(
+        f"\ntime per {args.size}x{args.size} slice (median of {args.repeats}, {args.threads} threads; ratio to nlm in the same rounds):"
+    )
     for name, seconds in t["median_s"].items():
         label = f"diffusion:tweedie, overlap {args.fast_overlap} (fast mode)" if name == "diffusion:fast" else name
         print(f"  {label:40s} {seconds:7.3f} s   x{t['ratio_to_nlm'][name]:.2f}")

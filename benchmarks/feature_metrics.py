@@ -51,7 +51,9 @@ def main() -> None:
     test, _ = phantoms(args.test, shape, 100000)
     started = time.perf_counter()
     network = train_feature_network(train, classes, spatial_dims=args.dims, steps=args.steps, seed=0)
-    print(f"feature network: {network.identity['objective']}, {args.steps} steps, trained in {time.perf_counter() - started:.0f} s")
+    print(
+        f"feature network: {network.identity['objective']}, {args.steps} steps, trained in {time.perf_counter() - started:.0f} s"
+    )
     half = len(test) // 2
     reference, other = test[:half], test[half:]
     rng = np.random.default_rng(1)
@@ -65,12 +67,17 @@ def main() -> None:
         "intensities x 0.9": other * 0.9,
     }
     rows = []
-    print(f"{'fake set':28s} {'FID':>9s} {'precision':>9s} {'recall':>7s} {'MMD':>9s}" + ("  FID per plane" if args.dims == 3 else ""))
+    print(
+        f"{'fake set':28s} {'FID':>9s} {'precision':>9s} {'recall':>7s} {'MMD':>9s}"
+        + ("  FID per plane" if args.dims == 3 else "")
+    )
     for name, fake in cases.items():
         scores = feature_fidelity(reference, np.asarray(fake, dtype=np.float32), network, spatial_dims=args.dims)
         rows.append({"case": name} | scores)
         planes = "  " + " ".join(f"{p} {scores[f'fid/{p}']:.2f}" for p in PLANES) if args.dims == 3 else ""
-        print(f"{name:28s} {scores['fid']:9.3f} {scores['precision']:9.2f} {scores['recall']:7.2f} {scores['mmd']:9.3f}{planes}")
+        print(
+            f"{name:28s} {scores['fid']:9.3f} {scores['precision']:9.2f} {scores['recall']:7.2f} {scores['mmd']:9.3f}{planes}"
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"args": vars(args), "identity": network.identity, "rows": rows}, handle, indent=1)

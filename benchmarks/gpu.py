@@ -30,9 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak, medsynth_loop, phantom_batch, step_flops, sync, tutorial_loop  # noqa: E402
 
 from medsynth.config import load_config  # noqa: E402
-from medsynth.training.distributed import setup  # noqa: E402
+from medsynth.runtime import setup  # noqa: E402
 
-LARGE = ["data.image_size=[128,128]", "data.phantom.shape=[128,128]", "model.channels=[64,128,256]", "model.norm_num_groups=32"]
+LARGE = [
+    "data.image_size=[128,128]",
+    "data.phantom.shape=[128,128]",
+    "model.channels=[64,128,256]",
+    "model.norm_num_groups=32",
+]
 
 
 def cuda_device() -> torch.device:
@@ -55,10 +60,17 @@ def throughput(settings: list[str], steps: int, repeats: int, device: torch.devi
         ours.append(steady)
         whole.append(total)
     flops = step_flops(config, device)
-    result = {"settings": settings, "steps": steps, "reference_fp32": reference, "reference_fp16_amp": amp, "medsynth": ours,
-              "medsynth_whole_call": whole, "ratio_vs_fp32": statistics.median(ours) / statistics.median(reference),
-              "gflop_per_image": flops / config.train.batch_size / 1e9,
-              "achieved_tflop_s": flops / config.train.batch_size * statistics.median(ours) / 1e12}
+    result = {
+        "settings": settings,
+        "steps": steps,
+        "reference_fp32": reference,
+        "reference_fp16_amp": amp,
+        "medsynth": ours,
+        "medsynth_whole_call": whole,
+        "ratio_vs_fp32": statistics.median(ours) / statistics.median(reference),
+        "gflop_per_image": flops / config.train.batch_size / 1e9,
+        "achieved_tflop_s": flops / config.train.batch_size * statistics.median(ours) / 1e12,
+    }
     if amp:
         result["ratio_vs_fp16_amp"] = statistics.median(ours) / statistics.median(amp)
     return result
@@ -93,30 +105,58 @@ def denoising(trained, device: torch.device, size: int, depth: int) -> dict:
     volume = phantom.image.astype(np.float32)
     rng = np.random.default_rng(0)
     sigma = 0.05 * float(np.percentile(volume, 99))
-    noisy = np.abs(volume + rng.normal(0, sigma, volume.shape) + 1j * rng.normal(0, sigma, volume.shape)).astype(np.float32)
+    noisy = np.abs(volume + rng.normal(0, sigma, volume.shape) + 1j * rng.normal(0, sigma, volume.shape)).astype(
+        np.float32
+    )
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     out = {"size": [size, size, depth], "seconds": {}}
     for mode, steps in (("tweedie", 1), ("ddim", 10)):
         settings = PriorSettings(mode=mode, steps=steps, overlap=0.25)
         one = noisy[:, :, depth // 2]
-        denoise_scan(one, affine[[0, 1, 3]][:, [0, 1, 3]], method="diffusion", modality="mr", sigma=sigma, trained=trained, settings=settings, device=device)
+        denoise_scan(
+            one,
+            affine[[0, 1, 3]][:, [0, 1, 3]],
+            method="diffusion",
+            modality="mr",
+            sigma=sigma,
+            trained=trained,
+            settings=settings,
+            device=device,
+        )
         sync(device)
         start = time.perf_counter()
-        denoise_scan(one, affine[[0, 1, 3]][:, [0, 1, 3]], method="diffusion", modality="mr", sigma=sigma, trained=trained, settings=settings, device=device)
+        denoise_scan(
+            one,
+            affine[[0, 1, 3]][:, [0, 1, 3]],
+            method="diffusion",
+            modality="mr",
+            sigma=sigma,
+            trained=trained,
+            settings=settings,
+            device=device,
+        )
         sync(device)
         out["seconds"][f"slice_{mode}"] = time.perf_counter() - start
         start = time.perf_counter()
-        denoise_scan(noisy, affine, method="diffusion", modality="mr", sigma=sigma, trained=trained, settings=settings, device=device)
+        denoise_scan(
+            noisy,
+            affine,
+            method="diffusion",
+            modality="mr",
+            sigma=sigma,
+            trained=trained,
+            settings=settings,
+            device=device,
+        )
         sync(device)
         out["seconds"][f"volume_{mode}"] = time.perf_counter() - start
     return out
 
 
 def memory_3d(device: torch.device, size: int, batch: int, steps: int) -> dict:
+    from knobs import build
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDPMScheduler
-
-    from knobs import build
 
     inferer = DiffusionInferer(DDPMScheduler(num_train_timesteps=1000))
     out = {"size": size, "batch": batch, "channels": [32, 64, 64], "variants": {}}
@@ -136,7 +176,9 @@ def memory_3d(device: torch.device, size: int, batch: int, steps: int) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 noise = torch.randn_like(x0)
                 t = torch.randint(0, 1000, (batch,), device=device)
-                loss = torch.nn.functional.mse_loss(inferer(inputs=x0, diffusion_model=model, noise=noise, timesteps=t).float(), noise)
+                loss = torch.nn.functional.mse_loss(
+                    inferer(inputs=x0, diffusion_model=model, noise=noise, timesteps=t).float(), noise
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -152,16 +194,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script, not the card")
-    parser.add_argument("--parts", nargs="*", default=["peak", "train", "large", "large_compiled", "train_compiled", "sampling", "denoise", "memory3d"])
-    parser.add_argument("--train-steps", type=int, default=300, help="training steps of the model sampling and denoising use")
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        default=["peak", "train", "large", "large_compiled", "train_compiled", "sampling", "denoise", "memory3d"],
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=300, help="training steps of the model sampling and denoising use"
+    )
     parser.add_argument("--sample-count", type=int, default=256, help="samples per sampler (one batch)")
     parser.add_argument("--volume-depth", type=int, default=64, help="slices of the 256x256 volume denoised")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
     quick = args.quick
-    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                     "quick": quick}
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "quick": quick,
+    }
 
     def part(name, fn):
         if name not in args.parts:
@@ -182,18 +233,41 @@ def main() -> None:
     steps, repeats, images = (4, 1, 16) if quick else (60, 2, 256)
     if device.type == "cuda":
         device = cuda_device()
-    part("peak", lambda: {"bf16_tflop_s": matmul_peak(device, torch.bfloat16, 256 if quick else 8192) / 1e12,
-                          "fp32_tflop_s": matmul_peak(device, torch.float32, 256 if quick else 8192) / 1e12})
+    part(
+        "peak",
+        lambda: {
+            "bf16_tflop_s": matmul_peak(device, torch.bfloat16, 256 if quick else 8192) / 1e12,
+            "fp32_tflop_s": matmul_peak(device, torch.float32, 256 if quick else 8192) / 1e12,
+        },
+    )
     tiny = ["train.batch_size=4"] if quick else []
     part("train", lambda: throughput(tiny, steps, repeats, device, images))
     large = [*tiny, "model.channels=[32,64,64]"] if quick else LARGE
     part("large", lambda: throughput(large, steps, repeats, device, images))
     # compiled: one repeat of 100 steps (the first logging window holds the compilation)
-    part("large_compiled", lambda: throughput([*large, "train.compile=true"], steps if quick else 100, 1, device, images))
-    part("train_compiled", lambda: throughput([*tiny, "train.compile=true", "train.compile_mode=reduce-overhead"], steps if quick else 100, 1,
-                                              device, images))
+    part(
+        "large_compiled", lambda: throughput([*large, "train.compile=true"], steps if quick else 100, 1, device, images)
+    )
+    part(
+        "train_compiled",
+        lambda: throughput(
+            [*tiny, "train.compile=true", "train.compile_mode=reduce-overhead"],
+            steps if quick else 100,
+            1,
+            device,
+            images,
+        ),
+    )
     budgets = [("ddpm", 100), ("ddim", 50), ("dpmpp_2m", 20), ("euler", 20), ("heun", 10), ("pc", 10)]
-    made = part("sampling", lambda: sampling(device, 5 if quick else args.train_steps, 4 if quick else args.sample_count, budgets[:2] if quick else budgets))
+    made = part(
+        "sampling",
+        lambda: sampling(
+            device,
+            5 if quick else args.train_steps,
+            4 if quick else args.sample_count,
+            budgets[:2] if quick else budgets,
+        ),
+    )
     if made is not None:
         part("denoise", lambda: denoising(made[1], device, 32 if quick else 256, 16 if quick else args.volume_depth))
     part("memory3d", lambda: memory_3d(device, 16 if quick else 64, 1 if quick else 2, 1 if quick else 4))

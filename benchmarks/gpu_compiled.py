@@ -4,6 +4,7 @@ Needs CUDA; writes JSON to argv[1].
 
     python benchmarks/gpu_compiled.py compiled.json
 """
+
 import json
 import sys
 from pathlib import Path
@@ -16,12 +17,19 @@ from medsynth.config import load_config  # noqa: E402
 
 dev = cuda_device()
 out = {}
-for name, base, mode in (("large", LARGE, "default"), ("large", LARGE, "reduce-overhead"), ("small", [], "reduce-overhead")):
+for name, base, mode in (
+    ("large", LARGE, "default"),
+    ("large", LARGE, "reduce-overhead"),
+    ("small", [], "reduce-overhead"),
+):
     cfg = load_config("configs/quickstart.yaml", base)
     data = phantom_batch(cfg, 256)
     tutorial_loop(cfg, data, 3, dev)
     r = {"ref_fp32": tutorial_loop(cfg, data, 60, dev), "ref_amp": tutorial_loop(cfg, data, 60, dev, amp=True)}
-    c = load_config("configs/quickstart.yaml", base + ["train.channels_last=false", "train.compile=true", f"train.compile_mode={mode}"])
+    c = load_config(
+        "configs/quickstart.yaml",
+        base + ["train.channels_last=false", "train.compile=true", f"train.compile_mode={mode}"],
+    )
     r["medsynth"], r["whole"] = medsynth_loop(c, data, 100, dev)
     out[f"{name}/{mode}"] = r
     print(name, mode, json.dumps(r), flush=True)

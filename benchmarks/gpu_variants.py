@@ -4,6 +4,7 @@
 
     python benchmarks/gpu_variants.py variants.json
 """
+
 import json
 import sys
 from pathlib import Path

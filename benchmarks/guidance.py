@@ -46,37 +46,77 @@ def main() -> None:
         raise SystemExit(f"{args.run}: not a class-conditional model")
     cache = args.run / "prepare" / "cache"
     load = lambda name: np.load(cache / name, allow_pickle=False)  # noqa: E731
-    classifier = train_classifier(load("train_images.npy"), load("train_classes.npy"), spatial_dims=trained.spatial_dims,
-                                  num_classes=trained.num_classes, steps=config.evaluate.classifier_steps, seed=config.seed)
+    classifier = train_classifier(
+        load("train_images.npy"),
+        load("train_classes.npy"),
+        spatial_dims=trained.spatial_dims,
+        num_classes=trained.num_classes,
+        steps=config.evaluate.classifier_steps,
+        seed=config.seed,
+    )
     val_images, val_classes = load("val_images.npy"), load("val_classes.npy")
     ceiling = classifier.accuracy(val_images[val_classes >= 0], val_classes[val_classes >= 0])
-    real_diversity = {c: pairwise_ms_ssim(torch.from_numpy(val_images[val_classes == c]), spatial_dims=trained.spatial_dims)
-                      for c in range(trained.num_classes) if (val_classes == c).sum() >= 2}
+    real_diversity = {
+        c: pairwise_ms_ssim(torch.from_numpy(val_images[val_classes == c]), spatial_dims=trained.spatial_dims)
+        for c in range(trained.num_classes)
+        if (val_classes == c).sum() >= 2
+    }
     classes = sample_classes(None, args.num_samples, trained.num_classes)
     seeds = [args.seed + i for i in range(args.num_samples)]
     rows = []
     for scale in args.scales:
-        images, seconds = synthesise(trained, sampler=sampler, steps=steps, seeds=seeds, batch_size=32, device=torch.device("cpu"),
-                                     class_labels=classes, guidance_scale=scale, desc=f"w={scale}")
+        images, seconds = synthesise(
+            trained,
+            sampler=sampler,
+            steps=steps,
+            seeds=seeds,
+            batch_size=32,
+            device=torch.device("cpu"),
+            class_labels=classes,
+            guidance_scale=scale,
+            desc=f"w={scale}",
+        )
         predicted = classifier.predict(images)
-        row = {"guidance_scale": scale, "agreement": float(np.mean(predicted == np.asarray(classes))), "seconds": seconds}
+        row = {
+            "guidance_scale": scale,
+            "agreement": float(np.mean(predicted == np.asarray(classes))),
+            "seconds": seconds,
+        }
         for c in range(trained.num_classes):
             chosen = np.asarray(classes) == c
             row[f"agreement/{c}"] = float(np.mean(predicted[chosen] == c))
-            row[f"diversity/{c}"] = pairwise_ms_ssim(torch.from_numpy(images[chosen]), spatial_dims=trained.spatial_dims)
+            row[f"diversity/{c}"] = pairwise_ms_ssim(
+                torch.from_numpy(images[chosen]), spatial_dims=trained.spatial_dims
+            )
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
-    print(f"\n{args.run}: {sampler} {steps} steps, {args.num_samples} samples (classes in turn); classifier held-out real accuracy {ceiling:.3f}; "
-          f"real within-class MS-SSIM " + ", ".join(f"class {c}: {v:.3f}" for c, v in real_diversity.items()))
-    header = ["guidance_scale", "agreement", *[f"agreement/{c}" for c in range(trained.num_classes)],
-              *[f"diversity/{c}" for c in range(trained.num_classes)], "seconds"]
+    print(
+        f"\n{args.run}: {sampler} {steps} steps, {args.num_samples} samples (classes in turn); classifier held-out real accuracy {ceiling:.3f}; "
+        f"real within-class MS-SSIM " + ", ".join(f"class {c}: {v:.3f}" for c, v in real_diversity.items())
+    )
+    header = [
+        "guidance_scale",
+        "agreement",
+        *[f"agreement/{c}" for c in range(trained.num_classes)],
+        *[f"diversity/{c}" for c in range(trained.num_classes)],
+        "seconds",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(f"{row[h]:.3f}" if h != "seconds" else f"{row[h]:.1f}" for h in header) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "ceiling": ceiling,
-                                              "real_diversity": real_diversity, "rows": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "ceiling": ceiling,
+                    "real_diversity": real_diversity,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,17 @@ VARIANTS = ("plain", "gradient_checkpointing", "flash_attention", "channels_last
 
 def build(variant: str, channels: list[int]) -> DiffusionModelUNet:
     torch.manual_seed(0)
-    net = DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(channels),
-                             attention_levels=(False,) * (len(channels) - 1) + (True,), num_res_blocks=1, norm_num_groups=16,
-                             num_head_channels=min(32, channels[-1]), use_flash_attention=variant == "flash_attention")
+    net = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(channels),
+        attention_levels=(False,) * (len(channels) - 1) + (True,),
+        num_res_blocks=1,
+        norm_num_groups=16,
+        num_head_channels=min(32, channels[-1]),
+        use_flash_attention=variant == "flash_attention",
+    )
     if variant == "gradient_checkpointing":
         enable_gradient_checkpointing(net)
     if variant == "channels_last":
@@ -63,7 +71,9 @@ def main() -> None:
         for variant, model in models.items():
             x = x0.contiguous(memory_format=torch.channels_last_3d) if variant == "channels_last" else x0
             started = time.perf_counter()
-            loss = torch.nn.functional.mse_loss(inferer(inputs=x, diffusion_model=model, noise=noise, timesteps=t), noise)
+            loss = torch.nn.functional.mse_loss(
+                inferer(inputs=x, diffusion_model=model, noise=noise, timesteps=t), noise
+            )
             optimisers[variant].zero_grad(set_to_none=True)
             loss.backward()
             optimisers[variant].step()
@@ -71,8 +81,10 @@ def main() -> None:
                 times[variant].append(time.perf_counter() - started)
     medians = {v: statistics.median(ts) for v, ts in times.items()}
     plain = medians.get("plain")
-    print(f"\n3D UNet {args.channels} (attention at the deepest level), {args.size}^3, batch {args.batch}, {args.rounds} interleaved steps, "
-          f"{args.threads} threads")
+    print(
+        f"\n3D UNet {args.channels} (attention at the deepest level), {args.size}^3, batch {args.batch}, {args.rounds} interleaved steps, "
+        f"{args.threads} threads"
+    )
     print("| variant | median s/step | time vs plain |")
     print("|---|---|---|")
     for variant, median in medians.items():

@@ -63,19 +63,32 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for name in args.variants:
-        spec = {"config": args.config, "model": args.model, "sampler": args.sampler, "steps": args.steps, "threads": args.threads,
-                "roi": VARIANTS[name], "overlap": args.overlap}
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=False)
+        spec = {
+            "config": args.config,
+            "model": args.model,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "threads": args.threads,
+            "roi": VARIANTS[name],
+            "overlap": args.overlap,
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name}: failed\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    print(f"\n{args.config}{' + ' + args.model if args.model else ' (untrained weights)'}: one sample, {args.sampler} {args.steps} steps, "
-          f"{args.threads} threads")
+    print(
+        f"\n{args.config}{' + ' + args.model if args.model else ' (untrained weights)'}: one sample, {args.sampler} {args.steps} steps, "
+        f"{args.threads} threads"
+    )
     print("| decode | output | peak RSS MB | above baseline MB | seconds |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {'x'.join(map(str, r['shape'][2:]))} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |")
+        print(
+            f"| {name} | {'x'.join(map(str, r['shape'][2:]))} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |"
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, resource, sys, tempfile, time
 import numpy as np, torch
 from medsynth.config import Config
-from medsynth.training.distributed import DistContext
+from medsynth.runtime import DistContext
 from medsynth.training.trainer import train_diffusion
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
@@ -50,7 +50,7 @@ import json, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, torch
 from medsynth.config import Config
-from medsynth.training.distributed import DistContext
+from medsynth.runtime import DistContext
 from medsynth.training.autoencoder import train_autoencoder
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
@@ -88,17 +88,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--out")
-    parser.add_argument("--autoencoder-patch", type=int, default=None,
-                        help="instead: the autoencoder (16-32-32, with its discriminator) on whole --size^3 volumes vs random crops of this side")
+    parser.add_argument(
+        "--autoencoder-patch",
+        type=int,
+        default=None,
+        help="instead: the autoencoder (16-32-32, with its discriminator) on whole --size^3 volumes vs random crops of this side",
+    )
     args = parser.parse_args()
     if args.autoencoder_patch:
         autoencoder_patches(args)
         return
     results = {}
     for name in args.variants:
-        spec = {"size": args.size, "batch": args.batch, "steps": args.steps, "channels": args.channels, "threads": args.threads,
-                "checkpointing": False, "flash": False, "channels_last": False, **VARIANTS[name]}
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=False)
+        spec = {
+            "size": args.size,
+            "batch": args.batch,
+            "steps": args.steps,
+            "channels": args.channels,
+            "threads": args.threads,
+            "checkpointing": False,
+            "flash": False,
+            "channels_last": False,
+            **VARIANTS[name],
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name}: failed\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -109,7 +124,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         above = r["peak_mb"] - r["baseline_mb"]
-        rel = "" if plain is None else f"{above / (plain['peak_mb'] - plain['baseline_mb']):.2f} | {r['seconds_per_step'] / plain['seconds_per_step']:.2f}"
+        rel = (
+            ""
+            if plain is None
+            else f"{above / (plain['peak_mb'] - plain['baseline_mb']):.2f} | {r['seconds_per_step'] / plain['seconds_per_step']:.2f}"
+        )
         print(f"| {name} | {r['peak_mb']:.0f} | {above:.0f} | {r['seconds_per_step']:.2f} | {rel} |")
     if args.out:
         with open(args.out, "w") as handle:
@@ -122,19 +141,25 @@ def autoencoder_patches(args: argparse.Namespace) -> None:
     results = {}
     for name, patch in (("whole", None), (f"patch {args.autoencoder_patch}", [args.autoencoder_patch] * 3)):
         spec = {"size": args.size, "batch": args.batch, "steps": args.steps, "threads": args.threads, "patch": patch}
-        done = subprocess.run([sys.executable, "-c", AUTOENCODER_CHILD, json.dumps(spec)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", AUTOENCODER_CHILD, json.dumps(spec)], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name}: failed\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     whole = results["whole"]
-    print(f"\nAutoencoderKL 16-32-32 + PatchDiscriminator, {args.size}^3 volumes, batch {args.batch}, {args.steps} steps, {args.threads} threads")
+    print(
+        f"\nAutoencoderKL 16-32-32 + PatchDiscriminator, {args.size}^3 volumes, batch {args.batch}, {args.steps} steps, {args.threads} threads"
+    )
     print("| training inputs | peak RSS MB | above baseline MB | s/step | memory vs whole | time vs whole |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         above = r["peak_mb"] - r["baseline_mb"]
-        print(f"| {name} | {r['peak_mb']:.0f} | {above:.0f} | {r['seconds_per_step']:.2f} | "
-              f"{above / (whole['peak_mb'] - whole['baseline_mb']):.2f} | {r['seconds_per_step'] / whole['seconds_per_step']:.2f} |")
+        print(
+            f"| {name} | {r['peak_mb']:.0f} | {above:.0f} | {r['seconds_per_step']:.2f} | "
+            f"{above / (whole['peak_mb'] - whole['baseline_mb']):.2f} | {r['seconds_per_step'] / whole['seconds_per_step']:.2f} |"
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)

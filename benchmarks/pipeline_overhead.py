@@ -98,15 +98,23 @@ def main() -> None:
 
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
-        rerun = subprocess.run([sys.executable, "-m", "medsynth", *command], capture_output=True, text=True, env=env, cwd=ROOT)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "medsynth", *command], capture_output=True, text=True, env=env, cwd=ROOT
+        )
         rerun_seconds = time.perf_counter() - start
         assert rerun.returncode == 0, rerun.stderr[-2000:]
 
     top = sorted(clock.seconds.items(), key=lambda kv: -kv[1])[:8]
-    result = {"config": args.config, "overrides": args.set, "train_stage_s": round(train_seconds, 2), "mlflow_s_during_train": round(mlflow_seconds, 3),
-              "mlflow_share": round(mlflow_seconds / train_seconds, 4), "cached_rerun_s": round(rerun_seconds, 2),
-              "cached_rerun_said": rerun.stdout.strip().splitlines()[-1:],
-              "slowest_mlflow_calls": {k: [round(v, 3), clock.calls[k]] for k, v in top}}
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "train_stage_s": round(train_seconds, 2),
+        "mlflow_s_during_train": round(mlflow_seconds, 3),
+        "mlflow_share": round(mlflow_seconds / train_seconds, 4),
+        "cached_rerun_s": round(rerun_seconds, 2),
+        "cached_rerun_said": rerun.stdout.strip().splitlines()[-1:],
+        "slowest_mlflow_calls": {k: [round(v, 3), clock.calls[k]] for k, v in top},
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -52,8 +52,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
-    parser.add_argument("--tracking-uri", help="log to MLflow: metrics samplers/<sampler>/<metric> with step = NFE (MLflow plots "
-                        "them against NFE), the table, the plot; default: no logging")
+    parser.add_argument(
+        "--tracking-uri",
+        help="log to MLflow: metrics samplers/<sampler>/<metric> with step = NFE (MLflow plots "
+        "them against NFE), the table, the plot; default: no logging",
+    )
     parser.add_argument("--experiment", default="medsynth-samplers")
     return parser.parse_args()
 
@@ -74,19 +77,34 @@ def quality(run: Path, trained, sampler: str, steps: int, args, real: torch.Tens
     diffusion = trained.diffusion
     schedule = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims)
     if trained.num_classes is not None or trained.is_latent:
-        raise SystemExit(f"{trained.path}: this benchmark compares unconditional pixel-space models (use benchmarks/guidance.py for "
-                         "class-conditional ones)")
+        raise SystemExit(
+            f"{trained.path}: this benchmark compares unconditional pixel-space models (use benchmarks/guidance.py for "
+            "class-conditional ones)"
+        )
     counted = Counted(trained.network)
     started = time.perf_counter()
-    fake = generate(counted, schedule, sampler=sampler, image_shape=(trained.network.in_channels, *trained.image_size),
-                    seeds=list(range(args.seed, args.seed + args.num_samples)), batch_size=args.batch_size, device=torch.device("cpu"))
+    fake = generate(
+        counted,
+        schedule,
+        sampler=sampler,
+        image_shape=(trained.network.in_channels, *trained.image_size),
+        seeds=list(range(args.seed, args.seed + args.num_samples)),
+        batch_size=args.batch_size,
+        device=torch.device("cpu"),
+    )
     seconds = time.perf_counter() - started
     fake = fake.clamp(-1, 1)
     batches = (args.num_samples + args.batch_size - 1) // args.batch_size
     metrics = evaluate_fidelity(real, fake, spatial_dims=trained.spatial_dims, real_labels=labels, class_names=names)
     corners = torch.cat([fake[..., :4, :4].flatten(1), fake[..., -4:, -4:].flatten(1)], dim=1)
-    return {"sampler": sampler, "steps": steps, "nfe": counted.calls // batches, "seconds": seconds,
-            "background_std": float(corners.std()), **{k: float(v) for k, v in metrics.items()}}
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "nfe": counted.calls // batches,
+        "seconds": seconds,
+        "background_std": float(corners.std()),
+        **{k: float(v) for k, v in metrics.items()},
+    }
 
 
 def main() -> None:
@@ -97,11 +115,17 @@ def main() -> None:
     summary = load_summary(cache)
     real = torch.from_numpy(np.load(cache / "val_images.npy", allow_pickle=False))
     labels_path = cache / "val_labels.npy"
-    labels = torch.from_numpy(np.load(labels_path, allow_pickle=False).astype(np.int64)) if labels_path.exists() else None
+    labels = (
+        torch.from_numpy(np.load(labels_path, allow_pickle=False).astype(np.int64)) if labels_path.exists() else None
+    )
     names = {int(k): v for k, v in summary.get("label_names", {}).items()} or None
 
     rows = [quality(args.run, trained, "ddpm", args.reference_steps, args, real, labels, names)]
-    print(f"reference ddpm {args.reference_steps}: {HEADLINE} {rows[0][HEADLINE]:.4f} ({rows[0]['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    print(
+        f"reference ddpm {args.reference_steps}: {HEADLINE} {rows[0][HEADLINE]:.4f} ({rows[0]['seconds']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     for sampler in args.samplers:
         for nfe in args.nfe:
             steps = (nfe + 1) // 2 if sampler in TWO_EVALUATIONS else nfe
@@ -110,7 +134,9 @@ def main() -> None:
 
     reference = rows[0]
     keys = (HEADLINE, "hist_w1/mean_class", "mmd", "diversity_gap", "background_std")
-    print(f"\n{args.num_samples} samples per row vs {len(real)} held-out images; ratio = {HEADLINE} / reference (lower is better)")
+    print(
+        f"\n{args.num_samples} samples per row vs {len(real)} held-out images; ratio = {HEADLINE} / reference (lower is better)"
+    )
     print("| sampler | steps | NFE | " + " | ".join(keys) + " | ratio | seconds |")
     print("|---" * (len(keys) + 5) + "|")
     for row in rows:
@@ -121,7 +147,11 @@ def main() -> None:
     listed = ", ".join(f"{r['sampler']} ({r['nfe']})" for r in within) or "none"
     print(f"\nwithin 5 % of the reference at <= 20 evaluations: {listed}")
     if args.out:
-        args.out.write_text(json.dumps({"reference_steps": args.reference_steps, "num_samples": args.num_samples, "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {"reference_steps": args.reference_steps, "num_samples": args.num_samples, "rows": rows}, indent=1
+            )
+        )
     if args.plot:
         import matplotlib
 
@@ -141,7 +171,9 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
     if args.tracking_uri:
-        print(f"MLflow run {log_to_mlflow(args, rows, args.run / 'train' / 'model.pt')} in experiment {args.experiment}")
+        print(
+            f"MLflow run {log_to_mlflow(args, rows, args.run / 'train' / 'model.pt')} in experiment {args.experiment}"
+        )
 
 
 def log_to_mlflow(args: argparse.Namespace, rows: list[dict], model_file: Path) -> str:
@@ -154,8 +186,16 @@ def log_to_mlflow(args: argparse.Namespace, rows: list[dict], model_file: Path) 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment(args.experiment)
     with mlflow.start_run(run_name=f"samplers {args.run.name}") as run:
-        mlflow.log_params({"run_dir": str(args.run), "model_sha256": file_digest(model_file), "num_samples": args.num_samples,
-                           "seed": args.seed, "reference_steps": args.reference_steps, "headline": HEADLINE})
+        mlflow.log_params(
+            {
+                "run_dir": str(args.run),
+                "model_sha256": file_digest(model_file),
+                "num_samples": args.num_samples,
+                "seed": args.seed,
+                "reference_steps": args.reference_steps,
+                "headline": HEADLINE,
+            }
+        )
         for row in rows:
             name = "reference" if row is rows[0] else row["sampler"]
             for key in (HEADLINE, "hist_w1/mean_class", "mmd", "diversity_gap", "background_std", "seconds"):

@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medsynth.config import load_config
 from medsynth.data.phantoms import generate_phantom
 from medsynth.models.unet import build_unet
-from medsynth.training.distributed import setup
+from medsynth.runtime import setup
 from medsynth.training.trainer import train_diffusion
 
 
@@ -59,7 +59,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def tutorial_loop(config, data: np.ndarray, steps: int, device: torch.device, *, amp: bool = False, warmup: int = 3) -> float:
+def tutorial_loop(
+    config, data: np.ndarray, steps: int, device: torch.device, *, amp: bool = False, warmup: int = 3
+) -> float:
     """MONAI tutorial style. Returns steady-state images/s (after ``warmup`` steps)."""
     torch.manual_seed(0)
     model = build_unet(config.model, spatial_dims=config.data.spatial_dims).to(device)
@@ -139,7 +141,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.batch_size=64")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.batch_size=64"
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -160,24 +164,38 @@ def main() -> None:
         ours_total.append(total)
 
     flops = step_flops(config, device)
-    precision = torch.bfloat16 if device.type == "cuda" and config.train.precision in ("auto", "bf16") else torch.float32
+    precision = (
+        torch.bfloat16 if device.type == "cuda" and config.train.precision in ("auto", "bf16") else torch.float32
+    )
     peak = matmul_peak(device, precision, 8192 if device.type == "cuda" else 2048)
     achieved = flops / config.train.batch_size * statistics.median(ours)
     result = {
-        "config": args.config, "overrides": args.set, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "steps": args.steps, "repeats": args.repeats, "batch_size": config.train.batch_size, "image_size": config.data.image_size,
-        "channels": config.model.channels, "threads": torch.get_num_threads(), "compile": config.train.compile,
+        "config": args.config,
+        "overrides": args.set,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "batch_size": config.train.batch_size,
+        "image_size": config.data.image_size,
+        "channels": config.model.channels,
+        "threads": torch.get_num_threads(),
+        "compile": config.train.compile,
         "compile_mode": config.train.compile_mode if config.train.compile else None,
-        "reference_images_per_s": [round(v, 1) for v in reference], "medsynth_images_per_s": [round(v, 1) for v in ours],
+        "reference_images_per_s": [round(v, 1) for v in reference],
+        "medsynth_images_per_s": [round(v, 1) for v in ours],
         "medsynth_images_per_s_whole_call": [round(v, 1) for v in ours_total],
         "ratio_medsynth_over_reference": round(statistics.median(ours) / statistics.median(reference), 3),
-        "gflop_per_step": round(flops / 1e9, 2), "achieved_tflop_s": round(achieved / 1e12, 4),
-        "matmul_peak_tflop_s": round(peak / 1e12, 4), "peak_dtype": str(precision).removeprefix("torch."),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "achieved_tflop_s": round(achieved / 1e12, 4),
+        "matmul_peak_tflop_s": round(peak / 1e12, 4),
+        "peak_dtype": str(precision).removeprefix("torch."),
         "share_of_matmul_peak": round(achieved / peak, 3),
     }
     if amp_reference:
         result["reference_amp_images_per_s"] = [round(v, 1) for v in amp_reference]
-        result["ratio_medsynth_over_reference_amp"] = round(statistics.median(ours) / statistics.median(amp_reference), 3)
+        result["ratio_medsynth_over_reference_amp"] = round(
+            statistics.median(ours) / statistics.median(amp_reference), 3
+        )
     print(json.dumps(result, indent=2))
 
 

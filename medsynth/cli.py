@@ -32,7 +32,7 @@ STAGE_HELP = {
     "controlnet": "train a ControlNet on the trained model: label map -> image; works under torchrun",
     "sample": "draw synthetic scans (NIfTI + grid.png) with DDPM, DDIM, RFlow or a score-based sampler",
     "evaluate": "score samples against held-out images (FID, precision/recall, MMD, diversity, memorisation audit; moves the best "
-                "alias) and denoised scans (PSNR, SSIM)",
+    "alias) and denoised scans (PSNR, SSIM)",
     "augment": "write audited synthetic training cases (NIfTI, optionally DICOM) with provenance and a merged datalist",
     "utility": "train a small MONAI model on real / real + synthetic / synthetic data and score it on held-out real data",
 }
@@ -59,7 +59,8 @@ def _sigma(text: str) -> float | None:
 
 def add_denoise_parser(commands) -> None:
     sub = commands.add_parser(
-        "denoise", help="denoise a NIfTI file or a DICOM series folder (diffusion prior or a classical baseline)",
+        "denoise",
+        help="denoise a NIfTI file or a DICOM series folder (diffusion prior or a classical baseline)",
         description="Denoise one scan: a NIfTI file (-> NIfTI with the same header) or a folder holding one DICOM series "
         "(-> a derived DICOM series). The diffusion method needs a trained model.",
     )
@@ -67,18 +68,37 @@ def add_denoise_parser(commands) -> None:
     sub.add_argument("output", help="a .nii/.nii.gz path (NIfTI input) or a new folder (DICOM input)")
     model = sub.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", metavar="PATH", help="a medsynth model file (train/model.pt)")
-    model.add_argument("--model-uri", metavar="URI", help="an MLflow model: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>")
+    model.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="an MLflow model: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>",
+    )
     sub.add_argument("--method", default="diffusion", choices=["diffusion", "nlm", "tv", "wavelet", "bm3d"])
-    sub.add_argument("--sigma", default="auto", help="noise std in the scan's units (HU for CT), or 'auto' to estimate it (default)")
+    sub.add_argument(
+        "--sigma", default="auto", help="noise std in the scan's units (HU for CT), or 'auto' to estimate it (default)"
+    )
     sub.add_argument("--modality", choices=["mr", "ct"], help="default: from DICOM, else from the model")
-    sub.add_argument("--mode", default="tweedie", choices=["tweedie", "ddim", "ancestral"],
-                     help="diffusion: one-step posterior mean (fast, default), deterministic reverse steps, or posterior draws")
+    sub.add_argument(
+        "--mode",
+        default="tweedie",
+        choices=["tweedie", "ddim", "ancestral"],
+        help="diffusion: one-step posterior mean (fast, default), deterministic reverse steps, or posterior draws",
+    )
     sub.add_argument("--steps", type=int, default=10, help="reverse steps for ddim/ancestral (default 10)")
-    sub.add_argument("--samples", type=int, default=1, help="posterior draws averaged (ancestral); >1 also writes an uncertainty map")
+    sub.add_argument(
+        "--samples", type=int, default=1, help="posterior draws averaged (ancestral); >1 also writes an uncertainty map"
+    )
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap for scans larger than the model (default 0.5)")
+    sub.add_argument(
+        "--overlap",
+        type=float,
+        default=0.5,
+        help="sliding-window overlap for scans larger than the model (default 0.5)",
+    )
     sub.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sub.add_argument("--tracking-uri", help="MLflow store for --model-uri (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sub.add_argument(
+        "--tracking-uri", help="MLflow store for --model-uri (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
@@ -97,12 +117,27 @@ def run_denoise(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise MedsynthError("--device cuda: no CUDA device here")
-    settings = PriorSettings(mode=args.mode, steps=args.steps, samples=args.samples, seed=args.seed, overlap=args.overlap)
-    record = denoise_path(args.input, args.output, method=args.method, sigma=_sigma(args.sigma), modality=args.modality,
-                          checkpoint=args.checkpoint, model_uri=args.model_uri, tracking_uri=args.tracking_uri, settings=settings,
-                          device=device, overwrite=args.overwrite)
+    settings = PriorSettings(
+        mode=args.mode, steps=args.steps, samples=args.samples, seed=args.seed, overlap=args.overlap
+    )
+    record = denoise_path(
+        args.input,
+        args.output,
+        method=args.method,
+        sigma=_sigma(args.sigma),
+        modality=args.modality,
+        checkpoint=args.checkpoint,
+        model_uri=args.model_uri,
+        tracking_uri=args.tracking_uri,
+        settings=settings,
+        device=device,
+        overwrite=args.overwrite,
+    )
     info = record["denoise"]
-    print(f"denoise: {info['method']}, sigma {info['sigma']:.4g} ({info['sigma_source']}) -> {record['output']}", flush=True)
+    print(
+        f"denoise: {info['method']}, sigma {info['sigma']:.4g} ({info['sigma_source']}) -> {record['output']}",
+        flush=True,
+    )
     if info.get("warning"):
         print(f"note: {info['warning']}", file=sys.stderr)
     return 0
@@ -124,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         sub.add_argument("--force", action="store_true", help="rerun even when config and inputs are unchanged")
 
-    run = commands.add_parser("run", help="run the stages the config lists (unchanged ones are skipped)",
-                              description="Run the pipeline: " + " -> ".join(STAGES) + ". One parent MLflow run, one nested run per stage.")
+    run = commands.add_parser(
+        "run",
+        help="run the stages the config lists (unchanged ones are skipped)",
+        description="Run the pipeline: " + " -> ".join(STAGES) + ". One parent MLflow run, one nested run per stage.",
+    )
     add_common(run)
     run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     for stage in STAGES:
@@ -142,7 +180,9 @@ def _stages(text: str | None) -> list[str] | None:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
-        raise MedsynthError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} (allowed: {', '.join(STAGES)})")
+        raise MedsynthError(
+            f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} (allowed: {', '.join(STAGES)})"
+        )
     return names
 
 
@@ -164,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with output_folder(config) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
             if report_if_unchanged(config, stages, args.force):
                 return 0
-            from medsynth.training.distributed import setup, teardown
+            from medsynth.runtime import setup, teardown
 
             ctx = setup(config.device)
             try:
@@ -175,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (training keeps its last checkpoint; rerun the same command to continue from it)", file=sys.stderr)
+        print(
+            "interrupted (training keeps its last checkpoint; rerun the same command to continue from it)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -33,7 +33,9 @@ SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"
 
 # What ``stages`` means when a config does not say: the synthesis pipeline.
 DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
-StageName = Literal["prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility"]
+StageName = Literal[
+    "prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility"
+]
 DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
@@ -68,19 +70,31 @@ class StrictModel(BaseModel):
 class TrackingConfig(StrictModel):
     """Where and under which names runs are recorded in MLflow."""
 
-    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+    )
     experiment: str = Field("medsynth", min_length=1, description="MLflow experiment name")
-    registered_model: str | None = Field("medsynth-ddpm", description="Registered model name; null to skip registration")
+    registered_model: str | None = Field(
+        "medsynth-ddpm", description="Registered model name; null to skip registration"
+    )
     # MLflow reserves the alias "latest" (``models:/<name>/latest`` always means the newest version),
     # so the alias that marks the model trained by the newest run has its own name.
     model_alias: str = Field("current", pattern=r"^[\w\-]+$", description="Alias set on the newly registered version")
     log_model: bool = Field(True, description="Log the EMA model with mlflow.pytorch.log_model")
-    best_metric: str | None = Field("eval/fid", min_length=1, description="evaluate moves the registered model's best_alias to this run's "
-                                    "model when it beats the current best on this metric (compared only under the same feature network "
-                                    "and held-out set); null: never")
-    best_direction: Literal["min", "max"] = Field("min", description="Whether lower (min) or higher (max) best_metric is better")
+    best_metric: str | None = Field(
+        "eval/fid",
+        min_length=1,
+        description="evaluate moves the registered model's best_alias to this run's "
+        "model when it beats the current best on this metric (compared only under the same feature network "
+        "and held-out set); null: never",
+    )
+    best_direction: Literal["min", "max"] = Field(
+        "min", description="Whether lower (min) or higher (max) best_metric is better"
+    )
     best_alias: str = Field("best", pattern=r"^[\w\-]+$", description="The alias that marks the best model so far")
-    compare_runs: int = Field(10, ge=1, description="Earlier evaluations shown beside this one in the run-comparison figure and table")
+    compare_runs: int = Field(
+        10, ge=1, description="Earlier evaluations shown beside this one in the run-comparison figure and table"
+    )
 
     @field_validator("model_alias", "best_alias")
     @classmethod
@@ -98,11 +112,19 @@ class PhantomConfig(StrictModel):
     shape: list[int] = Field(default_factory=lambda: [32, 32], description="Generated grid, 2 or 3 sides")
     fov_mm: float = Field(200.0, gt=0, description="Field of view along the first axis, in mm")
     bias_field: bool = True
-    lesion_probability: float = Field(0.5, ge=0.0, le=1.0, description="Chance of a lesion; the phantom's class label is 1 with one")
-    lesion_size: float = Field(1.0, ge=0.1, le=5.0, description="Scale of the lesion (1: a few % of the head / body width); "
-                               "larger lesions make the lesion class visible at small image sizes")
+    lesion_probability: float = Field(
+        0.5, ge=0.0, le=1.0, description="Chance of a lesion; the phantom's class label is 1 with one"
+    )
+    lesion_size: float = Field(
+        1.0,
+        ge=0.1,
+        le=5.0,
+        description="Scale of the lesion (1: a few % of the head / body width); "
+        "larger lesions make the lesion class visible at small image sizes",
+    )
     noise: float | None = Field(
-        None, ge=0.0,
+        None,
+        ge=0.0,
         description="Acquisition noise of the phantoms: brain_mri Rician std relative to white matter (default 0.01), "
         "body_ct Gaussian std in HU (default 8); 0 for clean references (denoising)",
     )
@@ -167,10 +189,15 @@ class ModelConfig(StrictModel):
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(16, ge=1)
     norm_num_groups: int = Field(16, ge=1)
-    use_flash_attention: bool = Field(False, description="Attention through torch's scaled_dot_product_attention (MONAI's flag); "
-                                      "only matters with attention_levels")
+    use_flash_attention: bool = Field(
+        False,
+        description="Attention through torch's scaled_dot_product_attention (MONAI's flag); "
+        "only matters with attention_levels",
+    )
     num_classes: int | None = Field(
-        None, ge=2, description="Class-conditional model over this many classes (class labels 0..K-1 from the phantom class or "
+        None,
+        ge=2,
+        description="Class-conditional model over this many classes (class labels 0..K-1 from the phantom class or "
         "the datalist's class_label); one more embedding is the 'no class' token of classifier-free guidance; null: unconditional",
     )
 
@@ -189,34 +216,52 @@ class AutoencoderConfig(StrictModel):
     """MONAI ``AutoencoderKL`` for latent diffusion (the ``autoencoder`` stage), trained with L1 + KL + a
     patch adversarial loss after a warm-up, and optionally a perceptual loss from a local weights file."""
 
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 64], description="Encoder widths; the latent is 2^(len-1) times smaller per side")
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 64],
+        description="Encoder widths; the latent is 2^(len-1) times smaller per side",
+    )
     latent_channels: int = Field(3, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     attention_levels: list[bool] | None = Field(None, description="Self-attention per level; null: none")
     norm_num_groups: int = Field(16, ge=1)
-    with_nonlocal_attn: bool = Field(False, description="Self-attention in the encoder/decoder middle block (memory-hungry in 3D)")
+    with_nonlocal_attn: bool = Field(
+        False, description="Self-attention in the encoder/decoder middle block (memory-hungry in 3D)"
+    )
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0.0, description="Generator (autoencoder) learning rate")
     disc_lr: float = Field(5e-4, gt=0.0, description="Discriminator learning rate")
     kl_weight: float = Field(1e-6, ge=0.0)
     adv_weight: float = Field(0.01, ge=0.0, description="Patch adversarial loss weight (0: no discriminator)")
-    adv_start: int = Field(200, ge=0, description="Warm-up steps with reconstruction + KL only, before the adversarial loss starts")
+    adv_start: int = Field(
+        200, ge=0, description="Warm-up steps with reconstruction + KL only, before the adversarial loss starts"
+    )
     disc_channels: int = Field(32, ge=1, description="PatchDiscriminator width")
     disc_layers: int = Field(3, ge=1, description="PatchDiscriminator layers")
-    perceptual_weight: float = Field(0.0, ge=0.0, description="Perceptual loss weight; > 0 needs perceptual_weights (never downloaded)")
-    perceptual_weights: Path | None = Field(None, description="Local weights file of a MONAI ResNet (e.g. MedicalNet) used as the perceptual feature network")
+    perceptual_weight: float = Field(
+        0.0, ge=0.0, description="Perceptual loss weight; > 0 needs perceptual_weights (never downloaded)"
+    )
+    perceptual_weights: Path | None = Field(
+        None,
+        description="Local weights file of a MONAI ResNet (e.g. MedicalNet) used as the perceptual feature network",
+    )
     perceptual_depth: Literal[10, 18, 34, 50] = Field(10, description="Depth of that ResNet")
-    patch_size: list[int] | None = Field(None, description="Train on random crops of this size (patch-based training; the network is "
-                                         "fully convolutional); null: whole images")
+    patch_size: list[int] | None = Field(
+        None,
+        description="Train on random crops of this size (patch-based training; the network is "
+        "fully convolutional); null: whole images",
+    )
     grad_clip: float | None = Field(1.0, gt=0.0)
     val_images: int = Field(16, ge=1, description="Held-out images for reconstruction PSNR/SSIM and the grid")
     val_every: int = Field(250, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(250, ge=1)
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
-    decode_roi: list[int] | None = Field(None, description="Latent window of the sliding-window decoder (bounds memory at large sizes); "
-                                         "null: decode whole latents")
+    decode_roi: list[int] | None = Field(
+        None,
+        description="Latent window of the sliding-window decoder (bounds memory at large sizes); "
+        "null: decode whole latents",
+    )
     decode_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Overlap of the decoder's windows")
 
     @model_validator(mode="after")
@@ -227,7 +272,9 @@ class AutoencoderConfig(StrictModel):
         if bad:
             raise ValueError(f"channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
         if self.perceptual_weight > 0 and self.perceptual_weights is None:
-            raise ValueError("perceptual_weight > 0 needs perceptual_weights: a local weights file (medsynth never downloads weights)")
+            raise ValueError(
+                "perceptual_weight > 0 needs perceptual_weights: a local weights file (medsynth never downloads weights)"
+            )
         return self
 
     @property
@@ -239,15 +286,20 @@ class AutoencoderConfig(StrictModel):
 class ControlNetConfig(StrictModel):
     """MONAI ``ControlNet`` trained on top of the trained (frozen) diffusion model: label map -> image."""
 
-    conditioning_channels: list[int] = Field(default_factory=lambda: [16],
-                                             description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels); "
-                                             "one entry for pixel-space models (each further entry halves the map, for latents)")
+    conditioning_channels: list[int] = Field(
+        default_factory=lambda: [16],
+        description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels); "
+        "one entry for pixel-space models (each further entry halves the map, for latents)",
+    )
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     conditioning_scale: float = Field(1.0, ge=0.0, description="Weight of the ControlNet residuals at sampling")
-    label_maps: Path | None = Field(None, description="Label maps to generate from (sample / augment): a NIfTI file or a folder of them, "
-                                    "each of the model's image size with values 0..labels-1; null: the held-out cases' label maps")
+    label_maps: Path | None = Field(
+        None,
+        description="Label maps to generate from (sample / augment): a NIfTI file or a folder of them, "
+        "each of the model's image size with values 0..labels-1; null: the held-out cases' label maps",
+    )
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(250, ge=1)
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
@@ -256,24 +308,35 @@ class ControlNetConfig(StrictModel):
 class DiffusionConfig(StrictModel):
     """Forward process and training objective."""
 
-    scheduler: Literal["ddpm", "rflow"] = Field("ddpm", description="ddpm: discrete DDPM process; rflow: rectified flow")
+    scheduler: Literal["ddpm", "rflow"] = Field(
+        "ddpm", description="ddpm: discrete DDPM process; rflow: rectified flow"
+    )
     num_train_timesteps: int = Field(1000, ge=10)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "scaled_linear_beta"
     beta_start: float = Field(0.0015, gt=0.0, lt=1.0)
     beta_end: float = Field(0.0195, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
-    space: Literal["pixel", "latent"] = Field("pixel", description="pixel: diffusion on images; latent: on the latents of the "
-                                              "autoencoder stage's AutoencoderKL (latent diffusion)")
+    min_snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE"
+    )
+    space: Literal["pixel", "latent"] = Field(
+        "pixel",
+        description="pixel: diffusion on images; latent: on the latents of the "
+        "autoencoder stage's AutoencoderKL (latent diffusion)",
+    )
     max_train_timestep: int | None = Field(
-        None, ge=1, description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small timesteps), "
-        "which then denoises but cannot sample from pure noise; null: all timesteps"
+        None,
+        ge=1,
+        description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small timesteps), "
+        "which then denoises but cannot sample from pure noise; null: all timesteps",
     )
 
     @model_validator(mode="after")
     def _timesteps(self) -> DiffusionConfig:
         if self.max_train_timestep is not None and self.max_train_timestep > self.num_train_timesteps:
-            raise ValueError(f"max_train_timestep ({self.max_train_timestep}) must be <= num_train_timesteps ({self.num_train_timesteps})")
+            raise ValueError(
+                f"max_train_timestep ({self.max_train_timestep}) must be <= num_train_timesteps ({self.num_train_timesteps})"
+            )
         return self
 
     @property
@@ -299,48 +362,77 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     val_images: int = Field(64, ge=1, description="Held-out images used for the validation loss")
     resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
-    channels_last: bool = Field(False, description="channels-last memory format: measured slower for MONAI's GroupNorm-heavy UNet on a "
-                                "2-core CPU (10 %) and on an H100 (bf16: 0.81x), see docs/benchmarks.md")
-    compile: bool = Field(False, description="torch.compile the network: 1.9-2.6x the images/s on an H100, no gain on a 2-core CPU "
-                          "(docs/benchmarks.md); the first steps wait for the compilation (about a minute)")
+    channels_last: bool = Field(
+        False,
+        description="channels-last memory format: measured slower for MONAI's GroupNorm-heavy UNet on a "
+        "2-core CPU (10 %) and on an H100 (bf16: 0.81x), see docs/benchmarks.md",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network: 1.9-2.6x the images/s on an H100, no gain on a 2-core CPU "
+        "(docs/benchmarks.md); the first steps wait for the compilation (about a minute)",
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
-        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs on GPUs")
+        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs on GPUs"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
-    gradient_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass: less memory, more time "
-                                         "(same weights, tested)")
-    label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Class-conditional models: fraction of labels replaced by the "
-                                 "'no class' token, which teaches the unconditional model that classifier-free guidance needs")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute block activations in the backward pass: less memory, more time (same weights, tested)",
+    )
+    label_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Class-conditional models: fraction of labels replaced by the "
+        "'no class' token, which teaches the unconditional model that classifier-free guidance needs",
+    )
 
 
 class SampleConfig(StrictModel):
     """Reverse process."""
 
-    sampler: SamplerName = Field("ddim", description="ddpm, ddim (DDPM models), rflow (rectified flow); score-based for any model: "
-                                 "euler, heun, pc (predictor-corrector), dpmpp_2m (DPM-Solver++(2M))")
+    sampler: SamplerName = Field(
+        "ddim",
+        description="ddpm, ddim (DDPM models), rflow (rectified flow); score-based for any model: "
+        "euler, heun, pc (predictor-corrector), dpmpp_2m (DPM-Solver++(2M))",
+    )
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
     num_samples: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = Field(1000, ge=0, description="Sample i uses seed + i")
     class_label: int | list[int] | None = Field(
-        None, description="Class-conditional models: the class of every sample, or a list cycled over the samples; "
-        "null: all classes in turn")
-    guidance_scale: float = Field(1.0, ge=0.0, description="Classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); "
-                                  "1: plain conditional, 0: unconditional, > 1: stronger class, less diversity")
+        None,
+        description="Class-conditional models: the class of every sample, or a list cycled over the samples; "
+        "null: all classes in turn",
+    )
+    guidance_scale: float = Field(
+        1.0,
+        ge=0.0,
+        description="Classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); "
+        "1: plain conditional, 0: unconditional, > 1: stronger class, less diversity",
+    )
 
 
 class FeaturesConfig(StrictModel):
     """The feature network behind FID, precision/recall, feature MMD and the feature-space memorisation audit."""
 
     network: Literal["self_trained", "file"] = Field(
-        "self_trained", description="self_trained: a small MONAI network medsynth trains on the real training images (seeded); "
-        "file: a MONAI ResNet / MedicalNet state dict from a local file (weights)")
+        "self_trained",
+        description="self_trained: a small MONAI network medsynth trains on the real training images (seeded); "
+        "file: a MONAI ResNet / MedicalNet state dict from a local file (weights)",
+    )
     weights: Path | None = Field(None, description="network: file - the local weights file (never downloaded)")
     depth: Literal[10, 18, 34, 50] = Field(10, description="network: file - the ResNet depth the weights belong to")
     steps: int = Field(400, ge=1, description="network: self_trained - training steps")
     width: int = Field(16, ge=4, description="network: self_trained - width of the first block")
-    slices_per_plane: int = Field(8, ge=1, description="Volumes (2.5D): slices per orthogonal plane fed to a 2D network")
-    k: int = Field(3, ge=1, description="Neighbours defining the real and synthetic manifolds of improved precision/recall")
+    slices_per_plane: int = Field(
+        8, ge=1, description="Volumes (2.5D): slices per orthogonal plane fed to a 2D network"
+    )
+    k: int = Field(
+        3, ge=1, description="Neighbours defining the real and synthetic manifolds of improved precision/recall"
+    )
 
     @model_validator(mode="after")
     def _weights_for_file(self) -> FeaturesConfig:
@@ -354,8 +446,12 @@ class EvaluateConfig(StrictModel):
 
     num_real: int = Field(64, ge=2, description="Held-out real images compared with the samples")
     histogram_bins: int = Field(64, ge=8)
-    classifier_steps: int = Field(400, ge=1, description="Class-conditional samples: training steps of the classifier (trained on the real "
-                                  "training images) that checks each sample shows its requested class")
+    classifier_steps: int = Field(
+        400,
+        ge=1,
+        description="Class-conditional samples: training steps of the classifier (trained on the real "
+        "training images) that checks each sample shows its requested class",
+    )
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
 
@@ -363,13 +459,25 @@ class AuditConfig(StrictModel):
     """Memorisation audit of the synthetic cases against the training cases."""
 
     enabled: bool = True
-    threshold: float = Field(0.3, gt=0.0, description="A synthetic case is flagged when its distance to the nearest training case is below "
-                             "this fraction of that case's distance to its nearest other real patient")
-    features: bool = Field(True, description="Measure in the feature space of the run's feature network (evaluate.features) as well as "
-                           "in image space")
-    rule: Literal["image", "any", "all"] = Field("image", description="Flag when the ratio is below threshold in image space (feature "
-                                                 "space measured and reported only), in any space, or in all spaces")
-    action: Literal["refuse", "drop"] = Field("refuse", description="Flagged cases: refuse the whole set (exit 2) or drop them and say how many")
+    threshold: float = Field(
+        0.3,
+        gt=0.0,
+        description="A synthetic case is flagged when its distance to the nearest training case is below "
+        "this fraction of that case's distance to its nearest other real patient",
+    )
+    features: bool = Field(
+        True,
+        description="Measure in the feature space of the run's feature network (evaluate.features) as well as "
+        "in image space",
+    )
+    rule: Literal["image", "any", "all"] = Field(
+        "image",
+        description="Flag when the ratio is below threshold in image space (feature "
+        "space measured and reported only), in any space, or in all spaces",
+    )
+    action: Literal["refuse", "drop"] = Field(
+        "refuse", description="Flagged cases: refuse the whole set (exit 2) or drop them and say how many"
+    )
     figure_pairs: int = Field(8, ge=1, description="Closest (synthetic, training) pairs shown in the audit figure")
 
 
@@ -382,15 +490,23 @@ class AugmentConfig(StrictModel):
     steps: int | None = Field(None, ge=1, description="null: same as sample.steps")
     seed: int = Field(100000, ge=0, description="Synthetic case i uses seed + i")
     audit: AuditConfig = Field(default_factory=AuditConfig)
-    dicom: bool = Field(False, description="Also write every synthetic case as a DICOM series (CT / MR Image Storage, marked SYNTHETIC)")
+    dicom: bool = Field(
+        False, description="Also write every synthetic case as a DICOM series (CT / MR Image Storage, marked SYNTHETIC)"
+    )
 
 
 class UtilityConfig(StrictModel):
     """Downstream utility: a small MONAI model trained on real, real + synthetic and synthetic data, scored on held-out real data."""
 
     task: Literal["auto", "classification", "segmentation"] = Field(
-        "auto", description="auto: segmentation when the synthetic cases have label maps (ControlNet), else classification on class labels")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="One training per seed and regime; mean +- std over seeds")
+        "auto",
+        description="auto: segmentation when the synthetic cases have label maps (ControlNet), else classification on class labels",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="One training per seed and regime; mean +- std over seeds",
+    )
     steps: int = Field(300, ge=1, description="Training steps, the same in every regime")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0.0)
@@ -404,19 +520,22 @@ class DenoiseConfig(StrictModel):
         description="Methods compared; bm3d needs the optional extra medsynth[bm3d]",
     )
     mode: Literal["tweedie", "ddim", "ancestral"] = Field(
-        "tweedie", description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; ancestral: posterior draws"
+        "tweedie",
+        description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; ancestral: posterior draws",
     )
     steps: int = Field(10, ge=1, description="Reverse steps (ddim / ancestral)")
     samples: int = Field(1, ge=1, description="Posterior draws averaged (ancestral); >1 also writes an uncertainty map")
     sigma: Literal["auto", "oracle"] | float = Field(
-        "auto", description="Noise level given to every method: auto = estimated from each image; oracle = the simulated level; "
-        "or a number in the image's units"
+        "auto",
+        description="Noise level given to every method: auto = estimated from each image; oracle = the simulated level; "
+        "or a number in the image's units",
     )
     noise: Literal["rician", "gaussian", "low_dose_ct", "low_dose_ct_image"] | None = Field(
         None, description="Simulated noise; null: rician for MR, low_dose_ct (projection domain) for CT"
     )
     levels: list[float] | None = Field(
-        None, description="rician/gaussian: std as a fraction of the foreground 99th percentile (default [0.025, 0.05, 0.1]); "
+        None,
+        description="rician/gaussian: std as a fraction of the foreground 99th percentile (default [0.025, 0.05, 0.1]); "
         "low-dose CT: dose fractions (default [0.25, 0.1])",
     )
     photons: float = Field(2.0e5, gt=0.0, description="Full-dose incident photons per ray (low_dose_ct)")
@@ -426,8 +545,9 @@ class DenoiseConfig(StrictModel):
     sw_batch_size: int = Field(16, ge=1, description="Windows per network call")
     figure_level: int = Field(-1, description="Index into levels of the noise level shown in the side-by-side figure")
     datalist: str | None = Field(
-        None, description="A MONAI-style datalist JSON of your own noisy scans (NIfTI files or DICOM series folders, paths relative "
-        "to the datalist's folder) that every method denoises too, with the noise level estimated per scan"
+        None,
+        description="A MONAI-style datalist JSON of your own noisy scans (NIfTI files or DICOM series folders, paths relative "
+        "to the datalist's folder) that every method denoises too, with the noise level estimated per scan",
     )
     datalist_key: str = Field("testing", min_length=1, description="The datalist's key listing those scans")
 
@@ -494,18 +614,26 @@ class Config(StrictModel):
             raise ValueError("sample.class_label: an empty list; give classes or null")
         if self.diffusion.space == "latent":
             if self.data.image_size and any(s % self.autoencoder.downsample for s in self.data.image_size):
-                raise ValueError(f"data.image_size {self.data.image_size} must be divisible by the autoencoder's downsampling "
-                                 f"{self.autoencoder.downsample} (2^(len(autoencoder.channels) - 1)) for latent diffusion")
+                raise ValueError(
+                    f"data.image_size {self.data.image_size} must be divisible by the autoencoder's downsampling "
+                    f"{self.autoencoder.downsample} (2^(len(autoencoder.channels) - 1)) for latent diffusion"
+                )
             if "denoise" in self.stages:
                 raise ValueError("stage denoise needs a pixel-space model (diffusion.space: pixel)")
         patch = self.autoencoder.patch_size
-        if patch is not None and (len(patch) != self.data.spatial_dims or any(p % self.autoencoder.downsample or p > s
-                                                                          for p, s in zip(patch, self.data.image_size))):
-            raise ValueError(f"autoencoder.patch_size {patch} needs {self.data.spatial_dims} sides, each a multiple of "
-                             f"{self.autoencoder.downsample} and <= data.image_size {self.data.image_size}")
+        if patch is not None and (
+            len(patch) != self.data.spatial_dims
+            or any(p % self.autoencoder.downsample or p > s for p, s in zip(patch, self.data.image_size))
+        ):
+            raise ValueError(
+                f"autoencoder.patch_size {patch} needs {self.data.spatial_dims} sides, each a multiple of "
+                f"{self.autoencoder.downsample} and <= data.image_size {self.data.image_size}"
+            )
         roi = self.autoencoder.decode_roi
         if roi is not None and (len(roi) != self.data.spatial_dims or any(r < 1 for r in roi)):
-            raise ValueError(f"autoencoder.decode_roi {roi} needs {self.data.spatial_dims} positive sides (latent voxels)")
+            raise ValueError(
+                f"autoencoder.decode_roi {roi} needs {self.data.spatial_dims} positive sides (latent voxels)"
+            )
         if "utility" in self.stages:
             if "augment" not in self.stages:
                 raise ValueError("stage utility trains on the augment stage's synthetic cases: add augment to stages")
@@ -513,29 +641,41 @@ class Config(StrictModel):
             if task == "segmentation" and "controlnet" not in self.stages:
                 raise ValueError("utility.task segmentation needs synthetic label maps: add controlnet to stages")
             if task == "classification" and self.model.num_classes is None:
-                raise ValueError("utility.task classification needs the class of every synthetic case: set model.num_classes")
+                raise ValueError(
+                    "utility.task classification needs the class of every synthetic case: set model.num_classes"
+                )
             if task == "auto" and self.model.num_classes is None and "controlnet" not in self.stages:
-                raise ValueError("stage utility needs labels to learn: a class-conditional model (model.num_classes) or a ControlNet "
-                                 "(controlnet in stages)")
+                raise ValueError(
+                    "stage utility needs labels to learn: a class-conditional model (model.num_classes) or a ControlNet "
+                    "(controlnet in stages)"
+                )
         if "controlnet" in self.stages and self.diffusion.space == "latent":
             raise ValueError("stage controlnet is built for pixel-space models (diffusion.space: pixel)")
         if "controlnet" in self.stages and len(self.controlnet.conditioning_channels) != 1:
-            raise ValueError("controlnet.conditioning_channels needs one entry for a pixel-space model (the label map is at image size)")
+            raise ValueError(
+                "controlnet.conditioning_channels needs one entry for a pixel-space model (the label map is at image size)"
+            )
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
             if sampler is None:
                 continue
             if sampler in SCORE_SAMPLER_NAMES:
                 continue
             if (sampler == "rflow") != (self.diffusion.scheduler == "rflow"):
-                allowed = ("rflow" if self.diffusion.scheduler == "rflow" else "ddpm, ddim") + ", " + ", ".join(SCORE_SAMPLER_NAMES)
+                allowed = (
+                    ("rflow" if self.diffusion.scheduler == "rflow" else "ddpm, ddim")
+                    + ", "
+                    + ", ".join(SCORE_SAMPLER_NAMES)
+                )
                 raise ValueError(
                     f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
                     f"'{self.diffusion.scheduler}' (allowed: {allowed})"
                 )
         sampling = [s for s in ("sample", "augment") if s in self.stages]
         if sampling and not self.diffusion.can_sample:
-            raise ValueError(f"stages {', '.join(sampling)} need a model trained on every timestep; diffusion.max_train_timestep "
-                             f"({self.diffusion.max_train_timestep}) makes a denoising prior that cannot sample from pure noise")
+            raise ValueError(
+                f"stages {', '.join(sampling)} need a model trained on every timestep; diffusion.max_train_timestep "
+                f"({self.diffusion.max_train_timestep}) makes a denoising prior that cannot sample from pure noise"
+            )
         noise = self.denoise.noise
         if noise is not None and (noise.startswith("low_dose_ct") != (self.modality == "ct")):
             allowed = "low_dose_ct, low_dose_ct_image" if self.modality == "ct" else "rician, gaussian"
@@ -570,7 +710,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice in one mapping", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice in one mapping", key_node.start_mark
+                )
             try:
                 seen.add(key)
             except TypeError:  # an unhashable key: the base class reports it
@@ -600,7 +742,9 @@ def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise MedsynthError(f"{source}: override '{'.'.join(keys)}': '{'.'.join(keys[: depth + 1])}' is not a section")
+            raise MedsynthError(
+                f"{source}: override '{'.'.join(keys)}': '{'.'.join(keys[: depth + 1])}' is not a section"
+            )
         node = child
     node[keys[-1]] = value
 
@@ -644,7 +788,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise MedsynthError(f"{path}: config file not found")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
+        raw = yaml.load(
+            path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader
+        )  # a SafeLoader subclass: no Python tags
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -654,7 +800,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise MedsynthError(f"{path}: not a UTF-8 text file") from None
     if raw is None:
         # An empty file would silently run the whole default pipeline; '{}' says "every default" on purpose.
-        raise MedsynthError(f"{path}: empty config file; expected a mapping of keys (see configs/quickstart.yaml), or '{{}}' for every default")
+        raise MedsynthError(
+            f"{path}: empty config file; expected a mapping of keys (see configs/quickstart.yaml), or '{{}}' for every default"
+        )
     if not isinstance(raw, dict):
         raise MedsynthError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for keys, value in parse_overrides(overrides or []):

@@ -38,12 +38,19 @@ def _panel(axes_row: list, images: np.ndarray) -> None:
         ax.set_axis_off()
 
 
-def sample_grid(samples: np.ndarray, path: str | Path, *, real: np.ndarray | None = None, columns: int = 8, title: str = "") -> Path:
+def sample_grid(
+    samples: np.ndarray, path: str | Path, *, real: np.ndarray | None = None, columns: int = 8, title: str = ""
+) -> Path:
     """A grid of samples (and, when given, a grid of real images beside them)."""
     sets = [("real", real), ("synthetic", samples)] if real is not None else [("synthetic", samples)]
     per_image = len(views(samples[0]))
     columns = min(columns, max(len(s) for _, s in sets)) if per_image == 1 else 1
-    fig, grids = plt.subplots(1, len(sets), figsize=(len(sets) * (2.0 * max(columns, per_image) + 0.3), 0.1 + 2.0 * _rows(sets[-1][1], columns)), squeeze=False)
+    fig, grids = plt.subplots(
+        1,
+        len(sets),
+        figsize=(len(sets) * (2.0 * max(columns, per_image) + 0.3), 0.1 + 2.0 * _rows(sets[-1][1], columns)),
+        squeeze=False,
+    )
     for ax_outer, (name, images) in zip(grids[0], sets):
         ax_outer.set_axis_off()
         ax_outer.set_title(name)
@@ -114,14 +121,21 @@ def psnr_plot(rows: list[dict], path: str | Path, *, level_label: str) -> Path:
     return _save(fig, path)
 
 
-def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str | Path, *, title: str = "",
-                   window: tuple[float, float] | None = None) -> Path:
+def denoise_figure(
+    panels: dict[str, np.ndarray],
+    clean: np.ndarray,
+    path: str | Path,
+    *,
+    title: str = "",
+    window: tuple[float, float] | None = None,
+) -> Path:
     """Side by side: noisy / each method / clean (top), and each one's absolute error (bottom).
 
     Volumes show their middle slice across the last axis; all images share one grey window
     (``window``, e.g. a soft-tissue window in HU; default the clean scan's 1st-99th percentile), all
     error maps one colour scale.
     """
+
     def plane(image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
         return (image[..., image.shape[-1] // 2] if image.ndim == 3 else image).T
@@ -137,7 +151,14 @@ def denoise_figure(panels: dict[str, np.ndarray], clean: np.ndarray, path: str |
         axes[0, k].set_axis_off()
         axes[1, k].set_axis_off()
         if name != "clean":
-            axes[1, k].imshow(plane(np.abs(image - clean)), cmap="magma", vmin=0, vmax=error_max, origin="lower", interpolation="nearest")
+            axes[1, k].imshow(
+                plane(np.abs(image - clean)),
+                cmap="magma",
+                vmin=0,
+                vmax=error_max,
+                origin="lower",
+                interpolation="nearest",
+            )
             axes[1, k].set_title("|error| (one scale)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -26,8 +26,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medsynth.figures import _save  # noqa: E402
 
 # The metrics a review shows, when the evaluation produced them (lower is better unless listed in HIGHER_IS_BETTER or NEITHER).
-KEY_METRICS = ("eval/fid", "eval/precision", "eval/recall", "eval/feature_mmd", "eval/diversity_ms_ssim/fake", "eval/mmd",
-               "eval/audit/flagged_fraction", "eval/class/agreement", "eval/label/dice")
+KEY_METRICS = (
+    "eval/fid",
+    "eval/precision",
+    "eval/recall",
+    "eval/feature_mmd",
+    "eval/diversity_ms_ssim/fake",
+    "eval/mmd",
+    "eval/audit/flagged_fraction",
+    "eval/class/agreement",
+    "eval/label/dice",
+)
 HIGHER_IS_BETTER = {"eval/precision", "eval/recall", "eval/class/agreement", "eval/label/dice"}
 # Read against the real set's own value, not as better or worse.
 NEITHER = {"eval/diversity_ms_ssim/fake"}
@@ -51,7 +60,9 @@ def comparison_key(*, feature_weights_sha256: str, real_sha256: str, num_real: i
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def earlier_evaluations(client: Any, experiment_id: str, *, key: str, exclude_run_id: str | None, limit: int) -> list[dict[str, Any]]:
+def earlier_evaluations(
+    client: Any, experiment_id: str, *, key: str, exclude_run_id: str | None, limit: int
+) -> list[dict[str, Any]]:
     """The newest ``limit`` finished evaluate runs of the experiment with the same comparison key."""
     runs = client.search_runs(
         [experiment_id],
@@ -63,14 +74,28 @@ def earlier_evaluations(client: Any, experiment_id: str, *, key: str, exclude_ru
     for run in runs:
         if run.info.run_id == exclude_run_id:
             continue
-        rows.append(row(run.info.run_id, run.info.run_name, run.data.tags.get("mlflow.parentRunId"), run.info.start_time,
-                         run.data.metrics))
+        rows.append(
+            row(
+                run.info.run_id,
+                run.info.run_name,
+                run.data.tags.get("mlflow.parentRunId"),
+                run.info.start_time,
+                run.data.metrics,
+            )
+        )
     return rows[:limit]
 
 
-def row(run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]) -> dict[str, Any]:
+def row(
+    run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]
+) -> dict[str, Any]:
     """One evaluation as a table row: its run, its pipeline (parent) run, and the key metrics it has."""
-    out: dict[str, Any] = {"run_id": run_id, "run_name": run_name or run_id[:8], "pipeline_run_id": parent, "start_time": start_time}
+    out: dict[str, Any] = {
+        "run_id": run_id,
+        "run_name": run_name or run_id[:8],
+        "pipeline_run_id": parent,
+        "start_time": start_time,
+    }
     out |= {k: metrics.get(k) for k in KEY_METRICS}
     return out
 
@@ -97,10 +122,14 @@ def comparison_figure(rows: list[dict[str, Any]], path: str | Path, *, title: st
         colours = ["tab:orange" if r["this_run"] else "tab:blue" for r in ordered]
         ax.bar(range(len(ordered)), values, color=colours)
         ax.set_xticks(range(len(ordered)), names, rotation=45, ha="right", fontsize=7)
-        reading = "close to real's" if metric in NEITHER else ("higher" if metric in HIGHER_IS_BETTER else "lower") + " is better"
+        reading = (
+            "close to real's"
+            if metric in NEITHER
+            else ("higher" if metric in HIGHER_IS_BETTER else "lower") + " is better"
+        )
         ax.set_title(f"{metric.removeprefix('eval/')} ({reading})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.set_axis_off()
     fig.suptitle(title or "evaluations with the same feature network and held-out set (* this run)", fontsize=10)
     fig.tight_layout()
@@ -111,8 +140,17 @@ def _better(value: float, best: float, direction: str) -> bool:
     return value < best if direction == "min" else value > best
 
 
-def promote_best(client: Any, *, registered_model: str, train_run_id: str, metric: str, value: float, direction: str, key: str,
-                 alias: str = "best") -> dict[str, Any]:
+def promote_best(
+    client: Any,
+    *,
+    registered_model: str,
+    train_run_id: str,
+    metric: str,
+    value: float,
+    direction: str,
+    key: str,
+    alias: str = "best",
+) -> dict[str, Any]:
     """Tag the model version trained by ``train_run_id`` with this evaluation and move ``alias`` to it
     when it beats the version that holds the alias now.
 
@@ -122,13 +160,22 @@ def promote_best(client: Any, *, registered_model: str, train_run_id: str, metri
     """
     from mlflow.exceptions import MlflowException
 
-    result: dict[str, Any] = {"decision": "skipped", "metric": metric, "value": value, "alias": alias,
-                              "version": None, "previous_version": None, "previous_value": None}
+    result: dict[str, Any] = {
+        "decision": "skipped",
+        "metric": metric,
+        "value": value,
+        "alias": alias,
+        "version": None,
+        "previous_version": None,
+        "previous_value": None,
+    }
     if value is None or not math.isfinite(value):
         return result | {"reason": f"{metric} was not measured in this evaluation"}
     versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{train_run_id}'")
     if not versions:
-        return result | {"reason": f"no version of registered model '{registered_model}' comes from training run {train_run_id}"}
+        return result | {
+            "reason": f"no version of registered model '{registered_model}' comes from training run {train_run_id}"
+        }
     version = str(max(int(v.version) for v in versions))
     result["version"] = version
     client.set_model_version_tag(registered_model, version, METRIC_TAG, metric)
@@ -143,11 +190,17 @@ def promote_best(client: Any, *, registered_model: str, train_run_id: str, metri
         return result | {"decision": "moved", "reason": f"no version had the alias '{alias}' yet"}
     result["previous_version"] = str(best.version)
     if str(best.version) == version:
-        return result | {"decision": "kept", "reason": f"version {version} already holds '{alias}'; its recorded value is updated"}
+        return result | {
+            "decision": "kept",
+            "reason": f"version {version} already holds '{alias}'; its recorded value is updated",
+        }
     tags = best.tags or {}
     if tags.get(KEY_TAG) != key or tags.get(METRIC_TAG) != metric:
-        return result | {"decision": "kept", "reason": f"version {best.version} was scored with another feature network, held-out set, "
-                                                        f"sample count or metric: not comparable"}
+        return result | {
+            "decision": "kept",
+            "reason": f"version {best.version} was scored with another feature network, held-out set, "
+            f"sample count or metric: not comparable",
+        }
     try:
         previous = float(tags[VALUE_TAG])
     except (KeyError, ValueError):
@@ -155,5 +208,11 @@ def promote_best(client: Any, *, registered_model: str, train_run_id: str, metri
     result["previous_value"] = previous
     if _better(value, previous, direction):
         client.set_registered_model_alias(registered_model, alias, version)
-        return result | {"decision": "moved", "reason": f"{metric} {value:.4g} beats {previous:.4g} of version {best.version}"}
-    return result | {"decision": "kept", "reason": f"{metric} {value:.4g} does not beat {previous:.4g} of version {best.version}"}
+        return result | {
+            "decision": "moved",
+            "reason": f"{metric} {value:.4g} beats {previous:.4g} of version {best.version}",
+        }
+    return result | {
+        "decision": "kept",
+        "reason": f"{metric} {value:.4g} does not beat {previous:.4g} of version {best.version}",
+    }

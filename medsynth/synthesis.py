@@ -17,8 +17,7 @@ from medsynth.diffusion.schedulers import build_sampling_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.io.nifti import spacing_affine, write_nifti
 from medsynth.models.loading import TrainedModel
-from medsynth.training.distributed import DistContext, map_sharded, shard
-from medsynth.training.trainer import autocast_dtype
+from medsynth.runtime import DistContext, autocast_dtype, map_sharded, shard
 
 
 def synthesise(
@@ -50,20 +49,29 @@ def synthesise(
 
     Under ``torchrun`` (``dist`` with several ranks) sample ``i`` is drawn by rank ``i % world_size``,
     ``batch_size`` samples per rank per round, and rank 0 gathers each round
-    (:func:`~medsynth.training.distributed.map_sharded`): rank 0 gets all ``N`` images, the other ranks
+    (:func:`~medsynth.runtime.map_sharded`): rank 0 gets all ``N`` images, the other ranks
     ``None``. Sample ``i`` depends only on ``seeds[i]`` (its own noise generator), so the images do
     not depend on the number of processes beyond floating-point noise. The seconds are the wall time
     on this rank."""
     if not trained.diffusion.can_sample:
-        raise MedsynthError(f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
-                            "only) cannot sample from pure noise; use it with medsynth denoise")
+        raise MedsynthError(
+            f"{trained.path}: a denoising prior (trained on timesteps below {trained.diffusion.max_train_timestep} "
+            "only) cannot sample from pure noise; use it with medsynth denoise"
+        )
     if trained.num_classes is None and (class_labels is not None or guidance_scale != 1.0):
-        raise MedsynthError(f"{trained.path}: classes / guidance_scale need a class-conditional model (trained with model.num_classes)")
+        raise MedsynthError(
+            f"{trained.path}: classes / guidance_scale need a class-conditional model (trained with model.num_classes)"
+        )
     if trained.num_classes is not None and class_labels is None:
         raise MedsynthError(f"{trained.path}: a class-conditional model needs the class of every sample")
     try:
-        scheduler = build_sampling_scheduler(trained.diffusion, sampler=sampler, steps=steps, spatial_dims=trained.spatial_dims,
-                                             clip=not trained.is_latent)
+        scheduler = build_sampling_scheduler(
+            trained.diffusion,
+            sampler=sampler,
+            steps=steps,
+            spatial_dims=trained.spatial_dims,
+            clip=not trained.is_latent,
+        )
     except ValueError as exc:
         raise MedsynthError(f"{trained.path}: {exc}") from None
     trained.network.to(device)
@@ -90,15 +98,35 @@ def synthesise(
 
             batch_wrapper = controlnet_wrapper(controlnet, label_maps[part], conditioning_scale=conditioning_scale)
         images = generate(
-            trained.network, scheduler, sampler=sampler, image_shape=image_shape, seeds=[seeds[i] for i in part],
-            batch_size=batch_size, device=device, eta=eta, autocast_dtype=autocast_dtype("auto", device), callback=progress,
-            class_labels=labels, guidance_scale=guidance_scale, network_wrapper=batch_wrapper,
+            trained.network,
+            scheduler,
+            sampler=sampler,
+            image_shape=image_shape,
+            seeds=[seeds[i] for i in part],
+            batch_size=batch_size,
+            device=device,
+            eta=eta,
+            autocast_dtype=autocast_dtype("auto", device),
+            callback=progress,
+            class_labels=labels,
+            guidance_scale=guidance_scale,
+            network_wrapper=batch_wrapper,
         )
         if trained.autoencoder is not None:
             from medsynth.models.autoencoder import decode
 
-            images = torch.cat([decode(trained.autoencoder, z[None], roi_size=decode_roi, overlap=decode_overlap, device=device)
-                                for z in tqdm(images, desc=f"{desc}: decode", unit="image", dynamic_ncols=True, disable=None if dist.is_main else True)])
+            images = torch.cat(
+                [
+                    decode(trained.autoencoder, z[None], roi_size=decode_roi, overlap=decode_overlap, device=device)
+                    for z in tqdm(
+                        images,
+                        desc=f"{desc}: decode",
+                        unit="image",
+                        dynamic_ncols=True,
+                        disable=None if dist.is_main else True,
+                    )
+                ]
+            )
         return list(images.clamp(-1.0, 1.0).numpy())
 
     steps_per_round = len(scheduler.timesteps)
@@ -106,7 +134,13 @@ def synthesise(
     gathered: list[np.ndarray] = []
     started = time.perf_counter()
     # disable=None: bars on a terminal, silence in logs and CI; rank 0 alone shows one.
-    with tqdm(total=rounds * steps_per_round, desc=desc, unit="step", dynamic_ncols=True, disable=None if dist.is_main else True) as bar:
+    with tqdm(
+        total=rounds * steps_per_round,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if dist.is_main else True,
+    ) as bar:
         for pairs in map_sharded(lambda part: draw(part, bar), len(seeds), dist, chunk=batch_size):
             gathered.extend(image for _, image in pairs)
     seconds = time.perf_counter() - started
@@ -118,7 +152,13 @@ def sample_classes(class_label: int | list[int] | None, count: int, num_classes:
     ``None`` for an unconditional model."""
     if num_classes is None:
         return None
-    cycle = list(range(num_classes)) if class_label is None else class_label if isinstance(class_label, list) else [class_label]
+    cycle = (
+        list(range(num_classes))
+        if class_label is None
+        else class_label
+        if isinstance(class_label, list)
+        else [class_label]
+    )
     bad = [c for c in cycle if not 0 <= c < num_classes]
     if bad:
         raise MedsynthError(f"class labels {bad} are outside the model's classes 0..{num_classes - 1}")
@@ -150,17 +190,24 @@ def label_maps_for(path: str | Path | None, fallback: np.ndarray | None, count: 
     elif fallback is not None and len(fallback):
         stack, sources = np.asarray(fallback), [f"held-out label map {i}" for i in range(len(fallback))]
     else:
-        raise MedsynthError("no label maps to generate from: the prepared data has none and controlnet.label_maps is not set")
+        raise MedsynthError(
+            "no label maps to generate from: the prepared data has none and controlnet.label_maps is not set"
+        )
     order = [i % len(stack) for i in range(count)]
     return stack[order], [sources[i] for i in order]
 
 
 def to_units(images: np.ndarray, intensity: dict) -> np.ndarray:
     """Normalised [-1, 1] images back to the training data's units (HU for CT)."""
-    return np.asarray(Intensity(intensity["modality"], float(intensity["low"]), float(intensity["high"])).inverse(images), dtype=np.float32)
+    return np.asarray(
+        Intensity(intensity["modality"], float(intensity["low"]), float(intensity["high"])).inverse(images),
+        dtype=np.float32,
+    )
 
 
-def write_scan(path: str | Path, image_units: np.ndarray, spacing: Sequence[float], *, modality: str, description: str) -> Path:
+def write_scan(
+    path: str | Path, image_units: np.ndarray, spacing: Sequence[float], *, modality: str, description: str
+) -> Path:
     """One synthetic scan (spatial axes only) as NIfTI: CT as int16 HU, MR as float32."""
     data = np.rint(image_units).astype(np.int16) if modality == "ct" else image_units.astype(np.float32)
     return write_nifti(path, data, spacing_affine(list(spacing), image_units.shape), description=description)

@@ -36,8 +36,11 @@ INVOCATION_TAG = "medsynth.invocation"  # the same id on the parent and stage ru
 
 # MLflow's own client settings for the reachability check at the start: one retry, a short timeout,
 # so that a server that is down is reported in seconds (MLflow's defaults retry for minutes).
-CHECK_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+CHECK_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
 
 
 def code_version() -> dict[str, str]:
@@ -45,8 +48,16 @@ def code_version() -> dict[str, str]:
     info = {"version": __version__}
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         info["git_commit"] = commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -97,8 +108,11 @@ def _tracking_errors() -> tuple[type[BaseException], ...]:
 def _reason(exc: BaseException) -> str:
     """The gist of an MLflow client error in a few words (its messages hold whole URLs and reprs)."""
     text = " ".join(str(getattr(exc, "message", None) or exc or type(exc).__name__).split())
-    for pattern in (r"\[Errno -?\d+\] ([^'\")(]+)", r"(Read timed out|timed out|Connection aborted|Connection reset by peer|RemoteDisconnected)",
-                    r"(too many \d+ error responses)"):
+    for pattern in (
+        r"\[Errno -?\d+\] ([^'\")(]+)",
+        r"(Read timed out|timed out|Connection aborted|Connection reset by peer|RemoteDisconnected)",
+        r"(too many \d+ error responses)",
+    ):
         found = re.search(pattern, text)
         if found:
             return found.group(1).strip().rstrip(".")
@@ -113,9 +127,13 @@ def _lose(exc: BaseException) -> None:
     if _SESSION.lost is not None:
         return
     _SESSION.lost = _reason(exc)
-    print(f"warning: MLflow tracking at {_SESSION.uri} failed ({_SESSION.lost}); medsynth goes on without tracking: training, "
-          f"checkpoints and outputs are not affected, the rest of this command is not logged, and its open runs are closed by the "
-          f"next medsynth command on the same output_dir", file=sys.stderr, flush=True)
+    print(
+        f"warning: MLflow tracking at {_SESSION.uri} failed ({_SESSION.lost}); medsynth goes on without tracking: training, "
+        f"checkpoints and outputs are not affected, the rest of this command is not logged, and its open runs are closed by the "
+        f"next medsynth command on the same output_dir",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _guarded(method: Callable) -> Callable:
@@ -189,7 +207,9 @@ class Tracker:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     @_guarded
-    def log_dataset(self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None) -> str:
+    def log_dataset(
+        self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None
+    ) -> str:
         """Log a data set with ``mlflow.log_input``; returns MLflow's digest of it."""
         with warnings.catch_warnings():
             # A local path matches two equivalent MLflow source types; MLflow picks one and warns.
@@ -216,8 +236,13 @@ class Tracker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             info = self._mlflow.pytorch.log_model(
-                model, name="model", registered_model_name=registered_name, pip_requirements=requirements,
-                metadata=metadata, await_registration_for=0, serialization_format="pickle",
+                model,
+                name="model",
+                registered_model_name=registered_name,
+                pip_requirements=requirements,
+                metadata=metadata,
+                await_registration_for=0,
+                serialization_format="pickle",
             )
         if registered_name is None:
             return info.model_uri
@@ -274,12 +299,16 @@ def fetch_model_file(uri: str, dst_dir: str | Path, *, tracking_uri: str | None 
                 artifact = path
         else:
             raise MedsynthError(f"--model-uri {uri}: expected a models:/ or runs:/ URI")
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst_dir), tracking_uri=store)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=str(dst_dir), tracking_uri=store
+        )
     except MlflowException as exc:
         message = " ".join(str(exc.message if hasattr(exc, "message") else exc).split())[:200]
         raise MedsynthError(f"--model-uri {uri}: not found in {store} ({message})") from None
     except OSError as exc:
-        raise MedsynthError(f"--model-uri {uri}: no medsynth model file '{artifact}' in that run ({exc.strerror or exc})") from None
+        raise MedsynthError(
+            f"--model-uri {uri}: no medsynth model file '{artifact}' in that run ({exc.strerror or exc})"
+        ) from None
     return Path(local)
 
 
@@ -305,7 +334,13 @@ def configure(config: Config) -> None:
     _quiet_mlflow()
     uri = resolve_tracking_uri(config)
     # (before set_tracking_uri, which exports MLFLOW_TRACKING_URI for subprocesses)
-    where = "tracking.uri" if config.tracking.uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "MLflow's default"
+    where = (
+        "tracking.uri"
+        if config.tracking.uri
+        else "MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "MLflow's default"
+    )
     _SESSION.uri, _SESSION.lost = uri, None
     mlflow.set_tracking_uri(uri)
     with _mlflow_http_settings(CHECK_HTTP_SETTINGS):
@@ -321,12 +356,22 @@ def configure(config: Config) -> None:
                     f"({_reason(exc)}); start it (see docs/team_setup.md) or set MLFLOW_TRACKING_URI (or tracking.uri) to a running one; "
                     f"nothing was run"
                 ) from None
-            raise MedsynthError(f"MLflow tracking store {uri} (from {where}) cannot be used ({_reason(exc)}); nothing was run") from None
+            raise MedsynthError(
+                f"MLflow tracking store {uri} (from {where}) cannot be used ({_reason(exc)}); nothing was run"
+            ) from None
 
 
 @contextlib.contextmanager
-def start_run(config: Config, *, run_name: str, stage: str | None, nested: bool, config_path: str, invocation: str | None = None,
-              continue_run: str | None = None) -> Iterator[Tracker | NullTracker]:
+def start_run(
+    config: Config,
+    *,
+    run_name: str,
+    stage: str | None,
+    nested: bool,
+    config_path: str,
+    invocation: str | None = None,
+    continue_run: str | None = None,
+) -> Iterator[Tracker | NullTracker]:
     """Start an MLflow run; on an exception it ends as FAILED (KILLED on Ctrl-C) with the error text as a tag.
 
     The parent run (``stage=None``) and every stage run record the flattened resolved config as
@@ -340,8 +385,15 @@ def start_run(config: Config, *, run_name: str, stage: str | None, nested: bool,
     Yields:
         The run's :class:`Tracker`, or a :class:`NullTracker` once the store has failed.
     """
-    tracker = _open_run(config, run_name=run_name, stage=stage, nested=nested, config_path=config_path, invocation=invocation,
-                        continue_run=continue_run)
+    tracker = _open_run(
+        config,
+        run_name=run_name,
+        stage=stage,
+        nested=nested,
+        config_path=config_path,
+        invocation=invocation,
+        continue_run=continue_run,
+    )
     if tracker is None:  # the store failed (reported once): the work goes on untracked
         yield NullTracker()
         return
@@ -354,8 +406,16 @@ def start_run(config: Config, *, run_name: str, stage: str | None, nested: bool,
 
 
 @_guarded
-def _open_run(config: Config, *, run_name: str, stage: str | None, nested: bool, config_path: str, invocation: str | None,
-              continue_run: str | None) -> Tracker:
+def _open_run(
+    config: Config,
+    *,
+    run_name: str,
+    stage: str | None,
+    nested: bool,
+    config_path: str,
+    invocation: str | None,
+    continue_run: str | None,
+) -> Tracker:
     import mlflow
 
     params = flatten(to_plain(config))
@@ -365,15 +425,26 @@ def _open_run(config: Config, *, run_name: str, stage: str | None, nested: bool,
         try:
             run = mlflow.start_run(run_id=continue_run, nested=nested)
         except MlflowException:  # deleted or gone from the store meanwhile: a new run instead
-            return _open_run.__wrapped__(config, run_name=run_name, stage=stage, nested=nested, config_path=config_path,
-                                         invocation=invocation, continue_run=None)
+            return _open_run.__wrapped__(
+                config,
+                run_name=run_name,
+                stage=stage,
+                nested=nested,
+                config_path=config_path,
+                invocation=invocation,
+                continue_run=None,
+            )
         tracker = Tracker(run)
         # Params logged before the kill stay; MLflow refuses to log a param again with another value.
         params = {key: value for key, value in params.items() if key not in run.data.params}
         tracker.set_tags({"medsynth.continued": "true"})
     else:
         version = code_version()
-        tags = {"medsynth.config": config_path, "medsynth.version": version["version"], "medsynth.pipeline": config.name}
+        tags = {
+            "medsynth.config": config_path,
+            "medsynth.version": version["version"],
+            "medsynth.pipeline": config.name,
+        }
         if "git_commit" in version:
             tags["mlflow.source.git.commit"] = version["git_commit"].removesuffix("-dirty")
             tags["medsynth.git_commit"] = version["git_commit"]
@@ -399,7 +470,10 @@ def _end_run(status: str, *, error: str | None = None) -> None:
             _lose(exc)
     # The store has failed: MLflow forgets the run locally before it tells the store, so one quick
     # try (no retries) is enough to leave no active run behind; the next command closes it.
-    with _mlflow_http_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}), contextlib.suppress(Exception):
+    with (
+        _mlflow_http_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}),
+        contextlib.suppress(Exception),
+    ):
         mlflow.end_run(status=status)
 
 
@@ -412,7 +486,9 @@ def invocation_runs(experiment: str, invocation: str) -> list[Any]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1000)
+    return client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1000
+    )
 
 
 @_guarded
@@ -438,8 +514,14 @@ def end_killed_runs(uri: str, experiment: str, invocation: str, note: str) -> st
         try:
             client = mlflow.MlflowClient(tracking_uri=uri)
             found = client.get_experiment_by_name(experiment)
-            running = [] if found is None else client.search_runs(
-                [found.experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = 'RUNNING'")
+            running = (
+                []
+                if found is None
+                else client.search_runs(
+                    [found.experiment_id],
+                    filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = 'RUNNING'",
+                )
+            )
             for run in running:
                 client.set_tag(run.info.run_id, "medsynth.note", note)
                 client.set_terminated(run.info.run_id, "KILLED")

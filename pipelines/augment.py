@@ -43,8 +43,8 @@ from medsynth.io.nifti import spacing_affine, write_nifti
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import sample_classes, synthesise, to_units, write_scan
 from medsynth.tracking import code_version
-from pipelines.controlnet import sampling_inputs
 from pipelines.features import preflight  # noqa: F401 - the runner checks a feature weights file before any stage runs
+from pipelines.inputs import sampling_inputs
 from pipelines.specs import augment_section
 from pipelines.stage import StageContext
 
@@ -74,11 +74,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
     classes = sample_classes(None, count, trained.num_classes)
     controlnet, label_maps, label_sources, _ = sampling_inputs(ctx, count)
     # Under torchrun every rank draws its share; rank 0 gets all cases and alone audits and writes.
-    images, seconds = synthesise(trained, sampler=cfg["sampler"], steps=cfg["steps"], seeds=seeds, batch_size=cfg["batch_size"],
-                                 device=ctx.dist.device, eta=cfg["eta"], desc="augment", class_labels=classes,
-                                 guidance_scale=cfg["guidance_scale"], decode_roi=cfg["decode"]["roi"], decode_overlap=cfg["decode"]["overlap"],
-                                 controlnet=controlnet, label_maps=label_maps, conditioning_scale=config.controlnet.conditioning_scale,
-                                 dist=ctx.dist)
+    images, seconds = synthesise(
+        trained,
+        sampler=cfg["sampler"],
+        steps=cfg["steps"],
+        seeds=seeds,
+        batch_size=cfg["batch_size"],
+        device=ctx.dist.device,
+        eta=cfg["eta"],
+        desc="augment",
+        class_labels=classes,
+        guidance_scale=cfg["guidance_scale"],
+        decode_roi=cfg["decode"]["roi"],
+        decode_overlap=cfg["decode"]["overlap"],
+        controlnet=controlnet,
+        label_maps=label_maps,
+        conditioning_scale=config.controlnet.conditioning_scale,
+        dist=ctx.dist,
+    )
     if images is None:  # a rank > 0: its share is with rank 0
         return {}
 
@@ -106,33 +119,59 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
     modality = trained.intensity["modality"]
     # Phantoms say what they show; for your own scans the region is left unstated rather than guessed.
-    body_part = {"brain_mri": "HEAD", "body_ct": "ABDOMEN"}.get(config.data.phantom.kind) if config.data.source == "phantom" else None
+    body_part = (
+        {"brain_mri": "HEAD", "body_ct": "ABDOMEN"}.get(config.data.phantom.kind)
+        if config.data.source == "phantom"
+        else None
+    )
     synthetic = []
     for i in kept:
         image, seed = units[i], seeds[i]
         name = f"synthetic_{i:04d}"
-        write_scan(work / "synthetic" / f"{name}.nii.gz", image[0], summary["spacing_mm"], modality=modality,
-                   description=f"medsynth SYNTHETIC seed {seed}")
+        write_scan(
+            work / "synthetic" / f"{name}.nii.gz",
+            image[0],
+            summary["spacing_mm"],
+            modality=modality,
+            description=f"medsynth SYNTHETIC seed {seed}",
+        )
         extra = {} if classes is None else {"class_label": classes[i]}
         sidecar: dict = {}
         if label_maps is not None:  # paired (image, label) for segmentation training
-            write_nifti(work / "synthetic" / f"{name}_label.nii.gz", label_maps[i, 0].astype(np.uint8),
-                        spacing_affine(list(summary["spacing_mm"]), label_maps.shape[2:]), description="medsynth label map of a synthetic image")
+            write_nifti(
+                work / "synthetic" / f"{name}_label.nii.gz",
+                label_maps[i, 0].astype(np.uint8),
+                spacing_affine(list(summary["spacing_mm"]), label_maps.shape[2:]),
+                description="medsynth label map of a synthetic image",
+            )
             extra["label"] = f"synthetic/{name}_label.nii.gz"
             sidecar = {"label_map_source": label_sources[i], "conditioning_scale": config.controlnet.conditioning_scale}
         if audit is not None:
-            sidecar["memorisation_audit"] = {space: _finite(audit.per_scan[i][space]["ratio"]) for space in audit.spaces} | {
-                "threshold": audit.threshold, "flagged": bool(audit.per_scan[i]["flagged"])}
+            sidecar["memorisation_audit"] = {
+                space: _finite(audit.per_scan[i][space]["ratio"]) for space in audit.spaces
+            } | {"threshold": audit.threshold, "flagged": bool(audit.per_scan[i]["flagged"])}
         provenance = provenance_base | {"seed": seed, "index": i} | extra | sidecar
         atomic_write_json(work / "synthetic" / f"{name}.json", provenance)
-        entry = {"image": f"synthetic/{name}.nii.gz", "case_id": name, "modality": modality, "synthetic": True,
-                 "provenance": f"synthetic/{name}.json"} | extra
+        entry = {
+            "image": f"synthetic/{name}.nii.gz",
+            "case_id": name,
+            "modality": modality,
+            "synthetic": True,
+            "provenance": f"synthetic/{name}.json",
+        } | extra
         if cfg["dicom"]:
             from medsynth.io.dicom_synthetic import write_synthetic_series
 
-            write_synthetic_series(image[0], spacing_affine(list(summary["spacing_mm"]), image[0].shape), work / "dicom" / name,
-                                   modality=modality, provenance=provenance, patient_key=f"{provenance_base['model_sha256']}:{seed}",
-                                   series_description=f"medsynth SYNTHETIC seed {seed}", body_part=body_part)
+            write_synthetic_series(
+                image[0],
+                spacing_affine(list(summary["spacing_mm"]), image[0].shape),
+                work / "dicom" / name,
+                modality=modality,
+                provenance=provenance,
+                patient_key=f"{provenance_base['model_sha256']}:{seed}",
+                series_description=f"medsynth SYNTHETIC seed {seed}",
+                body_part=body_part,
+            )
             entry["dicom"] = f"dicom/{name}"
         synthetic.append(entry)
 
@@ -148,8 +187,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "validation": [_relative(e, prepare_dir, final_dir) for e in real["validation"]],
     }
     atomic_write_json(work / "datalist_augmented.json", merged)
-    metrics = {"augment/num_real": n_real, "augment/num_synthetic": len(used), "augment/effective_ratio": len(used) / n_real,
-               "augment/num_generated": count, "augment/num_dropped": count - len(kept), "augment/seconds": seconds}
+    metrics = {
+        "augment/num_real": n_real,
+        "augment/num_synthetic": len(used),
+        "augment/effective_ratio": len(used) / n_real,
+        "augment/num_generated": count,
+        "augment/num_dropped": count - len(kept),
+        "augment/seconds": seconds,
+    }
     if audit is not None:
         metrics |= {f"augment/{k}": float(v) for k, v in audit.summary().items()}
     ctx.tracker.log_metrics(metrics)
@@ -174,12 +219,26 @@ def audit_synthetic(ctx: StageContext, images: np.ndarray, count: int) -> tuple[
     synthetic_features = train_features = network = None
     if cfg.features:
         network = feature_network(ctx)
-        embed = {"spatial_dims": ctx.config.data.spatial_dims, "device": ctx.dist.device, "slices_per_plane": ctx.config.evaluate.features.slices_per_plane}
+        embed = {
+            "spatial_dims": ctx.config.data.spatial_dims,
+            "device": ctx.dist.device,
+            "slices_per_plane": ctx.config.evaluate.features.slices_per_plane,
+        }
         synthetic_features, train_features = network.embed(images, **embed), network.embed(train, **embed)
-    audit = memorisation_audit(images, train, groups, threshold=cfg.threshold, rule=cfg.rule,
-                               synthetic_features=synthetic_features, train_features=train_features)
+    audit = memorisation_audit(
+        images,
+        train,
+        groups,
+        threshold=cfg.threshold,
+        rule=cfg.rule,
+        synthetic_features=synthetic_features,
+        train_features=train_features,
+    )
     flagged = audit.flagged()
-    atomic_write_json(ctx.work / "audit.json", audit.to_json() | {"action": cfg.action, "feature_network": None if network is None else network.identity})
+    atomic_write_json(
+        ctx.work / "audit.json",
+        audit.to_json() | {"action": cfg.action, "feature_network": None if network is None else network.identity},
+    )
     audit_figure(audit, images, train, ctx.work / "memorisation.png", top=cfg.figure_pairs)
     ctx.tracker.log_artifact(ctx.work / "audit.json")
     ctx.tracker.log_artifact(ctx.work / "memorisation.png")
@@ -188,10 +247,14 @@ def audit_synthetic(ctx: StageContext, images: np.ndarray, count: int) -> tuple[
         raise MedsynthError(
             f"augment.audit: {len(flagged)} of {count} synthetic cases are closer to a training case than {cfg.threshold} x that case's "
             f"distance to any other patient (possible memorisation; cases {flagged[:10]}); the audit and memorisation.png are in the "
-            f"MLflow run {ctx.tracker.run_id or '(untracked)'}; set augment.audit.action=drop to leave them out")
+            f"MLflow run {ctx.tracker.run_id or '(untracked)'}; set augment.audit.action=drop to leave them out"
+        )
     if flagged:
-        print(f"augment: dropped {len(flagged)} of {count} synthetic cases flagged by the memorisation audit "
-              f"(threshold {cfg.threshold}, {'image and feature' if cfg.features else 'image'} space, rule {cfg.rule})", flush=True)
+        print(
+            f"augment: dropped {len(flagged)} of {count} synthetic cases flagged by the memorisation audit "
+            f"(threshold {cfg.threshold}, {'image and feature' if cfg.features else 'image'} space, rule {cfg.rule})",
+            flush=True,
+        )
     flagged_set = set(flagged)
     return audit, [i not in flagged_set for i in range(count)]
 

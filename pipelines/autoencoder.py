@@ -36,25 +36,46 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_split(cache, "train")
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):
-        raise MedsynthError(f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; "
-                            "rerun 'medsynth prepare'")
+        raise MedsynthError(
+            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; "
+            "rerun 'medsynth prepare'"
+        )
     if ctx.dist.is_main and config.autoencoder.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"autoencoder: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
-        ctx.tracker.log_dataset(train["images"], source=str((cache / "train_images.npy").resolve()), name=f"{config.name}-train", context="training")
+        ctx.tracker.log_dataset(
+            train["images"],
+            source=str((cache / "train_images.npy").resolve()),
+            name=f"{config.name}-train",
+            context="training",
+        )
 
-    result = train_autoencoder(config, train["images"], val["images"], work, ctx.dist, intensity=summary["intensity"],
-                               log_metrics=ctx.tracker.log_metrics)
+    result = train_autoencoder(
+        config,
+        train["images"],
+        val["images"],
+        work,
+        ctx.dist,
+        intensity=summary["intensity"],
+        log_metrics=ctx.tracker.log_metrics,
+    )
     if not ctx.dist.is_main:
         return {}
     atomic_write_json(work / "history.json", result.history)
     loss_curve(result.history, work / "loss_curve.png")
-    ctx.tracker.log_metrics({"autoencoder/scale_factor": result.scale_factor} | {f"autoencoder/final_{k.replace('/', '_')}": v
-                                                                                 for k, v in result.val_metrics.items()})
+    ctx.tracker.log_metrics(
+        {"autoencoder/scale_factor": result.scale_factor}
+        | {f"autoencoder/final_{k.replace('/', '_')}": v for k, v in result.val_metrics.items()}
+    )
     for name in ("loss_curve.png", "reconstructions.png"):
         if (work / name).is_file():
             ctx.tracker.log_artifact(work / name)
     latent = [s // config.autoencoder.downsample for s in config.data.image_size]
-    return {"steps": result.steps, "scale_factor": result.scale_factor, "latent_shape": [config.autoencoder.latent_channels, *latent],
-            "resumed_from": result.resumed_from, **{k: round(v, 4) for k, v in result.val_metrics.items()},
-            "mlflow_run_id": ctx.tracker.run_id or None}
+    return {
+        "steps": result.steps,
+        "scale_factor": result.scale_factor,
+        "latent_shape": [config.autoencoder.latent_channels, *latent],
+        "resumed_from": result.resumed_from,
+        **{k: round(v, 4) for k, v in result.val_metrics.items()},
+        "mlflow_run_id": ctx.tracker.run_id or None,
+    }

@@ -34,46 +34,49 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary = load_summary(cache)
     train, val = load_split(cache, "train"), load_split(cache, "val")
     if train["labels"] is None or val["labels"] is None:
-        raise MedsynthError(f"{cache}: the prepared data has no label maps; the controlnet stage needs images with label maps "
-                            "(phantoms have them)")
+        raise MedsynthError(
+            f"{cache}: the prepared data has no label maps; the controlnet stage needs images with label maps "
+            "(phantoms have them)"
+        )
     model_path = ctx.inputs["train"] / "model.pt"
     base = load_trained_model(model_path, ctx.dist.device)
     labels = num_labels(summary, train["labels"], val["labels"])
     if ctx.dist.is_main and config.controlnet.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}")
-    result = train_controlnet(config, base, train["images"], train["labels"], val["images"], val["labels"], work, ctx.dist,
-                              num_labels=labels, base_sha256=file_digest(model_path), log_metrics=ctx.tracker.log_metrics)
+    result = train_controlnet(
+        config,
+        base,
+        train["images"],
+        train["labels"],
+        val["images"],
+        val["labels"],
+        work,
+        ctx.dist,
+        num_labels=labels,
+        base_sha256=file_digest(model_path),
+        log_metrics=ctx.tracker.log_metrics,
+    )
     if not ctx.dist.is_main:
         return {}
     atomic_write_json(work / "history.json", result.history)
-    loss_curve([{"step": h["step"], "train/loss": h.get("controlnet/loss"), **({"val/loss": h["controlnet/val_loss"]} if "controlnet/val_loss" in h else {})}
-                for h in result.history], work / "loss_curve.png")
+    loss_curve(
+        [
+            {
+                "step": h["step"],
+                "train/loss": h.get("controlnet/loss"),
+                **({"val/loss": h["controlnet/val_loss"]} if "controlnet/val_loss" in h else {}),
+            }
+            for h in result.history
+        ],
+        work / "loss_curve.png",
+    )
     ctx.tracker.log_artifact(work / "loss_curve.png")
     last = result.history[-1] if result.history else {}
-    return {"steps": result.steps, "num_labels": labels, "final_loss": last.get("controlnet/loss"), "val_loss": last.get("controlnet/val_loss"),
-            "resumed_from": result.resumed_from, "mlflow_run_id": ctx.tracker.run_id or None}
-
-
-def sampling_inputs(ctx: StageContext, count: int):
-    """For sample / augment with a trained ControlNet: the ControlNet, ``count`` label maps (cycled over the
-    given files or the held-out cases), their sources, and the real images behind them (held-out
-    cases; None for given files). ``(None, None, None, None)`` when the config trains no ControlNet."""
-    import numpy as np
-
-    from medsynth.models.controlnet import check_label_maps, load_controlnet
-    from medsynth.synthesis import label_maps_for
-
-    if "controlnet" not in ctx.inputs:
-        return None, None, None, None
-    controlnet = load_controlnet(ctx.inputs["controlnet"] / "controlnet.pt", ctx.dist.device)
-    cache = ctx.inputs["prepare"] / "cache"
-    given = ctx.config.controlnet.label_maps
-    fallback = None if given else load_split(cache, "val")["labels"]
-    maps, sources = label_maps_for(given, fallback, count)
-    source = str(given) if given else f"{cache}/val_labels.npy"
-    maps = check_label_maps(maps, controlnet.image_size, controlnet.num_labels, source).numpy()
-    real = None
-    if not given:
-        val_images = np.load(cache / "val_images.npy", allow_pickle=False)
-        real = val_images[[i % len(val_images) for i in range(count)]]
-    return controlnet, maps, sources, real
+    return {
+        "steps": result.steps,
+        "num_labels": labels,
+        "final_loss": last.get("controlnet/loss"),
+        "val_loss": last.get("controlnet/val_loss"),
+        "resumed_from": result.resumed_from,
+        "mlflow_run_id": ctx.tracker.run_id or None,
+    }

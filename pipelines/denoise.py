@@ -42,11 +42,13 @@ from medsynth.io.nifti import write_nifti
 from medsynth.io.volumes import read_nifti
 from medsynth.models.loading import TrainedModel, load_trained_model
 from medsynth.noise.models import gaussian_noise, low_dose_ct, low_dose_ct_image_domain, rician_noise
-from medsynth.training.distributed import map_sharded
+from medsynth.runtime import map_sharded
 from pipelines.stage import StageContext
 
 
-def simulate(clean: np.ndarray, noise: str, level: float, *, seed: int, spacing_mm: float, photons: float) -> tuple[np.ndarray, float]:
+def simulate(
+    clean: np.ndarray, noise: str, level: float, *, seed: int, spacing_mm: float, photons: float
+) -> tuple[np.ndarray, float]:
     """The noisy scan and its noise std in the scan's units (for CT: measured from the simulated noise)."""
     if noise in ("rician", "gaussian"):
         mask = foreground_mask(clean)
@@ -73,16 +75,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     prepare_dir = ctx.inputs["prepare"]
     missing = [m for m in cfg.methods if m != "diffusion" and m not in available_methods()]
     if missing:
-        raise MedsynthError(f"{ctx.config_path}: key 'denoise.methods': {', '.join(missing)} not installed "
-                            "(bm3d needs the optional extra: pip install \"medsynth[bm3d]\")")
+        raise MedsynthError(
+            f"{ctx.config_path}: key 'denoise.methods': {', '.join(missing)} not installed "
+            '(bm3d needs the optional extra: pip install "medsynth[bm3d]")'
+        )
     modality = config.modality
     noise = config.denoise_noise
     levels = cfg.noise_levels(noise)
     cases = json.loads((prepare_dir / "datalist.json").read_text())["validation"][: cfg.num_images]
     datalist = read_datalist(cfg.datalist, cfg.datalist_key) if cfg.datalist else []  # checked before any work
-    trained = load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device) if "diffusion" in cfg.methods else None
-    settings = PriorSettings(mode=cfg.mode, steps=cfg.steps, samples=cfg.samples, seed=cfg.seed, overlap=cfg.overlap,
-                             sw_batch_size=cfg.sw_batch_size)
+    trained = (
+        load_trained_model(ctx.inputs["train"] / "model.pt", ctx.dist.device) if "diffusion" in cfg.methods else None
+    )
+    settings = PriorSettings(
+        mode=cfg.mode,
+        steps=cfg.steps,
+        samples=cfg.samples,
+        seed=cfg.seed,
+        overlap=cfg.overlap,
+        sw_batch_size=cfg.sw_batch_size,
+    )
 
     def denoise_case(k: int) -> dict[str, Any]:
         """Case ``k % len(cases)`` at level ``k // len(cases)``: simulated noise, then every method (nothing written)."""
@@ -91,13 +103,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
         source = Path(case["image"]) if Path(case["image"]).is_absolute() else prepare_dir / case["image"]
         clean = read_nifti(source)
         spacing = float(np.sqrt((clean.affine[:3, 0] ** 2).sum()))
-        noisy, true_sigma = simulate(clean.array, noise, levels[j], seed=cfg.seed + 1000 * j + i, spacing_mm=spacing, photons=cfg.photons)
-        given = {"auto": None, "oracle": true_sigma}.get(cfg.sigma, cfg.sigma) if isinstance(cfg.sigma, str) else float(cfg.sigma)
+        noisy, true_sigma = simulate(
+            clean.array, noise, levels[j], seed=cfg.seed + 1000 * j + i, spacing_mm=spacing, photons=cfg.photons
+        )
+        given = (
+            {"auto": None, "oracle": true_sigma}.get(cfg.sigma, cfg.sigma)
+            if isinstance(cfg.sigma, str)
+            else float(cfg.sigma)
+        )
         results = {}
         for method in cfg.methods:
             started = time.perf_counter()
-            result = denoise_scan(noisy, clean.affine, method=method, modality=modality, sigma=given, trained=trained, settings=settings,
-                                  device=ctx.dist.device)
+            result = denoise_scan(
+                noisy,
+                clean.affine,
+                method=method,
+                modality=modality,
+                sigma=given,
+                trained=trained,
+                settings=settings,
+                device=ctx.dist.device,
+            )
             results[method] = (result, time.perf_counter() - started)
         return {"source": source, "affine": clean.affine, "noisy": noisy, "true_sigma": true_sigma, "results": results}
 
@@ -115,31 +141,62 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not ctx.dist.is_main:
         return {}
 
-    atomic_write_json(work / "denoise.json", {
-        "modality": modality, "noise": noise, "levels": levels, "level_meaning": "dose fraction" if noise.startswith("low_dose_ct")
-        else "sigma / foreground 99th percentile", "sigma": cfg.sigma, "methods": cfg.methods, "settings": to_plain(cfg),
-        "model_file": str(trained.path) if trained else None, "entries": entries,
-        "scans": scans,
-    })
+    atomic_write_json(
+        work / "denoise.json",
+        {
+            "modality": modality,
+            "noise": noise,
+            "levels": levels,
+            "level_meaning": "dose fraction"
+            if noise.startswith("low_dose_ct")
+            else "sigma / foreground 99th percentile",
+            "sigma": cfg.sigma,
+            "methods": cfg.methods,
+            "settings": to_plain(cfg),
+            "model_file": str(trained.path) if trained else None,
+            "entries": entries,
+            "scans": scans,
+        },
+    )
     per_image = {f"denoise/seconds_per_image/{m}": s / max(1, len(entries)) for m, s in seconds.items()}
     ctx.tracker.log_metrics(per_image)
-    return {"images": len(entries), "levels": levels, "noise": noise, "datalist_scans": len(scans)} | {k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()}
+    return {"images": len(entries), "levels": levels, "noise": noise, "datalist_scans": len(scans)} | {
+        k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()
+    }
 
 
-def _write_case(work: Path, case: dict[str, Any], i: int, j: int, level: float, noise: str, done: dict[str, Any],
-                seconds: dict[str, float]) -> dict[str, Any]:
+def _write_case(
+    work: Path,
+    case: dict[str, Any],
+    i: int,
+    j: int,
+    level: float,
+    noise: str,
+    done: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     """Write one denoised (level, case) pair (rank 0) and return its ``denoise.json`` entry; adds each method's time to ``seconds``."""
     affine = done["affine"]
     folder = Path(f"level_{j}") / safe_name(case.get("case_id", f"case_{i:04d}"))
     write_nifti(work / folder / "noisy.nii.gz", done["noisy"], affine, description=f"medsynth {noise} {level}")
-    entry = {"level_index": j, "level": level, "case_id": case.get("case_id"), "clean": str(done["source"]), "noisy": str(folder / "noisy.nii.gz"),
-             "true_sigma": done["true_sigma"], "methods": {}}
+    entry = {
+        "level_index": j,
+        "level": level,
+        "case_id": case.get("case_id"),
+        "clean": str(done["source"]),
+        "noisy": str(folder / "noisy.nii.gz"),
+        "true_sigma": done["true_sigma"],
+        "methods": {},
+    }
     for method, (result, took) in done["results"].items():
         seconds[method] += took
         out = folder / f"{method}.nii.gz"
         write_nifti(work / out, result.image, affine, description=f"medsynth denoise {method}")
         record = {"file": str(out), "sigma": result.sigma, "seconds": took} | {
-            k: v for k, v in result.record.items() if k in ("timestep", "matched_sigma_normalised", "network_evaluations", "warning")}
+            k: v
+            for k, v in result.record.items()
+            if k in ("timestep", "matched_sigma_normalised", "network_evaluations", "warning")
+        }
         if result.uncertainty is not None:
             record["uncertainty"] = str(folder / f"{method}_uncertainty.nii.gz")
             write_nifti(work / record["uncertainty"], result.uncertainty, affine, description="medsynth posterior std")
@@ -147,7 +204,9 @@ def _write_case(work: Path, case: dict[str, Any], i: int, j: int, level: float, 
     return entry
 
 
-def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tuple[str, Path]], trained: TrainedModel | None) -> list[dict[str, Any]]:
+def _denoise_datalist(
+    ctx: StageContext, settings: PriorSettings, scans: list[tuple[str, Path]], trained: TrainedModel | None
+) -> list[dict[str, Any]]:
     """Every method on each scan of ``denoise.datalist`` (real noisy scans: no reference, so no scores).
 
     NIfTI scans give ``scans/<name>/<method>.nii.gz``, DICOM series ``scans/<name>/<method>/`` (a derived
@@ -164,8 +223,19 @@ def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tu
 
     def denoise_one(k: int) -> tuple[ScanInput, dict[str, Denoised]]:
         scan = read_scan(scans[k][1])
-        results = {method: denoise_input(scan, method=method, sigma=sigma, modality=ctx.config.modality, trained=trained if method == "diffusion" else None,
-                                         settings=settings, device=str(ctx.dist.device), progress=False) for method in cfg.methods}
+        results = {
+            method: denoise_input(
+                scan,
+                method=method,
+                sigma=sigma,
+                modality=ctx.config.modality,
+                trained=trained if method == "diffusion" else None,
+                settings=settings,
+                device=str(ctx.dist.device),
+                progress=False,
+            )
+            for method in cfg.methods
+        }
         # Rank 0 writes from the source file's header (NIfTI) or slices (DICOM), not from its voxels: not sent.
         return replace(scan, volume=replace(scan.volume, array=np.empty(0, np.float32))), results
 
@@ -177,11 +247,23 @@ def _denoise_datalist(ctx: StageContext, settings: PriorSettings, scans: list[tu
             for method, result in results.items():
                 out = Path("scans") / name / (f"{method}.nii.gz" if source.is_file() else method)
                 diffusion = method == "diffusion"
-                provenance = provenance_record(scan, final / out, result, model_uri=None, checkpoint=checkpoint if diffusion else None,
-                                               model_digest=model_digest if diffusion else None)
+                provenance = provenance_record(
+                    scan,
+                    final / out,
+                    result,
+                    model_uri=None,
+                    checkpoint=checkpoint if diffusion else None,
+                    model_digest=model_digest if diffusion else None,
+                )
                 write_result(scan, result, ctx.work / out, provenance)
-                outputs[method] = {"output": str(out), "sigma": result.record["sigma"], "sigma_source": result.record["sigma_source"]}
+                outputs[method] = {
+                    "output": str(out),
+                    "sigma": result.record["sigma"],
+                    "sigma_source": result.record["sigma_source"],
+                }
             # the entry's position and digest, not its path: folders of real scans are often named after the patient
-            records.append({"name": name, "input": f"denoise.datalist entry {k}", "input_digest": scan.digest, "outputs": outputs})
+            records.append(
+                {"name": name, "input": f"denoise.datalist entry {k}", "input_digest": scan.digest, "outputs": outputs}
+            )
             print(f"denoise: datalist scan {k + 1}/{len(scans)} done", flush=True)
     return records

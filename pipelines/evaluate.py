@@ -60,16 +60,23 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
         for method in ["noisy", *methods]:
             path = folder / (entry["noisy"] if method == "noisy" else entry["methods"][method]["file"])
             values = restoration_metrics(read_nifti(path).array, clean, data_range=data_range, mask=mask)
-            per_image.append({"level": entry["level"], "case_id": entry["case_id"], "method": method, "data_range": data_range} | values)
+            per_image.append(
+                {"level": entry["level"], "case_id": entry["case_id"], "method": method, "data_range": data_range}
+                | values
+            )
     for level in levels:
         for method in ["noisy", *methods]:
             chosen = [r for r in per_image if r["level"] == level and r["method"] == method]
             row = {"noise": record["noise"], "level": level, "method": method, "images": len(chosen)}
             row |= {k: float(np.mean([c[k] for c in chosen])) for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")}
             if method != "noisy":
-                row["seconds_per_image"] = float(np.mean([e["methods"][method]["seconds"] for e in record["entries"] if e["level"] == level]))
+                row["seconds_per_image"] = float(
+                    np.mean([e["methods"][method]["seconds"] for e in record["entries"] if e["level"] == level])
+                )
             rows.append(row)
-    metrics = {f"denoise/{r['method']}/{r['level']}/{k}": r[k] for r in rows for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")}
+    metrics = {
+        f"denoise/{r['method']}/{r['level']}/{k}": r[k] for r in rows for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")
+    }
     # The headline: diffusion's gain over the best classical baseline at each level.
     classical = [m for m in methods if m != "diffusion"]
     if "diffusion" in methods and classical:
@@ -78,12 +85,24 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
             best = max(classical, key=lambda m: at[m]["psnr"])
             metrics[f"denoise/gain_over_best_classical/{level}/psnr"] = at["diffusion"]["psnr"] - at[best]["psnr"]
     sample = read_nifti(folder / record["entries"][0]["noisy"]).array
-    details = {"noise": record["noise"], "levels": levels, "level_meaning": record["level_meaning"], "sigma": record["sigma"],
-               "data_range": "max - min of each clean scan", "mask": "foreground: MR > 10 % of the 99th percentile; CT > -500 HU",
-               "settings": restoration_settings(sample.shape, 1.0), "table": rows, "per_image": per_image}
+    details = {
+        "noise": record["noise"],
+        "levels": levels,
+        "level_meaning": record["level_meaning"],
+        "sigma": record["sigma"],
+        "data_range": "max - min of each clean scan",
+        "mask": "foreground: MR > 10 % of the 99th percentile; CT > -500 HU",
+        "settings": restoration_settings(sample.shape, 1.0),
+        "table": rows,
+        "per_image": per_image,
+    }
     atomic_write_json(work / "denoise_metrics.json", details)
     psnr_plot(rows, work / "psnr_vs_noise.png", level_label=record["level_meaning"])
-    figure_entry = [e for e in record["entries"] if e["level_index"] == (len(levels) + ctx.config.denoise.figure_level) % len(levels)][0]
+    figure_entry = [
+        e
+        for e in record["entries"]
+        if e["level_index"] == (len(levels) + ctx.config.denoise.figure_level) % len(levels)
+    ][0]
     clean = read_nifti(figure_entry["clean"])
 
     def shown(array: np.ndarray) -> np.ndarray:  # RAS voxel order, as the other figures: anterior up
@@ -91,10 +110,14 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
 
     panels = {"noisy": shown(read_nifti(folder / figure_entry["noisy"]).array)}
     panels |= {m: shown(read_nifti(folder / figure_entry["methods"][m]["file"]).array) for m in methods}
-    denoise_figure(panels, shown(clean.array), work / "denoise_comparison.png",
-                   title=f"{record['noise']} {figure_entry['level']} ({record['level_meaning']}), {figure_entry['case_id']}"
-                   + (", soft-tissue window W400 L40" if record["modality"] == "ct" else ""),
-                   window=(-160.0, 240.0) if record["modality"] == "ct" else None)
+    denoise_figure(
+        panels,
+        shown(clean.array),
+        work / "denoise_comparison.png",
+        title=f"{record['noise']} {figure_entry['level']} ({record['level_meaning']}), {figure_entry['case_id']}"
+        + (", soft-tissue window W400 L40" if record["modality"] == "ct" else ""),
+        window=(-160.0, 240.0) if record["modality"] == "ct" else None,
+    )
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_table(rows, "denoise_table.json")
     for name in ("denoise_metrics.json", "psnr_vs_noise.png", "denoise_comparison.png"):
@@ -115,21 +138,42 @@ def class_agreement(ctx: StageContext, requested: np.ndarray, fake: np.ndarray) 
     train_classes = np.load(cache / "train_classes.npy", allow_pickle=False)
     val_images = np.load(cache / "val_images.npy", allow_pickle=False)
     val_classes = np.load(cache / "val_classes.npy", allow_pickle=False)
-    classifier = train_classifier(train_images, train_classes, spatial_dims=config.data.spatial_dims, num_classes=num_classes,
-                                  steps=config.evaluate.classifier_steps, seed=config.seed, device=ctx.dist.device)
+    classifier = train_classifier(
+        train_images,
+        train_classes,
+        spatial_dims=config.data.spatial_dims,
+        num_classes=num_classes,
+        steps=config.evaluate.classifier_steps,
+        seed=config.seed,
+        device=ctx.dist.device,
+    )
     labelled = val_classes >= 0
     predicted = classifier.predict(fake, device=ctx.dist.device)
-    metrics = {"eval/class/real_accuracy": classifier.accuracy(val_images[labelled], val_classes[labelled], device=ctx.dist.device),
-               "eval/class/agreement": float(np.mean(predicted == requested))}
+    metrics = {
+        "eval/class/real_accuracy": classifier.accuracy(
+            val_images[labelled], val_classes[labelled], device=ctx.dist.device
+        ),
+        "eval/class/agreement": float(np.mean(predicted == requested)),
+    }
     for c in range(num_classes):
         chosen = requested == c
         if chosen.any():
             metrics[f"eval/class/{c}/agreement"] = float(np.mean(predicted[chosen] == c))
         if chosen.sum() >= 2:
-            metrics[f"eval/class/{c}/diversity_ms_ssim"] = pairwise_ms_ssim(torch.from_numpy(fake[chosen]), spatial_dims=config.data.spatial_dims)
-    return {"classifier": {"steps": classifier.steps, "seed": classifier.seed, "trained_on": "real training images with class labels",
-                           "network": "4 MONAI Convolution blocks + global max pool"},
-            "requested": requested.tolist(), "predicted": predicted.tolist(), "metrics": metrics}
+            metrics[f"eval/class/{c}/diversity_ms_ssim"] = pairwise_ms_ssim(
+                torch.from_numpy(fake[chosen]), spatial_dims=config.data.spatial_dims
+            )
+    return {
+        "classifier": {
+            "steps": classifier.steps,
+            "seed": classifier.seed,
+            "trained_on": "real training images with class labels",
+            "network": "4 MONAI Convolution blocks + global max pool",
+        },
+        "requested": requested.tolist(),
+        "predicted": predicted.tolist(),
+        "metrics": metrics,
+    }
 
 
 def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
@@ -141,11 +185,16 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
     labels_path = cache / "val_labels.npy"
     labels = np.load(labels_path, allow_pickle=False)[: cfg.num_real] if labels_path.exists() else None
     if fake.shape[1:] != real.shape[1:]:
-        raise MedsynthError(f"{ctx.inputs['sample'] / 'samples.npy'}: samples of shape {fake.shape[1:]} do not match the real images {real.shape[1:]}")
+        raise MedsynthError(
+            f"{ctx.inputs['sample'] / 'samples.npy'}: samples of shape {fake.shape[1:]} do not match the real images {real.shape[1:]}"
+        )
     class_names = {int(k): v for k, v in summary.get("label_names", {}).items()} or None
     metrics = evaluate_fidelity(
-        torch.from_numpy(real), torch.from_numpy(fake), spatial_dims=config.data.spatial_dims,
-        real_labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)), class_names=class_names,
+        torch.from_numpy(real),
+        torch.from_numpy(fake),
+        spatial_dims=config.data.spatial_dims,
+        real_labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+        class_names=class_names,
         bins=cfg.histogram_bins,
     )
     metrics = {f"eval/{k}": float(v) for k, v in metrics.items()}
@@ -160,15 +209,27 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
 
         fake_maps = np.load(maps_path, allow_pickle=False)
         count = int(max(fake_maps.max(), labels.max())) + 1
-        metrics |= {f"eval/{k}": v for k, v in label_adherence(fake, fake_maps, real, labels, count, class_names).items()}
+        metrics |= {
+            f"eval/{k}": v for k, v in label_adherence(fake, fake_maps, real, labels, count, class_names).items()
+        }
     features = feature_checks(ctx, real, fake)
     metrics |= features.pop("metrics")
-    details = {"num_real": len(real), "num_fake": len(fake), "ssim_settings": ssim_settings(tuple(real.shape[2:])),
-               "labels": labels is not None, "evaluate_config": to_plain(cfg), "class_check": class_check,
-               "feature_network": features["feature_network"], "comparison_key": features["comparison_key"],
-               "audit": features["audit_summary"], "metrics": metrics}
+    details = {
+        "num_real": len(real),
+        "num_fake": len(fake),
+        "ssim_settings": ssim_settings(tuple(real.shape[2:])),
+        "labels": labels is not None,
+        "evaluate_config": to_plain(cfg),
+        "class_check": class_check,
+        "feature_network": features["feature_network"],
+        "comparison_key": features["comparison_key"],
+        "audit": features["audit_summary"],
+        "metrics": metrics,
+    }
     # JSON has no NaN: a class that no synthetic voxel was assigned to is recorded as null.
-    atomic_write_json(work / "metrics.json", details | {"metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}})
+    atomic_write_json(
+        work / "metrics.json", details | {"metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}}
+    )
     evaluation_figure(real, fake, metrics, work / "evaluation.png")
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_params({"eval.ssim_settings": json.dumps(details["ssim_settings"], default=str)})
@@ -199,26 +260,51 @@ def feature_checks(ctx: StageContext, real: np.ndarray, fake: np.ndarray) -> dic
         slices = min(len(central_slices(size, cfg.slices_per_plane)) for size in real.shape[2:])
     samples = min(len(real), len(fake)) * slices
     neighbours = max(1, min(cfg.k, samples - 1))
-    values = feature_fidelity(real, fake, network, spatial_dims=dims, k=neighbours, device=device, slices_per_plane=cfg.slices_per_plane)
+    values = feature_fidelity(
+        real, fake, network, spatial_dims=dims, k=neighbours, device=device, slices_per_plane=cfg.slices_per_plane
+    )
     # "mmd" here is on features; the pixel-space one keeps the name eval/mmd
-    metrics = {"eval/" + ("feature_" + name if name.startswith("mmd") else name): float(v) for name, v in values.items()}
+    metrics = {
+        "eval/" + ("feature_" + name if name.startswith("mmd") else name): float(v) for name, v in values.items()
+    }
     cache = ctx.inputs["prepare"] / "cache"
     train = np.load(cache / "train_images.npy", allow_pickle=False)
     embed = {"spatial_dims": dims, "device": device, "slices_per_plane": cfg.slices_per_plane}
     use_features = audit_cfg.features
-    audit = memorisation_audit(fake, train, train_groups(cache), threshold=audit_cfg.threshold, rule=audit_cfg.rule,
-                               synthetic_features=network.embed(fake, **embed) if use_features else None,
-                               train_features=network.embed(train, **embed) if use_features else None)
-    atomic_write_json(ctx.work / "audit.json", audit.to_json() | {"against": "training images", "feature_network": network.identity})
+    audit = memorisation_audit(
+        fake,
+        train,
+        train_groups(cache),
+        threshold=audit_cfg.threshold,
+        rule=audit_cfg.rule,
+        synthetic_features=network.embed(fake, **embed) if use_features else None,
+        train_features=network.embed(train, **embed) if use_features else None,
+    )
+    atomic_write_json(
+        ctx.work / "audit.json", audit.to_json() | {"against": "training images", "feature_network": network.identity}
+    )
     audit_figure(audit, fake, train, ctx.work / "memorisation.png", top=audit_cfg.figure_pairs)
     metrics |= {f"eval/{k}": float(v) for k, v in audit.summary().items()}
     real_digest = file_digest(cache / "val_images.npy")
-    key = comparison_key(feature_weights_sha256=str(network.identity.get("weights_sha256")), real_sha256=real_digest,
-                         num_real=len(real), num_fake=len(fake))
+    key = comparison_key(
+        feature_weights_sha256=str(network.identity.get("weights_sha256")),
+        real_sha256=real_digest,
+        num_real=len(real),
+        num_fake=len(fake),
+    )
     ctx.tracker.log_params({"eval.feature_network": describe(network)})
-    ctx.tracker.set_tags({"medsynth.comparison_key": key, "medsynth.feature_network": str(network.identity.get("weights_sha256", ""))[:16]})
-    return {"metrics": metrics, "feature_network": network.identity | {"precision_recall_k": neighbours}, "comparison_key": key,
-            "audit_summary": audit.summary()}
+    ctx.tracker.set_tags(
+        {
+            "medsynth.comparison_key": key,
+            "medsynth.feature_network": str(network.identity.get("weights_sha256", ""))[:16],
+        }
+    )
+    return {
+        "metrics": metrics,
+        "feature_network": network.identity | {"precision_recall_k": neighbours},
+        "comparison_key": key,
+        "audit_summary": audit.summary(),
+    }
 
 
 def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_real: int, num_fake: int) -> str:
@@ -232,10 +318,14 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
     run = client.get_run(ctx.tracker.run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
     current = review.row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
-    earlier = review.earlier_evaluations(client, run.info.experiment_id, key=key, exclude_run_id=run.info.run_id, limit=tracking.compare_runs)
+    earlier = review.earlier_evaluations(
+        client, run.info.experiment_id, key=key, exclude_run_id=run.info.run_id, limit=tracking.compare_runs
+    )
     rows = review.summary_rows(current, earlier)
-    atomic_write_json(ctx.work / "evaluation_summary.json", {"comparison_key": key, "num_real": num_real, "num_fake": num_fake,
-                                                             "rows": rows})
+    atomic_write_json(
+        ctx.work / "evaluation_summary.json",
+        {"comparison_key": key, "num_real": num_real, "num_fake": num_fake, "rows": rows},
+    )
     review.comparison_figure(rows, ctx.work / "runs_comparison.png")
     for target in filter(None, (run.info.run_id, parent)):
         client.log_artifact(target, str(ctx.work / "evaluation_summary.json"))
@@ -248,11 +338,17 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
     if tracking.best_metric is None or tracking.registered_model is None or not tracking.log_model or not train_run_id:
         decision = {"decision": "skipped", "reason": "no registered model or no tracking.best_metric"}
     else:
-        decision = review.promote_best(client, registered_model=tracking.registered_model, train_run_id=train_run_id,
-                                       metric=tracking.best_metric, value=metrics.get(tracking.best_metric),
-                                       direction=tracking.best_direction, key=key, alias=tracking.best_alias)
+        decision = review.promote_best(
+            client,
+            registered_model=tracking.registered_model,
+            train_run_id=train_run_id,
+            metric=tracking.best_metric,
+            value=metrics.get(tracking.best_metric),
+            direction=tracking.best_direction,
+            key=key,
+            alias=tracking.best_alias,
+        )
     atomic_write_json(ctx.work / "best_alias.json", decision)
     ctx.tracker.set_tags({"medsynth.best_alias": decision["decision"]})
     print(f"evaluate: {tracking.best_alias} alias {decision['decision']}: {decision['reason']}", flush=True)
     return decision["decision"]
-

@@ -31,7 +31,9 @@ def preflight(config: Config) -> None:
     if features.network != "file":
         return
     if not Path(features.weights).is_file():
-        raise MedsynthError(f"{features.weights}: feature network weights file not found (evaluate.features.weights; medsynth never downloads weights)")
+        raise MedsynthError(
+            f"{features.weights}: feature network weights file not found (evaluate.features.weights; medsynth never downloads weights)"
+        )
     from medsynth.metrics.features import feature_network_from_file
 
     feature_network_from_file(features.weights, spatial_dims=config.data.spatial_dims, depth=features.depth)
@@ -44,15 +46,25 @@ def feature_network(ctx: StageContext) -> FeatureNetwork:
     one of its outputs, loadable with ``medsynth.metrics.features.load_feature_network``).
     """
     from medsynth.io.atomic import file_digest
-    from medsynth.metrics.features import feature_network_from_file, load_feature_network, save_feature_network, train_feature_network
+    from medsynth.metrics.features import (
+        feature_network_from_file,
+        load_feature_network,
+        save_feature_network,
+        train_feature_network,
+    )
 
     config, cfg = ctx.config, ctx.config.evaluate.features
     if cfg.network == "file":
         return feature_network_from_file(cfg.weights, spatial_dims=config.data.spatial_dims, depth=cfg.depth)
     cache = ctx.inputs["prepare"] / "cache"
     images_file = cache / "train_images.npy"
-    wanted = {"kind": "self_trained", "steps": cfg.steps, "seed": config.seed, "width": cfg.width,
-              "train_images_sha256": file_digest(images_file)}
+    wanted = {
+        "kind": "self_trained",
+        "steps": cfg.steps,
+        "seed": config.seed,
+        "width": cfg.width,
+        "train_images_sha256": file_digest(images_file),
+    }
     for folder in (ctx.work, Path(config.output_dir) / "evaluate"):
         candidate = folder / FILE_NAME
         if candidate.is_file():
@@ -67,8 +79,15 @@ def feature_network(ctx: StageContext) -> FeatureNetwork:
     images = np.load(images_file, allow_pickle=False)
     classes_file = cache / "train_classes.npy"
     classes = np.load(classes_file, allow_pickle=False) if classes_file.exists() else None
-    network = train_feature_network(images, classes, spatial_dims=config.data.spatial_dims, steps=cfg.steps, seed=config.seed,
-                                    width=cfg.width, device=ctx.dist.device)
+    network = train_feature_network(
+        images,
+        classes,
+        spatial_dims=config.data.spatial_dims,
+        steps=cfg.steps,
+        seed=config.seed,
+        width=cfg.width,
+        device=ctx.dist.device,
+    )
     network.identity["train_images_sha256"] = wanted["train_images_sha256"]  # the file's digest, as matched above
     save_feature_network(network, ctx.work / FILE_NAME)
     return network

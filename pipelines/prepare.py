@@ -14,7 +14,15 @@ from tqdm.auto import tqdm
 
 from medsynth.config import to_plain
 from medsynth.data.phantoms import BRAIN_LABELS, CT_LABELS
-from medsynth.data.prepare import Prepared, datalist, folder_cases, phantom_cases, preprocess_cases, save_split, split_cases
+from medsynth.data.prepare import (
+    Prepared,
+    datalist,
+    folder_cases,
+    phantom_cases,
+    preprocess_cases,
+    save_split,
+    split_cases,
+)
 from medsynth.figures import sample_grid
 from medsynth.io.atomic import atomic_write_json
 from pipelines.stage import StageContext
@@ -73,9 +81,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(work / "datalist.json", datalist(cases, train_idx, val_idx, modality))
     sample_grid(np.stack(train.images[:16]), work / "examples.png", title="prepared training inputs")
 
-    ctx.tracker.log_metrics({"data/train_cases": len(train_idx), "data/val_cases": len(val_idx), "data/train_inputs": len(train.images), "data/val_inputs": len(val.images)})
+    ctx.tracker.log_metrics(
+        {
+            "data/train_cases": len(train_idx),
+            "data/val_cases": len(val_idx),
+            "data/train_inputs": len(train.images),
+            "data/val_inputs": len(val.images),
+        }
+    )
     ctx.tracker.log_artifact(work / "datalist.json")
     ctx.tracker.log_artifact(work / "examples.png")
     return summary["cases"] | summary["inputs"]
-
-

@@ -54,7 +54,7 @@ from pipelines.stage import (
 )
 
 if TYPE_CHECKING:
-    from medsynth.training.distributed import DistContext
+    from medsynth.runtime import DistContext
 
 
 def say(message: str, ctx: DistContext | None = None) -> None:
@@ -79,7 +79,9 @@ def is_current(name: str, config: Config, memo: dict[str, bool] | None = None) -
         except MedsynthError:  # an upstream that has not run yet
             memo[name] = False
         else:
-            memo[name] = is_fresh(stage_dir(config, name), key) and all(is_current(u, config, memo) for u in spec.upstream(config))
+            memo[name] = is_fresh(stage_dir(config, name), key) and all(
+                is_current(u, config, memo) for u in spec.upstream(config)
+            )
     return memo[name]
 
 
@@ -118,14 +120,26 @@ def report_if_unchanged(config: Config, stages: list[str] | None, force: bool) -
     after a killed command (its MLflow runs are still to be closed).
     """
     names = selected(config, stages)
-    if force or (Path(config.output_dir) / INVOCATION_RECORD).exists() or not all(fresh for _, fresh in plan(config, names, force)):
+    if (
+        force
+        or (Path(config.output_dir) / INVOCATION_RECORD).exists()
+        or not all(fresh for _, fresh in plan(config, names, force))
+    ):
         return False
     for name in names:
         say(f"{name}: unchanged, skipped ({stage_dir(config, name)})")
     return True
 
 
-def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: list[str] | None = None, force: bool = False, nested: bool = True) -> dict[str, dict]:
+def run_pipeline(
+    config: Config,
+    config_path: str,
+    ctx: DistContext,
+    *,
+    stages: list[str] | None = None,
+    force: bool = False,
+    nested: bool = True,
+) -> dict[str, dict]:
     """Run ``stages`` (default: the config's) in pipeline order.
 
     Args:
@@ -165,15 +179,30 @@ def run_pipeline(config: Config, config_path: str, ctx: DistContext, *, stages: 
         return {}
     try:
         parent = (
-            tracking.start_run(config, run_name=config.name, stage=None, nested=False, config_path=config_path, invocation=invocation.id,
-                               continue_run=invocation.take(None))
+            tracking.start_run(
+                config,
+                run_name=config.name,
+                stage=None,
+                nested=False,
+                config_path=config_path,
+                invocation=invocation.id,
+                continue_run=invocation.take(None),
+            )
             if invocation is not None and nested
             else _null_context()
         )
         with parent as parent_tracker:
             for name in names:
-                results[name] = _run_stage(SPECS[name], config, config_path, ctx, force=force, nested=nested, tracking=tracking,
-                                           invocation=invocation)
+                results[name] = _run_stage(
+                    SPECS[name],
+                    config,
+                    config_path,
+                    ctx,
+                    force=force,
+                    nested=nested,
+                    tracking=tracking,
+                    invocation=invocation,
+                )
             if parent_tracker is not None:
                 parent_tracker.set_tags({"medsynth.stages": ",".join(names)})
     finally:
@@ -198,8 +227,12 @@ class Invocation:
         plain = to_plain(config)
         for section in ("train", "autoencoder", "controlnet"):  # resuming by hand is the same command
             plain.get(section, {}).pop("resume", None)
-        self.signature = {"config_digest": digest(plain), "tracking_uri": tracking.resolve_tracking_uri(config),
-                          "experiment": config.tracking.experiment, "nested": nested}
+        self.signature = {
+            "config_digest": digest(plain),
+            "tracking_uri": tracking.resolve_tracking_uri(config),
+            "experiment": config.tracking.experiment,
+            "nested": nested,
+        }
         self.id = uuid.uuid4().hex
         self.parent: str | None = None  # a RUNNING parent run to continue
         self.stages: dict[str, str] = {}  # stage -> its RUNNING run, to continue when the stage runs
@@ -225,16 +258,24 @@ class Invocation:
             else:
                 self.stages[stage] = run.info.run_id
         if self.parent or self.stages:
-            say(f"note: continuing the MLflow runs left open by an interrupted medsynth command (pid {left.get('pid')}) "
-                f"in {self.signature['tracking_uri']}")
+            say(
+                f"note: continuing the MLflow runs left open by an interrupted medsynth command (pid {left.get('pid')}) "
+                f"in {self.signature['tracking_uri']}"
+            )
 
     def _end_foreign(self, left: dict) -> None:
         """A killed command with another config (or store): its open runs end KILLED, wherever they are."""
         note = f"ended by a later medsynth command (pid {os.getpid()}) with another config: the process that ran it was killed"
         uri = str(left.get("tracking_uri", ""))
-        failed = self.tracking.end_killed_runs(uri, str(left.get("experiment", "")), str(left["id"]), note) if uri else "no store recorded"
+        failed = (
+            self.tracking.end_killed_runs(uri, str(left.get("experiment", "")), str(left["id"]), note)
+            if uri
+            else "no store recorded"
+        )
         if failed:
-            say(f"note: the MLflow runs of an interrupted medsynth command (pid {left.get('pid')}) stay RUNNING in {uri or '?'} ({failed})")
+            say(
+                f"note: the MLflow runs of an interrupted medsynth command (pid {left.get('pid')}) stay RUNNING in {uri or '?'} ({failed})"
+            )
 
     def take(self, stage: str | None) -> str | None:
         """The RUNNING run a killed command left for ``stage`` (``None``: the parent run), to be continued
@@ -248,8 +289,11 @@ class Invocation:
         note = "ended by a later medsynth command after its process was killed"
         for stage, run_id in self.stages.items():
             complete = read_manifest(stage_dir(self.config, stage)).get("mlflow_run_id") == run_id
-            self.tracking.close_run(run_id, "FINISHED" if complete else "KILLED",
-                                    note + ("; the stage's outputs are complete" if complete else "; the stage did not finish"))
+            self.tracking.close_run(
+                run_id,
+                "FINISHED" if complete else "KILLED",
+                note + ("; the stage's outputs are complete" if complete else "; the stage did not finish"),
+            )
         if self.parent is not None:  # not continued: every stage of the pipeline was complete already
             self.tracking.close_run(self.parent, "FINISHED", note + "; its stages' outputs are complete")
         self.stages.clear()
@@ -284,9 +328,18 @@ def check_upstream_current(spec: StageSpec, config: Config) -> None:
             )
 
 
-def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistContext, *, force: bool, nested: bool, tracking,
-               invocation: Invocation | None = None) -> dict:
-    from medsynth.training.distributed import barrier, from_main
+def _run_stage(
+    spec: StageSpec,
+    config: Config,
+    config_path: str,
+    ctx: DistContext,
+    *,
+    force: bool,
+    nested: bool,
+    tracking,
+    invocation: Invocation | None = None,
+) -> dict:
+    from medsynth.runtime import barrier, from_main
 
     run_fn = importlib.import_module(spec.module).run
     inputs = upstream_digests(spec, config)
@@ -301,19 +354,36 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
     if not ctx.is_main and not distributed_stage:
         if spec.shards and ctx.distributed:
             # this rank computes its share; rank 0 gathers and writes (no folder, no tracker here)
-            run_fn(StageContext(spec.name, config, config_path, None, {u: stage_dir(config, u) for u in spec.upstream(config)},
-                                tracking.NullTracker(), ctx))
+            run_fn(
+                StageContext(
+                    spec.name,
+                    config,
+                    config_path,
+                    None,
+                    {u: stage_dir(config, u) for u in spec.upstream(config)},
+                    tracking.NullTracker(),
+                    ctx,
+                )
+            )
         barrier(ctx)
         return {}
     say(f"{spec.name}: running -> {final}", ctx)
     started = time.time()
     # Training keeps a fixed work folder with its checkpoints so that an interrupted run can resume.
     work = training_work(config, spec.name) if distributed_stage else None
-    stage_config, recorded = _resume_if_interrupted(spec, config, work, key, ctx) if distributed_stage else (config, None)
+    stage_config, recorded = (
+        _resume_if_interrupted(spec, config, work, key, ctx) if distributed_stage else (config, None)
+    )
     run = (
-        tracking.start_run(config, run_name=f"{config.name}/{spec.name}", stage=spec.name, nested=nested, config_path=config_path,
-                           invocation=invocation.id if invocation is not None else None,
-                           continue_run=invocation.take(spec.name) if invocation is not None else None)
+        tracking.start_run(
+            config,
+            run_name=f"{config.name}/{spec.name}",
+            stage=spec.name,
+            nested=nested,
+            config_path=config_path,
+            invocation=invocation.id if invocation is not None else None,
+            continue_run=invocation.take(spec.name) if invocation is not None else None,
+        )
         if ctx.is_main
         else _null_context()
     )
@@ -323,15 +393,29 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
             tracker = tracker if tracker is not None else tracking.NullTracker()
             if ctx.is_main:
                 with staged_folder(final, work=work, keep_on_error=distributed_stage) as folder:
-                    stage_ctx = StageContext(spec.name, stage_config, config_path, folder, {u: stage_dir(config, u) for u in spec.upstream(config)},
-                                             tracker, ctx)
+                    stage_ctx = StageContext(
+                        spec.name,
+                        stage_config,
+                        config_path,
+                        folder,
+                        {u: stage_dir(config, u) for u in spec.upstream(config)},
+                        tracker,
+                        ctx,
+                    )
                     stage_ctx.summary = run_fn(stage_ctx) or {}
                     manifest = write_manifest(stage_ctx, key, inputs, tracking.code_version(), started)
                     tracker.log_artifact(folder / "config.yaml")
                     tracker.log_artifact(folder / "manifest.json")
             else:
-                stage_ctx = StageContext(spec.name, stage_config, config_path, work, {u: stage_dir(config, u) for u in spec.upstream(config)},
-                                         tracker, ctx)
+                stage_ctx = StageContext(
+                    spec.name,
+                    stage_config,
+                    config_path,
+                    work,
+                    {u: stage_dir(config, u) for u in spec.upstream(config)},
+                    tracker,
+                    ctx,
+                )
                 run_fn(stage_ctx)
     except BaseException as exc:
         # Nothing half-written: a training work folder survives only if it holds a checkpoint to resume.
@@ -349,7 +433,9 @@ def _run_stage(spec: StageSpec, config: Config, config_path: str, ctx: DistConte
     return manifest
 
 
-def _resume_if_interrupted(spec: StageSpec, config: Config, work: Path, key: str, ctx: DistContext) -> tuple[Config, str | None]:
+def _resume_if_interrupted(
+    spec: StageSpec, config: Config, work: Path, key: str, ctx: DistContext
+) -> tuple[Config, str | None]:
     """The config a training stage runs with: ``<stage>.resume`` turned on when its work folder holds
     the checkpoint of an interrupted run of this very stage config (same cache key), so that rerunning
     the command after a crash continues where the checkpoint stands. A work folder made for another
@@ -359,7 +445,7 @@ def _resume_if_interrupted(spec: StageSpec, config: Config, work: Path, key: str
     Returns:
         The config, and the stage key the work folder held before (None: none).
     """
-    from medsynth.training.distributed import barrier
+    from medsynth.runtime import barrier
 
     section = getattr(config, spec.name)  # training stages are configured by the section of their name
     checkpoint = work / "checkpoints" / "last.pt"
@@ -368,7 +454,10 @@ def _resume_if_interrupted(spec: StageSpec, config: Config, work: Path, key: str
     barrier(ctx)
     if ctx.is_main:
         if resume and not section.resume:
-            say(f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})", ctx)
+            say(
+                f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})",
+                ctx,
+            )
         if not resume and work.exists():
             shutil.rmtree(work)
         atomic_write_text(work / STAGE_KEY, key)

@@ -43,7 +43,10 @@ def model_inputs(config: Config) -> tuple[str, ...]:
 
 
 def sample_section(config: Config) -> dict[str, Any]:
-    section = {"sample": to_plain(config.sample), "decode": {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap}}
+    section = {
+        "sample": to_plain(config.sample),
+        "decode": {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap},
+    }
     if "controlnet" in config.stages:
         section["controlnet"] = controlnet_sampling(config)
     return section
@@ -58,7 +61,11 @@ def controlnet_sampling(config: Config) -> dict[str, Any]:
         for file in sorted(target.rglob("*")) if target.is_dir() else [target]:
             if file.is_file():
                 files[str(file)] = [file.stat().st_size, file.stat().st_mtime_ns]
-    return {"conditioning_scale": config.controlnet.conditioning_scale, "label_maps": str(path) if path else None, "files": files}
+    return {
+        "conditioning_scale": config.controlnet.conditioning_scale,
+        "label_maps": str(path) if path else None,
+        "files": files,
+    }
 
 
 def feature_section(config: Config) -> dict[str, Any]:
@@ -98,7 +105,7 @@ def _files_signature(path: str) -> dict[str, Any]:
         document = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return signature
-    for entries in (document.values() if isinstance(document, dict) else ()):
+    for entries in document.values() if isinstance(document, dict) else ():
         for entry in entries if isinstance(entries, list) else ():
             image = entry.get("image") if isinstance(entry, dict) else entry
             if not isinstance(image, str):
@@ -124,32 +131,97 @@ def denoise_section(config: Config) -> dict[str, Any]:
 SPECS: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
-        StageSpec("prepare", "pipelines.prepare", lambda c: {"data": to_plain(c.data)}, (),
-                  "phantoms or your folder -> NIfTI + datalist.json + cached model inputs"),
-        StageSpec("autoencoder", "pipelines.autoencoder",
-                  lambda c: {"autoencoder": {k: v for k, v in to_plain(c.autoencoder).items() if k not in ("resume", "decode_roi", "decode_overlap")}},
-                  ("prepare",), "AutoencoderKL (L1 + KL + patch adversarial) for latent diffusion, with its latent scale factor", trains=True),
+        StageSpec(
+            "prepare",
+            "pipelines.prepare",
+            lambda c: {"data": to_plain(c.data)},
+            (),
+            "phantoms or your folder -> NIfTI + datalist.json + cached model inputs",
+        ),
+        StageSpec(
+            "autoencoder",
+            "pipelines.autoencoder",
+            lambda c: {
+                "autoencoder": {
+                    k: v
+                    for k, v in to_plain(c.autoencoder).items()
+                    if k not in ("resume", "decode_roi", "decode_overlap")
+                }
+            },
+            ("prepare",),
+            "AutoencoderKL (L1 + KL + patch adversarial) for latent diffusion, with its latent scale factor",
+            trains=True,
+        ),
         # train.resume and train.gradient_checkpointing change how the result is reached, not the result (tested).
-        StageSpec("train", "pipelines.train",
-                  lambda c: {"model": to_plain(c.model), "diffusion": to_plain(c.diffusion),
-                             "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")}},
-                  train_inputs, "DDPM/RFlow training (pixels or latents) with EMA, checkpoints, exact resume, DDP", trains=True),
-        StageSpec("controlnet", "pipelines.controlnet",
-                  lambda c: {"controlnet": {k: v for k, v in to_plain(c.controlnet).items() if k not in ("resume", "conditioning_scale", "label_maps")},
-                             "train": {k: to_plain(c.train)[k] for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision",
-                                                                         "val_images")}},
-                  ("prepare", "train"), "ControlNet on the trained model: label map -> image", trains=True),
-        StageSpec("sample", "pipelines.sample", sample_section, model_inputs,
-                  "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)", shards=True),
-        StageSpec("denoise", "pipelines.denoise", denoise_section, ("prepare", "train"),
-                  "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines", shards=True),
-        StageSpec("evaluate", "pipelines.evaluate", evaluate_section, evaluate_inputs,
-                  "samples: FID / precision-recall / MMD on self-trained features, MS-SSIM diversity, memorisation audit, "
-                  "best-model alias; denoising: PSNR / SSIM per method and level"),
-        StageSpec("augment", "pipelines.augment", augment_section, model_inputs,
-                  "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist", shards=True),
-        StageSpec("utility", "pipelines.utility", lambda c: {"utility": to_plain(c.utility)}, ("prepare", "augment"),
-                  "downstream model trained on real / real + synthetic / synthetic, scored on held-out real data"),
+        StageSpec(
+            "train",
+            "pipelines.train",
+            lambda c: {
+                "model": to_plain(c.model),
+                "diffusion": to_plain(c.diffusion),
+                "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")},
+            },
+            train_inputs,
+            "DDPM/RFlow training (pixels or latents) with EMA, checkpoints, exact resume, DDP",
+            trains=True,
+        ),
+        StageSpec(
+            "controlnet",
+            "pipelines.controlnet",
+            lambda c: {
+                "controlnet": {
+                    k: v
+                    for k, v in to_plain(c.controlnet).items()
+                    if k not in ("resume", "conditioning_scale", "label_maps")
+                },
+                "train": {
+                    k: to_plain(c.train)[k]
+                    for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision", "val_images")
+                },
+            },
+            ("prepare", "train"),
+            "ControlNet on the trained model: label map -> image",
+            trains=True,
+        ),
+        StageSpec(
+            "sample",
+            "pipelines.sample",
+            sample_section,
+            model_inputs,
+            "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)",
+            shards=True,
+        ),
+        StageSpec(
+            "denoise",
+            "pipelines.denoise",
+            denoise_section,
+            ("prepare", "train"),
+            "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines",
+            shards=True,
+        ),
+        StageSpec(
+            "evaluate",
+            "pipelines.evaluate",
+            evaluate_section,
+            evaluate_inputs,
+            "samples: FID / precision-recall / MMD on self-trained features, MS-SSIM diversity, memorisation audit, "
+            "best-model alias; denoising: PSNR / SSIM per method and level",
+        ),
+        StageSpec(
+            "augment",
+            "pipelines.augment",
+            augment_section,
+            model_inputs,
+            "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist",
+            shards=True,
+        ),
+        StageSpec(
+            "utility",
+            "pipelines.utility",
+            lambda c: {"utility": to_plain(c.utility)},
+            ("prepare", "augment"),
+            "downstream model trained on real / real + synthetic / synthetic, scored on held-out real data",
+        ),
     )
 }
 assert tuple(SPECS) == STAGES

@@ -21,7 +21,7 @@ from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json, atomic_write_text, file_digest
 
 if TYPE_CHECKING:
-    from medsynth.training.distributed import DistContext
+    from medsynth.runtime import DistContext
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -94,7 +94,15 @@ def upstream_digests(spec: StageSpec, config: Config) -> dict[str, str]:
 
 
 def cache_key(spec: StageSpec, config: Config, inputs: dict[str, str]) -> str:
-    return digest({"stage": spec.name, "sections": spec.sections(config), "seed": config.seed, "version": __version__, "inputs": inputs})
+    return digest(
+        {
+            "stage": spec.name,
+            "sections": spec.sections(config),
+            "seed": config.seed,
+            "version": __version__,
+            "inputs": inputs,
+        }
+    )
 
 
 def is_fresh(folder: Path, key: str) -> bool:
@@ -109,7 +117,9 @@ def is_fresh(folder: Path, key: str) -> bool:
     return True
 
 
-def write_manifest(ctx: StageContext, key: str, inputs: dict[str, str], code: dict[str, str], started: float) -> dict[str, Any]:
+def write_manifest(
+    ctx: StageContext, key: str, inputs: dict[str, str], code: dict[str, str], started: float
+) -> dict[str, Any]:
     """Write the resolved config and the manifest (outputs with digests, inputs, code, seed) into ``work``."""
     atomic_write_text(ctx.work / RESOLVED_CONFIG, to_yaml(ctx.config))
     outputs = {}

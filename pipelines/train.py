@@ -22,7 +22,9 @@ from medsynth.training.trainer import train_diffusion
 from pipelines.stage import StageContext
 
 
-def encode_latents(ctx: StageContext, images: np.ndarray, val_images: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def encode_latents(
+    ctx: StageContext, images: np.ndarray, val_images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Latent diffusion: the training and validation images encoded once by the autoencoder stage's model
     (posterior means times the scale factor), plus what the model file embeds and what a resumed
     checkpoint must match (the autoencoder's digest)."""
@@ -34,8 +36,18 @@ def encode_latents(ctx: StageContext, images: np.ndarray, val_images: np.ndarray
     latents = encode(autoencoder, images, batch_size=batch, device=ctx.dist.device)
     val_latents = encode(autoencoder, val_images, batch_size=batch, device=ctx.dist.device)
     if ctx.dist.is_main:
-        print(f"train: {len(latents)} latents of shape {list(latents.shape[1:])} (std {latents.std():.3f}) from {path}", file=sys.stderr)
-    return latents, val_latents, {"state": {"autoencoder": autoencoder_state(autoencoder)}, "identity": {"autoencoder_sha256": file_digest(path)}}
+        print(
+            f"train: {len(latents)} latents of shape {list(latents.shape[1:])} (std {latents.std():.3f}) from {path}",
+            file=sys.stderr,
+        )
+    return (
+        latents,
+        val_latents,
+        {
+            "state": {"autoencoder": autoencoder_state(autoencoder)},
+            "identity": {"autoencoder_sha256": file_digest(path)},
+        },
+    )
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -45,26 +57,44 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_split(cache, "train")
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):
-        raise MedsynthError(f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; rerun 'medsynth prepare'")
+        raise MedsynthError(
+            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; rerun 'medsynth prepare'"
+        )
 
     if ctx.dist.is_main and config.train.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"train: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
         digest = ctx.tracker.log_dataset(
-            train["images"], source=str((cache / "train_images.npy").resolve()), name=f"{config.name}-train", context="training",
+            train["images"],
+            source=str((cache / "train_images.npy").resolve()),
+            name=f"{config.name}-train",
+            context="training",
             targets=train["classes"],
         )
-        ctx.tracker.log_dataset(val["images"], source=str((cache / "val_images.npy").resolve()), name=f"{config.name}-validation", context="validation")
+        ctx.tracker.log_dataset(
+            val["images"],
+            source=str((cache / "val_images.npy").resolve()),
+            name=f"{config.name}-validation",
+            context="validation",
+        )
         ctx.tracker.set_tags({"medsynth.dataset_digest": digest})
 
     inputs, val_inputs, latent = train["images"], val["images"], {}
     if config.diffusion.space == "latent":
         inputs, val_inputs, latent = encode_latents(ctx, inputs, val_inputs)
     result = train_diffusion(
-        config, inputs, val_inputs, work, ctx.dist,
-        intensity=summary["intensity"], spacing_mm=summary["spacing_mm"], log_metrics=ctx.tracker.log_metrics,
-        train_classes=train["classes"] if config.model.num_classes else None, val_classes=val["classes"] if config.model.num_classes else None,
-        extra_state=latent.get("state"), identity_extra=latent.get("identity"),
+        config,
+        inputs,
+        val_inputs,
+        work,
+        ctx.dist,
+        intensity=summary["intensity"],
+        spacing_mm=summary["spacing_mm"],
+        log_metrics=ctx.tracker.log_metrics,
+        train_classes=train["classes"] if config.model.num_classes else None,
+        val_classes=val["classes"] if config.model.num_classes else None,
+        extra_state=latent.get("state"),
+        identity_extra=latent.get("identity"),
     )
     if not ctx.dist.is_main:
         return {}
@@ -79,13 +109,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if config.tracking.log_model and ctx.tracker.enabled:
         trained = load_trained_model(result.model_path)
         model_uri = ctx.tracker.log_model(
-            trained.network, registered_name=config.tracking.registered_model, alias=config.tracking.model_alias,
-            metadata={"spatial_dims": trained.spatial_dims, "image_size": trained.output_size, "model_input_size": trained.image_size,
-                      "latent": trained.is_latent, "num_classes": trained.num_classes, "diffusion": to_plain(config.diffusion),
-                      "intensity": summary["intensity"], "medsynth_model_file": "model.pt"},
+            trained.network,
+            registered_name=config.tracking.registered_model,
+            alias=config.tracking.model_alias,
+            metadata={
+                "spatial_dims": trained.spatial_dims,
+                "image_size": trained.output_size,
+                "model_input_size": trained.image_size,
+                "latent": trained.is_latent,
+                "num_classes": trained.num_classes,
+                "diffusion": to_plain(config.diffusion),
+                "intensity": summary["intensity"],
+                "medsynth_model_file": "model.pt",
+            },
         )
         ctx.tracker.log_artifact(result.model_path, artifact_path="medsynth")
-    return {"steps": result.steps, "final_loss": last.get("train/loss"), "val_loss": last.get("val/loss"),
-            "images_per_s": last.get("train/images_per_s"), "resumed_from": result.resumed_from, "model_uri": model_uri,
-            "mlflow_run_id": ctx.tracker.run_id or None}
-
+    return {
+        "steps": result.steps,
+        "final_loss": last.get("train/loss"),
+        "val_loss": last.get("val/loss"),
+        "images_per_s": last.get("train/images_per_s"),
+        "resumed_from": result.resumed_from,
+        "model_uri": model_uri,
+        "mlflow_run_id": ctx.tracker.run_id or None,
+    }

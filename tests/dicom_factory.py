@@ -20,10 +20,10 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     RTStructureSetStorage,
-    UID,
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds

@@ -45,7 +45,9 @@ class ExactClassGaussianModel(torch.nn.Module):
     (the 'no class' token of classifier-free guidance) is N(null_mean, DATA_STD^2). Takes
     ``class_labels`` like MONAI's ``DiffusionModelUNet`` with ``num_class_embeds``."""
 
-    def __init__(self, diffusion: DiffusionConfig, spatial_dims: int, means: list[float], null_mean: float = 0.0) -> None:
+    def __init__(
+        self, diffusion: DiffusionConfig, spatial_dims: int, means: list[float], null_mean: float = 0.0
+    ) -> None:
         super().__init__()
         self.diffusion = diffusion
         self.means = torch.tensor([*means, null_mean], dtype=torch.float64)
@@ -53,7 +55,9 @@ class ExactClassGaussianModel(torch.nn.Module):
         self.calls: list[int] = []  # batch size of every call
         object.__setattr__(self, "scheduler", build_train_scheduler(diffusion, spatial_dims=spatial_dims))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if class_labels is None:
             raise ValueError("class_labels should be provided when num_class_embeds > 0")
         self.calls.append(len(x))

@@ -20,7 +20,16 @@ def test_shipped_configs_validate(name: str) -> None:
 
 
 def test_overrides_are_typed(write_config) -> None:
-    config = load_config(write_config(), ["train.max_steps=7", "train.lr=2e-4", "train.channels_last=false", "data.image_size=[24, 24]", "data.phantom.shape=[24,24]"])
+    config = load_config(
+        write_config(),
+        [
+            "train.max_steps=7",
+            "train.lr=2e-4",
+            "train.channels_last=false",
+            "data.image_size=[24, 24]",
+            "data.phantom.shape=[24,24]",
+        ],
+    )
     assert config.train.max_steps == 7 and config.train.lr == 2e-4 and config.train.channels_last is False
     assert config.data.image_size == [24, 24]
 
@@ -81,7 +90,12 @@ def test_missing_data_folder_names_key(write_config, tmp_path: Path) -> None:
 
 
 def test_parse_overrides_values() -> None:
-    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=text", "e=true"]) == [(["a", "b"], 3), (["c"], [1, 2]), (["d"], "text"), (["e"], True)]
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=text", "e=true"]) == [
+        (["a", "b"], 3),
+        (["c"], [1, 2]),
+        (["d"], "text"),
+        (["e"], True),
+    ]
 
 
 def test_flatten_for_mlflow_params() -> None:

@@ -28,15 +28,36 @@ from mlflow import MlflowClient
 from medsynth.cli import main
 
 PATIENTS = [
-    {"PatientName": "Zyxwvut^Qwertina", "PatientID": "PID-739184265", "PatientBirthDate": "19230417", "AccessionNumber": "ACC5550192",
-     "InstitutionName": "Plumtree Vale Infirmary", "ReferringPhysicianName": "Fennimorex^Oswin", "StudyID": "ST88412",
-     "OtherPatientIDs": "OPID-26431-X"},
-    {"PatientName": "Grumbleton^Aurelix", "PatientID": "PID-602718493", "PatientBirthDate": "19311202", "AccessionNumber": "ACC5550733",
-     "InstitutionName": "Plumtree Vale Infirmary", "ReferringPhysicianName": "Fennimorex^Oswin", "StudyID": "ST88977",
-     "OtherPatientIDs": "OPID-90317-Y"},
-    {"PatientName": "Quorvane^Bellisande", "PatientID": "PID-481920376", "PatientBirthDate": "19400929", "AccessionNumber": "ACC5551846",
-     "InstitutionName": "Plumtree Vale Infirmary", "ReferringPhysicianName": "Fennimorex^Oswin", "StudyID": "ST89150",
-     "OtherPatientIDs": "OPID-55102-Z"},
+    {
+        "PatientName": "Zyxwvut^Qwertina",
+        "PatientID": "PID-739184265",
+        "PatientBirthDate": "19230417",
+        "AccessionNumber": "ACC5550192",
+        "InstitutionName": "Plumtree Vale Infirmary",
+        "ReferringPhysicianName": "Fennimorex^Oswin",
+        "StudyID": "ST88412",
+        "OtherPatientIDs": "OPID-26431-X",
+    },
+    {
+        "PatientName": "Grumbleton^Aurelix",
+        "PatientID": "PID-602718493",
+        "PatientBirthDate": "19311202",
+        "AccessionNumber": "ACC5550733",
+        "InstitutionName": "Plumtree Vale Infirmary",
+        "ReferringPhysicianName": "Fennimorex^Oswin",
+        "StudyID": "ST88977",
+        "OtherPatientIDs": "OPID-90317-Y",
+    },
+    {
+        "PatientName": "Quorvane^Bellisande",
+        "PatientID": "PID-481920376",
+        "PatientBirthDate": "19400929",
+        "AccessionNumber": "ACC5551846",
+        "InstitutionName": "Plumtree Vale Infirmary",
+        "ReferringPhysicianName": "Fennimorex^Oswin",
+        "StudyID": "ST89150",
+        "OtherPatientIDs": "OPID-55102-Z",
+    },
 ]
 
 
@@ -76,21 +97,39 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = root / "dicom_root"
     rng = np.random.default_rng(0)
     for n, patient in enumerate(PATIENTS):
-        hu = rng.normal(0.0, 30.0, (20, 20, 6)) + np.where(np.hypot(*np.mgrid[-10:10, -10:10]) < 6 + n, 50.0, -950.0)[..., None]
-        write_ct_series(data / folder_name(patient) / f"CT_{patient['PatientName'].replace('^', '_')}", hu, identifiers=patient,
-                        name_prefix=f"{patient['PatientName'].replace('^', '_')}_{patient['AccessionNumber']}_")
+        hu = (
+            rng.normal(0.0, 30.0, (20, 20, 6))
+            + np.where(np.hypot(*np.mgrid[-10:10, -10:10]) < 6 + n, 50.0, -950.0)[..., None]
+        )
+        write_ct_series(
+            data / folder_name(patient) / f"CT_{patient['PatientName'].replace('^', '_')}",
+            hu,
+            identifiers=patient,
+            name_prefix=f"{patient['PatientName'].replace('^', '_')}_{patient['AccessionNumber']}_",
+        )
     # Your own noisy scan for the denoise stage: one of the identified DICOM series.
     datalist = root / "lists" / "noisy.json"
     datalist.parent.mkdir()
     first = data / folder_name(PATIENTS[0]) / f"CT_{PATIENTS[0]['PatientName'].replace('^', '_')}"
     datalist.write_text(json.dumps({"testing": [{"image": os.path.relpath(first, datalist.parent)}]}))
-    config = deep_update(TINY, {
-        "output_dir": str(root / "out"), "stages": PIPELINE,
-        "tracking": {"experiment": "medsynth-identifiers", "registered_model": "medsynth-identifiers"},
-        "data": {"source": "folder", "folder": str(data), "modality": "ct", "val_fraction": 0.34, "spatial_dims": 2, "image_size": [16, 16]},
-        "augment": {"dicom": True, "audit": {"action": "drop"}},
-        "denoise": {"methods": ["tv", "diffusion"], "levels": [0.25], "num_images": 1, "datalist": str(datalist)},
-    })
+    config = deep_update(
+        TINY,
+        {
+            "output_dir": str(root / "out"),
+            "stages": PIPELINE,
+            "tracking": {"experiment": "medsynth-identifiers", "registered_model": "medsynth-identifiers"},
+            "data": {
+                "source": "folder",
+                "folder": str(data),
+                "modality": "ct",
+                "val_fraction": 0.34,
+                "spatial_dims": 2,
+                "image_size": [16, 16],
+            },
+            "augment": {"dicom": True, "audit": {"action": "drop"}},
+            "denoise": {"methods": ["tv", "diffusion"], "levels": [0.25], "num_images": 1, "datalist": str(datalist)},
+        },
+    )
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -107,8 +146,15 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(previous)
-    return {"root": root, "out": root / "out", "code": code, "logs": [r.getMessage() for r in records], "data": data,
-            "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+    return {
+        "root": root,
+        "out": root / "out",
+        "code": code,
+        "logs": [r.getMessage() for r in records],
+        "data": data,
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+    }
 
 
 def test_pipeline_ran(pipeline_run: dict) -> None:
@@ -173,7 +219,9 @@ def test_no_identifier_in_mlflow(pipeline_run: dict) -> None:
             artifacts += 1
             assert not leaks(path.read_bytes()) and not leaks(str(path).encode()), (run.info.run_name, path)
         for dataset in run.inputs.dataset_inputs:
-            assert not leaks(f"{dataset.dataset.name} {dataset.dataset.source} {dataset.dataset.profile}".encode()), dataset.dataset.source
+            assert not leaks(f"{dataset.dataset.name} {dataset.dataset.source} {dataset.dataset.profile}".encode()), (
+                dataset.dataset.source
+            )
     assert artifacts > 0
     for version in client.search_model_versions("name='medsynth-identifiers'"):
         assert not leaks(f"{version.source} {version.tags} {version.description}".encode())

@@ -51,10 +51,19 @@ def test_earlier_evaluations_only_comparable_finished_runs(client, tmp_path: Pat
     assert [r["eval/fid"] for r in rows] == [2.0, 3.0]
     assert len(review.earlier_evaluations(client, experiment, key="k1", exclude_run_id=None, limit=2)) == 2
 
-    current = {"run_id": "now", "run_name": "now", "pipeline_run_id": None, "start_time": 0, "eval/fid": 0.5, "eval/recall": None}
+    current = {
+        "run_id": "now",
+        "run_name": "now",
+        "pipeline_run_id": None,
+        "start_time": 0,
+        "eval/fid": 0.5,
+        "eval/recall": None,
+    }
     table = review.summary_rows(current, rows)
     assert table[0]["this_run"] and not table[1]["this_run"]
-    assert "eval/fid" in table[0] and "eval/precision" in table[0] and "eval/recall" not in table[0]  # never measured: left out
+    assert (
+        "eval/fid" in table[0] and "eval/precision" in table[0] and "eval/recall" not in table[0]
+    )  # never measured: left out
     figure = review.comparison_figure(table, tmp_path / "cmp.png")
     assert figure.stat().st_size > 1000
 
@@ -71,7 +80,9 @@ def test_promote_best_moves_only_on_comparable_improvement(client, tmp_path: Pat
     decision = review.promote_best(client, train_run_id=second, value=6.0, key="k", **common)  # worse
     assert decision["decision"] == "kept" and decision["previous_value"] == 5.0
     assert client.get_model_version_by_alias(model, "best").version == 1
-    decision = review.promote_best(client, train_run_id=third, value=1.0, key="other", **common)  # better, but not comparable
+    decision = review.promote_best(
+        client, train_run_id=third, value=1.0, key="other", **common
+    )  # better, but not comparable
     assert decision["decision"] == "kept" and "not comparable" in decision["reason"]
     assert client.get_model_version_by_alias(model, "best").version == 1
     decision = review.promote_best(client, train_run_id=fourth, value=4.0, key="k", **common)  # better and comparable

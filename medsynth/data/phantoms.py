@@ -88,9 +88,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
         or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) for n in sizes)
         or any(n < MIN_PHANTOM_SIZE for n in sizes)
     ):
-        raise MedsynthError(
-            f"phantom shape must be 2 or 3 integers >= {MIN_PHANTOM_SIZE} (x, y[, z]), got {shape!r}"
-        )
+        raise MedsynthError(f"phantom shape must be 2 or 3 integers >= {MIN_PHANTOM_SIZE} (x, y[, z]), got {shape!r}")
     return tuple(int(n) for n in sizes)
 
 
@@ -109,9 +107,7 @@ def _normalised_grid(shape: tuple[int, ...]) -> list[np.ndarray]:
     return list(np.meshgrid(*axes, indexing="ij", sparse=True))
 
 
-def _axial_frame(
-    coords: Sequence[np.ndarray], centre: Sequence[float], angle: float, scale: float
-) -> list[np.ndarray]:
+def _axial_frame(coords: Sequence[np.ndarray], centre: Sequence[float], angle: float, scale: float) -> list[np.ndarray]:
     """Coordinates in an object's own frame: shifted to ``centre``, rotated by ``angle`` (radians) in
     the axial (x, y) plane, and divided by ``scale``. Axes past the second (z) are only shifted."""
     shifted = [c - c0 for c, c0 in zip(coords, centre)]
@@ -529,13 +525,10 @@ def generate_phantom(kind: str, shape: tuple[int, ...], seed: int, **kwargs: Any
     if kind not in _PHANTOM_GENERATORS:
         raise MedsynthError(f"unknown phantom kind {kind!r}; allowed: {', '.join(PHANTOM_KINDS)}")
     generator = _PHANTOM_GENERATORS[kind]
-    options = [
-        p.name for p in inspect.signature(generator).parameters.values() if p.kind is p.KEYWORD_ONLY
-    ]
+    options = [p.name for p in inspect.signature(generator).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise MedsynthError(
-            f"unknown option(s) {', '.join(unknown)} for phantom kind {kind!r}; "
-            f"allowed: {', '.join(options)}"
+            f"unknown option(s) {', '.join(unknown)} for phantom kind {kind!r}; allowed: {', '.join(options)}"
         )
     return generator(shape, np.random.default_rng(seed), **kwargs)

@@ -54,7 +54,9 @@ def safe_name(text: str, *, fallback: str = "case") -> str:
     return name[:80]
 
 
-def phantom_cases(data: DataConfig, out_dir: Path, seed: int, progress: Progress = None) -> tuple[list[Case], list[Volume], list[np.ndarray]]:
+def phantom_cases(
+    data: DataConfig, out_dir: Path, seed: int, progress: Progress = None
+) -> tuple[list[Case], list[Volume], list[np.ndarray]]:
     """Generate ``data.phantom.count`` phantoms, write them as NIfTI under ``out_dir``.
 
     Case ``i`` is generated with seed ``seed * 100003 + i``, so every case is reproducible alone.
@@ -65,15 +67,20 @@ def phantom_cases(data: DataConfig, out_dir: Path, seed: int, progress: Progress
     cases, volumes, label_maps = [], [], []
     for i in range(cfg.count):
         phantom = generate_phantom(
-            cfg.kind, tuple(cfg.shape), seed * 100003 + i,
+            cfg.kind,
+            tuple(cfg.shape),
+            seed * 100003 + i,
             **({"bias_field": cfg.bias_field} if cfg.kind == "brain_mri" else {}),
-            lesion_probability=cfg.lesion_probability, lesion_size=cfg.lesion_size,
+            lesion_probability=cfg.lesion_probability,
+            lesion_size=cfg.lesion_size,
             **({} if cfg.noise is None else {"noise_std" if cfg.kind == "brain_mri" else "noise_std_hu": cfg.noise}),
         )
         case_id = f"phantom_{i:04d}"
         image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
         # CT is stored like scanners store it: integer HU.
-        on_disk = np.rint(phantom.image).astype(np.int16) if phantom.modality == "ct" else phantom.image.astype(np.float32)
+        on_disk = (
+            np.rint(phantom.image).astype(np.int16) if phantom.modality == "ct" else phantom.image.astype(np.float32)
+        )
         write_nifti(out_dir / image_rel, on_disk, affine, description=f"medsynth phantom {cfg.kind}")
         write_nifti(out_dir / label_rel, phantom.labels.astype(np.uint8), affine, description="medsynth phantom labels")
         cases.append(Case(case_id, image_rel, label_rel, int(phantom.class_label), "phantom"))
@@ -98,7 +105,9 @@ def folder_cases(data: DataConfig, out_dir: Path, progress: Progress = None) -> 
     for kind, path in found:
         for volume in read_any(kind, path):
             if data.spatial_dims == 3 and (volume.array.ndim != 3 or min(volume.array.shape) < 2):
-                raise MedsynthError(f"{volume.source}: expected a 3D volume for spatial_dims 3, got shape {volume.array.shape}")
+                raise MedsynthError(
+                    f"{volume.source}: expected a 3D volume for spatial_dims 3, got shape {volume.array.shape}"
+                )
             if volume.array.ndim > max_dims:
                 raise MedsynthError(f"{volume.source}: expected a 2D or 3D image, got shape {volume.array.shape}")
             index = len(cases)
@@ -119,7 +128,9 @@ def folder_cases(data: DataConfig, out_dir: Path, progress: Progress = None) -> 
     if modality is None:
         seen = {v.modality for v in volumes if v.modality}
         if len(seen) > 1:
-            raise MedsynthError(f"{folder}: series of several modalities ({', '.join(sorted(seen))}); set data.modality")
+            raise MedsynthError(
+                f"{folder}: series of several modalities ({', '.join(sorted(seen))}); set data.modality"
+            )
         if not seen:
             raise MedsynthError(f"{folder}: the modality of NIfTI files is unknown; set data.modality to mr or ct")
         modality = seen.pop()
@@ -139,7 +150,12 @@ def split_cases(count: int, val_fraction: float, seed: int) -> tuple[list[int], 
 
 
 def preprocess_cases(
-    cases: list[Case], volumes: list[Volume], label_maps: list[np.ndarray] | None, data: DataConfig, modality: str, progress: Progress = None
+    cases: list[Case],
+    volumes: list[Volume],
+    label_maps: list[np.ndarray] | None,
+    data: DataConfig,
+    modality: str,
+    progress: Progress = None,
 ) -> Prepared:
     """Model inputs of every case (2D slices or 3D volumes) with their intensity conventions."""
     out = Prepared()
@@ -151,7 +167,9 @@ def preprocess_cases(
             if label is not None:
                 out.labels.append(label)
             out.classes.append(-1 if case.class_label is None else int(case.class_label))
-            out.rows.append({"case_id": case.case_id, "slice": slice_index, "spacing": spacing, "intensity": intensity.as_dict()})
+            out.rows.append(
+                {"case_id": case.case_id, "slice": slice_index, "spacing": spacing, "intensity": intensity.as_dict()}
+            )
         if progress is not None:
             progress(1)
     return out

@@ -63,7 +63,9 @@ def intensity_for(raw: np.ndarray, data: DataConfig, modality: str) -> Intensity
 
 def to_meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
     """A channel-first ``MetaTensor`` carrying the affine (2D images get the 2D part)."""
-    return MetaTensor(torch.as_tensor(array[None], dtype=torch.float32), affine=torch.as_tensor(affine, dtype=torch.float64))
+    return MetaTensor(
+        torch.as_tensor(array[None], dtype=torch.float32), affine=torch.as_tensor(affine, dtype=torch.float64)
+    )
 
 
 def reorient_resample(image: MetaTensor, data: DataConfig, *, label: bool = False) -> MetaTensor:

@@ -61,7 +61,11 @@ def _check(image: np.ndarray, sigma: float) -> np.ndarray:
         raise ValueError(f"expected a 2D or 3D image, got shape {image.shape}")
     if not np.isfinite(image).all():
         raise ValueError("image has NaN/Inf values")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)) or not (np.isfinite(sigma) and sigma >= 0):
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float, np.integer, np.floating))
+        or not (np.isfinite(sigma) and sigma >= 0)
+    ):
         raise ValueError(f"sigma (the noise standard deviation) must be a finite number >= 0, got {sigma!r}")
     return image.astype(np.float64)
 
@@ -86,8 +90,9 @@ def nlm(image: np.ndarray, sigma: float) -> np.ndarray:
 
     def run(x: np.ndarray, s: float) -> np.ndarray:
         patch, distance = NLM_PATCH[x.ndim]
-        return denoise_nl_means(x, h=NLM_H_FACTOR * s, sigma=s, fast_mode=True, patch_size=patch,
-                                patch_distance=distance, channel_axis=None)
+        return denoise_nl_means(
+            x, h=NLM_H_FACTOR * s, sigma=s, fast_mode=True, patch_size=patch, patch_distance=distance, channel_axis=None
+        )
 
     return _normalised(image, sigma, run)
 
@@ -96,8 +101,9 @@ def tv(image: np.ndarray, sigma: float) -> np.ndarray:
     """Total-variation denoising (Chambolle 2004), weight ``TV_WEIGHT_PER_SIGMA[ndim] * sigma``."""
 
     def run(x: np.ndarray, s: float) -> np.ndarray:
-        return denoise_tv_chambolle(x, weight=TV_WEIGHT_PER_SIGMA[x.ndim] * s, eps=TV_EPS,
-                                    max_num_iter=TV_MAX_ITER, channel_axis=None)
+        return denoise_tv_chambolle(
+            x, weight=TV_WEIGHT_PER_SIGMA[x.ndim] * s, eps=TV_EPS, max_num_iter=TV_MAX_ITER, channel_axis=None
+        )
 
     return _normalised(image, sigma, run)
 
@@ -107,8 +113,16 @@ def wavelet(image: np.ndarray, sigma: float) -> np.ndarray:
 
     def run(x: np.ndarray, s: float) -> np.ndarray:
         levels = max(1, min(WAVELET_MAX_LEVELS, pywt.dwtn_max_level(x.shape, WAVELET)))
-        return denoise_wavelet(x, sigma=s, wavelet=WAVELET, mode="soft", wavelet_levels=levels,
-                               method="BayesShrink", rescale_sigma=True, channel_axis=None)
+        return denoise_wavelet(
+            x,
+            sigma=s,
+            wavelet=WAVELET,
+            mode="soft",
+            wavelet_levels=levels,
+            method="BayesShrink",
+            rescale_sigma=True,
+            channel_axis=None,
+        )
 
     return _normalised(image, sigma, run)
 
@@ -131,7 +145,12 @@ def bm3d(image: np.ndarray, sigma: float) -> np.ndarray:
     return _normalised(image, sigma, lambda x, s: getattr(module, name)(x, sigma_psd=s))
 
 
-CLASSICAL_DENOISERS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {"nlm": nlm, "tv": tv, "wavelet": wavelet, "bm3d": bm3d}
+CLASSICAL_DENOISERS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "nlm": nlm,
+    "tv": tv,
+    "wavelet": wavelet,
+    "bm3d": bm3d,
+}
 
 
 def available_methods() -> list[str]:

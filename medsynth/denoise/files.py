@@ -28,7 +28,15 @@ from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write, atomic_write_json, file_digest, staged_folder
 from medsynth.io.dicom_write import write_derived_series
 from medsynth.io.nifti import write_nifti
-from medsynth.io.volumes import NIFTI_SUFFIXES, Volume, _is_scan_slice, _read_dicom_header, _sop_class, read_dicom_series, read_nifti
+from medsynth.io.volumes import (
+    NIFTI_SUFFIXES,
+    Volume,
+    _is_scan_slice,
+    _read_dicom_header,
+    _sop_class,
+    read_dicom_series,
+    read_nifti,
+)
 from medsynth.models.loading import TrainedModel
 
 
@@ -71,13 +79,17 @@ def read_scan(path: str | Path) -> ScanInput:
         if not _is_scan_slice(header):
             uid = _sop_class(header)
             name = pydicom.uid.UID(uid).name if uid else "unknown SOP class"
-            raise MedsynthError(f"{file}: a non-image DICOM object ({name}); expected only the slices of one image series in {path}")
+            raise MedsynthError(
+                f"{file}: a non-image DICOM object ({name}); expected only the slices of one image series in {path}"
+            )
         dicom_files.append(file)
     if not dicom_files:
         raise MedsynthError(f"{path}: holds no DICOM image series (and is not a NIfTI file)")
     volumes = read_dicom_series(path, recursive=False)
     if len(volumes) > 1:
-        raise MedsynthError(f"{path}: holds {len(volumes)} DICOM series; expected exactly one (put each series in its own folder)")
+        raise MedsynthError(
+            f"{path}: holds {len(volumes)} DICOM series; expected exactly one (put each series in its own folder)"
+        )
     digest = hashlib.sha256("".join(file_digest(f) for f in volumes[0].files).encode()).hexdigest()
     return ScanInput("dicom", volumes[0], digest, path)
 
@@ -122,7 +134,10 @@ def _nifti_like(source: Path, array: np.ndarray, dest: Path, description: str) -
     out = type(img)(data, img.affine, header=header)
     out.header["descrip"] = description.encode("ascii", "replace")[:79]
     suffix = ".nii.gz" if dest.name.lower().endswith(".nii.gz") else ".nii"
-    atomic_write(dest, lambda tmp: nib.save(out, tmp.with_name(tmp.name + suffix)) or tmp.with_name(tmp.name + suffix).replace(tmp))
+    atomic_write(
+        dest,
+        lambda tmp: nib.save(out, tmp.with_name(tmp.name + suffix)) or tmp.with_name(tmp.name + suffix).replace(tmp),
+    )
 
 
 def derivation_text(result: Denoised) -> str:
@@ -130,7 +145,11 @@ def derivation_text(result: Denoised) -> str:
     record = result.record
     text = f"medsynth denoise: {record['method']}, sigma {result.sigma:.4g} ({record['sigma_source']})"
     if record["method"] == "diffusion":
-        steps = "1 step (Tweedie)" if record["mode"] == "tweedie" else f"{record['mode']} {record['steps']} steps x {record['samples']}"
+        steps = (
+            "1 step (Tweedie)"
+            if record["mode"] == "tweedie"
+            else f"{record['mode']} {record['steps']} steps x {record['samples']}"
+        )
         text += f", diffusion prior from t={record['timestep']}, {steps}"
     return text
 
@@ -153,7 +172,9 @@ def write_result(scan: ScanInput, result: Denoised, output: Path, provenance: di
         record_path = None
     if result.uncertainty is not None:
         path = output.with_name(_stem(output) + "_uncertainty.nii.gz")
-        write_nifti(path, result.uncertainty, scan.volume.affine, description="medsynth posterior std (units of the scan)")
+        write_nifti(
+            path, result.uncertainty, scan.volume.affine, description="medsynth posterior std (units of the scan)"
+        )
         written.append(path)
     if record_path is not None:
         atomic_write_json(record_path, provenance)
@@ -161,7 +182,9 @@ def write_result(scan: ScanInput, result: Denoised, output: Path, provenance: di
     return written
 
 
-def load_denoising_model(checkpoint: str | Path | None, model_uri: str | None, tracking_uri: str | None, device: str) -> tuple[TrainedModel, str]:
+def load_denoising_model(
+    checkpoint: str | Path | None, model_uri: str | None, tracking_uri: str | None, device: str
+) -> tuple[TrainedModel, str]:
     """The diffusion model from a model file or an MLflow model URI, and the model file's digest.
 
     Raises:
@@ -197,22 +220,46 @@ def denoise_input(
     """
     modality = modality or scan.volume.modality or (trained.modality if trained is not None else None)
     if scan.volume.modality and modality != scan.volume.modality:
-        raise MedsynthError(f"{scan.path}: the DICOM series is {scan.volume.modality.upper()} but --modality is {modality}")
+        raise MedsynthError(
+            f"{scan.path}: the DICOM series is {scan.volume.modality.upper()} but --modality is {modality}"
+        )
     if modality is None:
         raise MedsynthError(f"{scan.path}: the modality is unknown; pass --modality mr or --modality ct")
-    return denoise_scan(scan.volume.array, scan.volume.affine, method=method, modality=modality, sigma=sigma, trained=trained,
-                        settings=settings, device=device, progress=progress)
+    return denoise_scan(
+        scan.volume.array,
+        scan.volume.affine,
+        method=method,
+        modality=modality,
+        sigma=sigma,
+        trained=trained,
+        settings=settings,
+        device=device,
+        progress=progress,
+    )
 
 
-def provenance_record(scan: ScanInput, output: str | Path, result: Denoised, *, model_uri: str | None, checkpoint: str | Path | None,
-                      model_digest: str | None) -> dict[str, Any]:
+def provenance_record(
+    scan: ScanInput,
+    output: str | Path,
+    result: Denoised,
+    *,
+    model_uri: str | None,
+    checkpoint: str | Path | None,
+    model_digest: str | None,
+) -> dict[str, Any]:
     """What the provenance sidecar of a denoised scan records: input, output, model, code, settings."""
     from medsynth.tracking import code_version
 
     return {
-        "input": str(scan.path), "input_kind": scan.kind, "input_digest": scan.digest, "output": str(output),
-        "model_uri": model_uri, "checkpoint": str(checkpoint) if checkpoint is not None else None, "model_digest": model_digest,
-        "code_version": code_version(), "denoise": result.record,
+        "input": str(scan.path),
+        "input_kind": scan.kind,
+        "input_digest": scan.digest,
+        "output": str(output),
+        "model_uri": model_uri,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "model_digest": model_digest,
+        "code_version": code_version(),
+        "denoise": result.record,
     }
 
 
@@ -243,9 +290,22 @@ def denoise_path(
     scan = read_scan(input_path)
     output = check_output(scan, output, overwrite=overwrite)
 
-    trained, model_digest = load_denoising_model(checkpoint, model_uri, tracking_uri, device) if method == "diffusion" else (None, None)
-    result = denoise_input(scan, method=method, sigma=sigma, modality=modality, trained=trained, settings=settings, device=device, progress=progress)
-    provenance = provenance_record(scan, output, result, model_uri=model_uri, checkpoint=checkpoint, model_digest=model_digest)
+    trained, model_digest = (
+        load_denoising_model(checkpoint, model_uri, tracking_uri, device) if method == "diffusion" else (None, None)
+    )
+    result = denoise_input(
+        scan,
+        method=method,
+        sigma=sigma,
+        modality=modality,
+        trained=trained,
+        settings=settings,
+        device=device,
+        progress=progress,
+    )
+    provenance = provenance_record(
+        scan, output, result, model_uri=model_uri, checkpoint=checkpoint, model_digest=model_digest
+    )
     written = write_result(scan, result, output, provenance)
     provenance["written"] = [str(p) for p in written]
     return provenance
@@ -256,7 +316,6 @@ def _fetch(uri: str | None, tmp: str, tracking_uri: str | None) -> Path:
 
     assert uri is not None
     return fetch_model_file(uri, tmp, tracking_uri=tracking_uri)
-
 
 
 def read_datalist(path: str | Path, key: str) -> list[tuple[str, Path]]:
@@ -297,8 +356,10 @@ def read_datalist(path: str | Path, key: str) -> list[tuple[str, Path]]:
             raise MedsynthError(f"{path}: '{key}' entry {i}: {scan} not found")
         # Checked here, before any stage runs (the denoise stage's preflight), not after training.
         if not (scan.is_dir() or (scan.is_file() and _is_nifti(scan))):
-            raise MedsynthError(f"{path}: '{key}' entry {i}: {scan} is not a NIfTI file (.nii, .nii.gz) or a folder; "
-                                "expected a NIfTI file or a folder holding one DICOM series")
+            raise MedsynthError(
+                f"{path}: '{key}' entry {i}: {scan} is not a NIfTI file (.nii, .nii.gz) or a folder; "
+                "expected a NIfTI file or a folder holding one DICOM series"
+            )
         # DICOM folders are often named after the patient: numbered instead, as prepare does.
         name = safe_name(_stem(scan)) if scan.is_file() else f"dicom_series_{i:04d}"
         while name in names:

@@ -44,13 +44,17 @@ class PriorResult:
     evaluations: int  # network evaluations per image (over the whole image, windows counted once)
 
 
-def windowed(network: torch.nn.Module, roi_size: Sequence[int], *, overlap: float = 0.5, sw_batch_size: int = 8) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def windowed(
+    network: torch.nn.Module, roi_size: Sequence[int], *, overlap: float = 0.5, sw_batch_size: int = 8
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """``f(x, t)``: the network at timestep ``t`` over images of any size.
 
     Images no larger than ``roi_size`` go through the network directly; larger ones through MONAI's
     ``SlidingWindowInferer`` with Gaussian-weighted blending of overlapping windows.
     """
-    inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", progress=False)
+    inferer = SlidingWindowInferer(
+        roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", progress=False
+    )
 
     def evaluate(x: torch.Tensor, t: float) -> torch.Tensor:
         def at_t(patch: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,9 @@ def _alpha_bar(scheduler: Scheduler, t: int) -> torch.Tensor:
     return scheduler.alphas_cumprod.to(torch.float64)[t].float()
 
 
-def _x0_and_eps(scheduler: Scheduler, output: torch.Tensor, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0_and_eps(
+    scheduler: Scheduler, output: torch.Tensor, x: torch.Tensor, t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's x0 and noise estimates at timestep ``t``, x0 clipped to the data range [-1, 1]."""
     if isinstance(scheduler, RFlowScheduler):
         # x_tau = (1 - tau) x0 + tau n, output = x0 - n (MONAI's velocity)
@@ -95,7 +101,16 @@ def _reverse_timesteps(start: int, steps: int) -> list[int]:
     return [int(p) for p in dict.fromkeys(points)]
 
 
-def _step(scheduler: Scheduler, x0: torch.Tensor, eps: torch.Tensor, t_next: int, *, eta: float, generator: torch.Generator | None, t: int) -> torch.Tensor:
+def _step(
+    scheduler: Scheduler,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t_next: int,
+    *,
+    eta: float,
+    generator: torch.Generator | None,
+    t: int,
+) -> torch.Tensor:
     """One reverse step ``x_t -> x_{t_next}`` from the x0 / noise estimates."""
     if isinstance(scheduler, RFlowScheduler):
         # The deterministic rectified-flow path through the estimates (Euler on the ODE).
@@ -151,7 +166,9 @@ def prior_denoise(
     if steps < 1 or samples < 1:
         raise ValueError(f"steps and samples must be >= 1, got steps={steps}, samples={samples}")
     if samples > 1 and mode != "ancestral":
-        raise ValueError(f"samples={samples} needs mode 'ancestral'; mode '{mode}' is deterministic and would repeat one result")
+        raise ValueError(
+            f"samples={samples} needs mode 'ancestral'; mode '{mode}' is deterministic and would repeat one result"
+        )
     match = match_timestep(sigma, scheduler)
     evaluate = windowed(network, roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
     times = [match.timestep] if mode == "tweedie" else _reverse_timesteps(match.timestep, steps)

@@ -85,7 +85,9 @@ def estimate_noise(image: np.ndarray, modality: str | None) -> float:
             return estimate_ct_sigma_hu(image)
         return estimate_gaussian_sigma(image)
     except ValueError as exc:
-        raise MedsynthError(f"cannot estimate the noise level ({exc}); give it (--sigma, or denoise.sigma in a config)") from None
+        raise MedsynthError(
+            f"cannot estimate the noise level ({exc}); give it (--sigma, or denoise.sigma in a config)"
+        ) from None
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -137,21 +139,33 @@ def spacing_warning(trained: TrainedModel, affine: np.ndarray, ndim: int) -> str
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))[:ndim]
     ours, theirs = float(np.median(spacing[: len(model_spacing)])), float(np.median(model_spacing))
     if abs(ours / theirs - 1.0) > 0.25:
-        return (f"the scan's voxels ({ours:.2f} mm) differ from the model's training inputs ({theirs:.2f} mm); "
-                "the prior is learned at its training resolution, so train at the scans' resolution for best results")
+        return (
+            f"the scan's voxels ({ours:.2f} mm) differ from the model's training inputs ({theirs:.2f} mm); "
+            "the prior is learned at its training resolution, so train at the scans' resolution for best results"
+        )
     return None
 
 
-def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: str | None, trained: TrainedModel, settings: PriorSettings,
-               device: torch.device, progress: bool) -> Denoised:
+def _diffusion(
+    image: np.ndarray,
+    affine: np.ndarray,
+    sigma: float,
+    modality: str | None,
+    trained: TrainedModel,
+    settings: PriorSettings,
+    device: torch.device,
+    progress: bool,
+) -> Denoised:
     if trained.modality and modality and trained.modality != modality:
         raise MedsynthError(f"the model was trained on {trained.modality.upper()} but the scan is {modality.upper()}")
     modality = modality or trained.modality
     if image.ndim == 2 and trained.spatial_dims == 3:
         raise MedsynthError("a 3D model cannot denoise a 2D image; use a 2D model")
     if trained.is_latent:
-        raise MedsynthError(f"{trained.path}: a latent diffusion model cannot denoise (it models latents, not the scan's voxels); "
-                            "use a pixel-space model (diffusion.space: pixel)")
+        raise MedsynthError(
+            f"{trained.path}: a latent diffusion model cannot denoise (it models latents, not the scan's voxels); "
+            "use a pixel-space model (diffusion.space: pixel)"
+        )
     # 2. Rician bias (from the input, or later from the output), 3. normalised units
     corrected = rician_bias_correct(image, sigma) if modality == "mr" else image
     intensity = model_intensity(trained, corrected, sigma)
@@ -163,8 +177,10 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
     scheduler = build_train_scheduler(trained.diffusion, spatial_dims=trained.spatial_dims)
     limit = trained.diffusion.max_train_timestep
     if limit is not None and match_timestep(sigma_normalised, scheduler).timestep >= limit:
-        raise MedsynthError(f"{trained.path}: the noise level ({sigma:.4g}, {sigma_normalised:.3f} of the model's range) is beyond the "
-                            f"timesteps this denoising prior was trained on (below {limit}; diffusion.max_train_timestep)")
+        raise MedsynthError(
+            f"{trained.path}: the noise level ({sigma:.4g}, {sigma_normalised:.3f} of the model's range) is beyond the "
+            f"timesteps this denoising prior was trained on (below {limit}; diffusion.max_train_timestep)"
+        )
 
     # 4. geometry: RAS voxel order; 2D models slice across the trained axis
     ras, ornt = to_ras(normalised, affine)
@@ -175,15 +191,22 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
         axis = None
         batch = ras[None, None]
     network = trained.network.to(device)
-    if trained.num_classes is not None:  # a class-conditional model denoises as its unconditional self (the "no class" token)
+    if (
+        trained.num_classes is not None
+    ):  # a class-conditional model denoises as its unconditional self (the "no class" token)
         conditional, null = network, trained.num_classes
 
         def network(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return conditional(x, timesteps=timesteps, class_labels=torch.full((len(x),), null, dtype=torch.long, device=x.device))
+            return conditional(
+                x, timesteps=timesteps, class_labels=torch.full((len(x),), null, dtype=torch.long, device=x.device)
+            )
+
     chunks = [slice(i, i + settings.slice_batch) for i in range(0, len(batch), settings.slice_batch)]
     means, stds, last = [], [], None
     unit = "slice" if axis is not None or ras.ndim == 2 else "volume"
-    with tqdm(total=len(batch), desc=f"denoise (diffusion, {settings.mode})", unit=unit, disable=None if progress else True) as bar:
+    with tqdm(
+        total=len(batch), desc=f"denoise (diffusion, {settings.mode})", unit=unit, disable=None if progress else True
+    ) as bar:
         for chunk in chunks:
             y = torch.from_numpy(np.ascontiguousarray(batch[chunk])).to(device)
             n = len(y)
@@ -191,9 +214,20 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
             def advance(done: int, total: int, _n: int = n) -> None:
                 bar.update(_n * (done / total) - _n * ((done - 1) / total))
 
-            last = prior_denoise(network, scheduler, y, sigma_normalised, roi_size=trained.image_size, mode=settings.mode, steps=settings.steps,
-                                 samples=settings.samples, seed=settings.seed, overlap=settings.overlap, sw_batch_size=settings.sw_batch_size,
-                                 callback=advance)
+            last = prior_denoise(
+                network,
+                scheduler,
+                y,
+                sigma_normalised,
+                roi_size=trained.image_size,
+                mode=settings.mode,
+                steps=settings.steps,
+                samples=settings.samples,
+                seed=settings.seed,
+                overlap=settings.overlap,
+                sw_batch_size=settings.sw_batch_size,
+                callback=advance,
+            )
             means.append(last.mean.cpu().numpy())
             if last.std is not None:
                 stds.append(last.std.cpu().numpy())
@@ -211,11 +245,21 @@ def _diffusion(image: np.ndarray, affine: np.ndarray, sigma: float, modality: st
         if settings.rician == "output":
             out = rician_bias_correct(out, sigma)
     uncertainty = (back(stds) * width / 2.0).astype(np.float32) if stds else None
-    record = {"mode": settings.mode, "steps": settings.steps if settings.mode != "tweedie" else None, "samples": settings.samples,
-              "seed": settings.seed, "timestep": last.match.timestep, "matched_sigma_normalised": last.match.matched_sigma,
-              "sigma_normalised": sigma_normalised, "network_evaluations": last.evaluations * settings.samples,
-              "rician_bias_correction": settings.rician if modality == "mr" else None, "intensity": intensity.as_dict(), "model_file": str(trained.path),
-              "model_step": trained.step, "slice_axis": axis}
+    record = {
+        "mode": settings.mode,
+        "steps": settings.steps if settings.mode != "tweedie" else None,
+        "samples": settings.samples,
+        "seed": settings.seed,
+        "timestep": last.match.timestep,
+        "matched_sigma_normalised": last.match.matched_sigma,
+        "sigma_normalised": sigma_normalised,
+        "network_evaluations": last.evaluations * settings.samples,
+        "rician_bias_correction": settings.rician if modality == "mr" else None,
+        "intensity": intensity.as_dict(),
+        "model_file": str(trained.path),
+        "model_step": trained.step,
+        "slice_axis": axis,
+    }
     warning = spacing_warning(trained, affine, trained.spatial_dims)
     if warning:
         record["warning"] = warning
@@ -260,13 +304,26 @@ def denoise_scan(
     if method == "diffusion":
         if trained is None:
             raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
-        result = _diffusion(image, np.asarray(affine, dtype=np.float64), sigma, modality, trained, settings or PriorSettings(),
-                            torch.device(device), progress)
+        result = _diffusion(
+            image,
+            np.asarray(affine, dtype=np.float64),
+            sigma,
+            modality,
+            trained,
+            settings or PriorSettings(),
+            torch.device(device),
+            progress,
+        )
     else:
         try:
             out = denoise_classical(image, sigma, method, modality=modality)
         except ValueError as exc:
             raise MedsynthError(str(exc)) from None
         result = Denoised(np.asarray(out, dtype=np.float32), None, sigma, {"rician_bias_corrected": modality == "mr"})
-    result.record = {"method": method, "modality": modality, "sigma": sigma, "sigma_source": "given" if given else "estimated"} | result.record
+    result.record = {
+        "method": method,
+        "modality": modality,
+        "sigma": sigma,
+        "sigma_source": "given" if given else "estimated",
+    } | result.record
     return result

@@ -6,8 +6,9 @@ import torch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 
-def sample_timesteps(scheduler: Scheduler, batch: int, *, generator: torch.Generator, device: torch.device,
-                     high: int | None = None) -> torch.Tensor:
+def sample_timesteps(
+    scheduler: Scheduler, batch: int, *, generator: torch.Generator, device: torch.device, high: int | None = None
+) -> torch.Tensor:
     """Uniform training timesteps in ``[0, high)`` (default: all), drawn from ``generator`` so that a
     resumed run draws the same ones.
 

@@ -26,15 +26,27 @@ def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], d
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in generators])
 
 
-def _per_sample_step(step: Callable, model_output, timestep, x, generators, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_sample_step(
+    step: Callable, model_output, timestep, x, generators, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
     # MONAI's step() draws one noise tensor for the whole batch from one generator; stepping sample by
     # sample (cheap next to the network) keeps each sample's noise tied to its own generator.
-    prev, x0 = zip(*(step(model_output[i : i + 1], timestep, x[i : i + 1], generator=g, **kwargs) for i, g in enumerate(generators)))
+    prev, x0 = zip(
+        *(
+            step(model_output[i : i + 1], timestep, x[i : i + 1], generator=g, **kwargs)
+            for i, g in enumerate(generators)
+        )
+    )
     return torch.cat(prev), torch.cat(x0)
 
 
-def ddpm_step(chain: DDPMScheduler, model_output: torch.Tensor, timestep: int, x: torch.Tensor,
-              generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def ddpm_step(
+    chain: DDPMScheduler,
+    model_output: torch.Tensor,
+    timestep: int,
+    x: torch.Tensor,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MONAI's ``DDPMScheduler.step`` over the whole batch, each sample's noise from its own generator.
 
     MONAI's step draws the batch's noise from one generator; stepping it sample by sample keeps each
@@ -62,8 +74,14 @@ def ddpm_step(chain: DDPMScheduler, model_output: torch.Tensor, timestep: int, x
     prev = x0_coeff * x0 + sample_coeff * x
     if timestep > 0:
         shape = (1, *model_output.shape[1:])
-        noise = torch.cat([torch.randn(shape, dtype=model_output.dtype, layout=model_output.layout, generator=g, device=model_output.device)
-                           for g in generators])
+        noise = torch.cat(
+            [
+                torch.randn(
+                    shape, dtype=model_output.dtype, layout=model_output.layout, generator=g, device=model_output.device
+                )
+                for g in generators
+            ]
+        )
         variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * chain.betas[timestep]
         variance = torch.clamp(variance, min=1e-20) if chain.variance_type == "fixed_small" else chain.betas[timestep]
         prev = prev + (variance**0.5) * noise
@@ -82,7 +100,9 @@ def respaced_ddpm(scheduler: DDPMScheduler, steps: int) -> tuple[DDPMScheduler, 
     kept = torch.linspace(total - 1, 0, steps).round().long().flip(0)  # ascending
     abar = scheduler.alphas_cumprod[kept]
     abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-    respaced = DDPMScheduler(num_train_timesteps=steps, prediction_type=scheduler.prediction_type, clip_sample=scheduler.clip_sample)
+    respaced = DDPMScheduler(
+        num_train_timesteps=steps, prediction_type=scheduler.prediction_type, clip_sample=scheduler.clip_sample
+    )
     respaced.betas = 1.0 - abar / abar_prev
     respaced.alphas = 1.0 - respaced.betas
     respaced.alphas_cumprod = abar
@@ -91,7 +111,14 @@ def respaced_ddpm(scheduler: DDPMScheduler, steps: int) -> tuple[DDPMScheduler, 
 
 
 @torch.no_grad()
-def ddpm_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], callback: Callback = None) -> torch.Tensor:
+def ddpm_sample(
+    model: Model,
+    x: torch.Tensor,
+    scheduler: Scheduler,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), respaced when fewer steps than trained."""
     assert isinstance(scheduler, DDPMScheduler)
     steps = len(scheduler.timesteps)
@@ -111,7 +138,13 @@ def ddpm_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generato
 
 @torch.no_grad()
 def ddim_sample(
-    model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], eta: float = 0.0, callback: Callback = None
+    model: Model,
+    x: torch.Tensor,
+    scheduler: Scheduler,
+    *,
+    generators: Sequence[torch.Generator],
+    eta: float = 0.0,
+    callback: Callback = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12); deterministic for ``eta=0``."""
     assert isinstance(scheduler, DDIMScheduler)
@@ -130,7 +163,14 @@ def ddim_sample(
 
 
 @torch.no_grad()
-def rflow_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generators: Sequence[torch.Generator], callback: Callback = None) -> torch.Tensor:
+def rflow_sample(
+    model: Model,
+    x: torch.Tensor,
+    scheduler: Scheduler,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+) -> torch.Tensor:
     """Euler integration of the rectified-flow ODE (Liu et al. 2022) from noise (t=T) to data (t=0)."""
     assert isinstance(scheduler, RFlowScheduler)
     timesteps = scheduler.timesteps
@@ -145,11 +185,22 @@ def rflow_sample(model: Model, x: torch.Tensor, scheduler: Scheduler, *, generat
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "rflow": rflow_sample, **SCORE_SAMPLERS}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "rflow": rflow_sample,
+    **SCORE_SAMPLERS,
+}
 
 
-def guided(model: Callable[..., torch.Tensor], *, class_labels: torch.Tensor | None, null_class: int | None, guidance_scale: float = 1.0,
-           extra: dict | None = None) -> Model:
+def guided(
+    model: Callable[..., torch.Tensor],
+    *,
+    class_labels: torch.Tensor | None,
+    null_class: int | None,
+    guidance_scale: float = 1.0,
+    extra: dict | None = None,
+) -> Model:
     """The network as ``f(x, t)`` for the samplers, with its conditioning bound.
 
     Class-conditional models get ``class_labels`` (one per sample); with classifier-free guidance
@@ -171,7 +222,9 @@ def guided(model: Callable[..., torch.Tensor], *, class_labels: torch.Tensor | N
 
     def cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-        both = model(torch.cat([x, x]), timesteps=torch.cat([t, t]), class_labels=torch.cat([class_labels, null]), **doubled)
+        both = model(
+            torch.cat([x, x]), timesteps=torch.cat([t, t]), class_labels=torch.cat([class_labels, null]), **doubled
+        )
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -227,9 +280,19 @@ def generate(
         batch_seeds = seeds[b * batch_size : (b + 1) * batch_size]
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch_seeds]
         x = initial_noise(image_shape, generators, device)
-        labels = None if class_labels is None else torch.as_tensor([int(c) for c in class_labels[b * batch_size : (b + 1) * batch_size]], device=device)
-        base = model if network_wrapper is None else network_wrapper(model, slice(b * batch_size, b * batch_size + len(batch_seeds)))
-        inner = guided(base, class_labels=labels, null_class=None if embeds is None else embeds - 1, guidance_scale=guidance_scale)
+        labels = (
+            None
+            if class_labels is None
+            else torch.as_tensor([int(c) for c in class_labels[b * batch_size : (b + 1) * batch_size]], device=device)
+        )
+        base = (
+            model
+            if network_wrapper is None
+            else network_wrapper(model, slice(b * batch_size, b * batch_size + len(batch_seeds)))
+        )
+        inner = guided(
+            base, class_labels=labels, null_class=None if embeds is None else embeds - 1, guidance_scale=guidance_scale
+        )
 
         def network(x: torch.Tensor, t: torch.Tensor, _inner: Model = inner) -> torch.Tensor:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

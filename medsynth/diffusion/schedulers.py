@@ -34,7 +34,9 @@ def build_train_scheduler(diffusion: DiffusionConfig, *, spatial_dims: int) -> S
     )
 
 
-def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int, clip: bool = True) -> Scheduler | SigmaSchedule:
+def build_sampling_scheduler(
+    diffusion: DiffusionConfig, *, sampler: str, steps: int, spatial_dims: int, clip: bool = True
+) -> Scheduler | SigmaSchedule:
     """The reverse-process scheduler for ``sampler`` with ``steps`` inference steps; ``clip`` keeps each
     step's estimate of x0 in the data range [-1, 1] (images), off for latents, which have no such range.
 
@@ -46,7 +48,11 @@ def build_sampling_scheduler(diffusion: DiffusionConfig, *, sampler: str, steps:
     if steps > diffusion.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
     if sampler in SCORE_SAMPLERS:  # any trained process, read as a denoiser over sigma
-        schedule = karras_schedule(build_train_scheduler(diffusion, spatial_dims=spatial_dims), steps, prediction_type=diffusion.prediction_type)
+        schedule = karras_schedule(
+            build_train_scheduler(diffusion, spatial_dims=spatial_dims),
+            steps,
+            prediction_type=diffusion.prediction_type,
+        )
         schedule.clip = clip
         return schedule
     if (sampler == "rflow") != (diffusion.scheduler == "rflow"):

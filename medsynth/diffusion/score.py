@@ -90,7 +90,9 @@ def karras_schedule(scheduler: Scheduler, steps: int, *, prediction_type: str, r
     return SigmaSchedule(sigmas, timesteps, kind, prediction_type, scheduler.num_train_timesteps)
 
 
-def denoiser(model: Model, schedule: SigmaSchedule, *, clip: bool | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def denoiser(
+    model: Model, schedule: SigmaSchedule, *, clip: bool | None = None
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``D(x, i)``: the network's estimate of x0 from ``x = x0 + sigmas[i] n`` (see the module docstring);
     clamped to the data range ``[-1, 1]`` with ``clip`` (default: the schedule's)."""
     clip = schedule.clip if clip is None else clip
@@ -123,7 +125,9 @@ def _start(x: torch.Tensor, schedule: SigmaSchedule) -> torch.Tensor:
     return x.to(torch.float32) * schedule.initial_scale
 
 
-def _euler_step(D: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, i: int, sigmas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _euler_step(
+    D: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, i: int, sigmas: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler step of ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``sigmas[i]`` to ``sigmas[i + 1]``;
     returns the new x and the slope used."""
     d = (x - D(x, i)) / sigmas[i]
@@ -131,8 +135,15 @@ def _euler_step(D: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor,
 
 
 @torch.no_grad()
-def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                 clip: bool | None = None) -> torch.Tensor:
+def euler_sample(
+    model: Model,
+    x: torch.Tensor,
+    schedule: SigmaSchedule,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+    clip: bool | None = None,
+) -> torch.Tensor:
     """Euler steps of the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Alg. 1 without churn)."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
@@ -144,8 +155,15 @@ def euler_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gene
 
 
 @torch.no_grad()
-def heun_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                clip: bool | None = None) -> torch.Tensor:
+def heun_sample(
+    model: Model,
+    x: torch.Tensor,
+    schedule: SigmaSchedule,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+    clip: bool | None = None,
+) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (EDM Alg. 1); the last step (to sigma 0) is Euler."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas.tolist()
     x = _start(x, schedule)
@@ -162,8 +180,16 @@ def heun_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, gener
 
 
 @torch.no_grad()
-def pc_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-              clip: bool | None = None, snr: float = PC_SNR) -> torch.Tensor:
+def pc_sample(
+    model: Model,
+    x: torch.Tensor,
+    schedule: SigmaSchedule,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+    clip: bool | None = None,
+    snr: float = PC_SNR,
+) -> torch.Tensor:
     """Predictor-corrector sampling: an Euler-ancestral predictor step (the reverse SDE's
     discretisation) to the next level, then one Langevin corrector step there with the step size set
     by ``snr`` from the per-sample norms of noise and score (Song et al. 2021, Alg. 4 / 5)."""
@@ -191,8 +217,15 @@ def pc_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generat
 
 
 @torch.no_grad()
-def dpmpp_2m_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, generators: Sequence[torch.Generator], callback: Callback = None,
-                    clip: bool | None = None) -> torch.Tensor:
+def dpmpp_2m_sample(
+    model: Model,
+    x: torch.Tensor,
+    schedule: SigmaSchedule,
+    *,
+    generators: Sequence[torch.Generator],
+    callback: Callback = None,
+    clip: bool | None = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep second order in log sigma; one network
     evaluation per step."""
     D, sigmas = denoiser(model, schedule, clip=clip), schedule.sigmas
@@ -218,5 +251,8 @@ def dpmpp_2m_sample(model: Model, x: torch.Tensor, schedule: SigmaSchedule, *, g
 
 
 SCORE_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": euler_sample, "heun": heun_sample, "pc": pc_sample, "dpmpp_2m": dpmpp_2m_sample,
+    "euler": euler_sample,
+    "heun": heun_sample,
+    "pc": pc_sample,
+    "dpmpp_2m": dpmpp_2m_sample,
 }

@@ -138,8 +138,10 @@ def folder_lock(folder: str | Path, *, name: str = ".medsynth.lock") -> Iterator
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise MedsynthError(f"output folder {folder}: cannot be created or written ({exc.strerror or exc}); expected a writable "
-                                f"folder (output_dir)") from None
+            raise MedsynthError(
+                f"output folder {folder}: cannot be created or written ({exc.strerror or exc}); expected a writable "
+                f"folder (output_dir)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

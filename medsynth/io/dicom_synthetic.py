@@ -80,15 +80,31 @@ MODALITIES = ("ct", "mr")
 # Provenance entries written into the files, in this order. Others (model_file, label_map_source, ...)
 # are left out: they are paths or free text, which may name a person or a site.
 PROVENANCE_KEYS = (
-    "model_uri", "model_sha256", "model_step", "train_run_id", "augment_run_id", "seed", "index", "class_label",
-    "sampler", "steps", "eta", "guidance_scale", "conditioning_scale", "config_digest", "code_version",
+    "model_uri",
+    "model_sha256",
+    "model_step",
+    "train_run_id",
+    "augment_run_id",
+    "seed",
+    "index",
+    "class_label",
+    "sampler",
+    "steps",
+    "eta",
+    "guidance_scale",
+    "conditioning_scale",
+    "config_digest",
+    "code_version",
 )
 _MAX_LT = 10240
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # Type 2 attributes of the CT/MR Image IODs (PS3.3 A.3, A.4) with no value for a synthetic image:
 # present and empty means "unknown", which is true.
 _EMPTY = (
-    "PatientBirthDate", "ReferringPhysicianName", "AccessionNumber", "PositionReferenceIndicator",
+    "PatientBirthDate",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "PositionReferenceIndicator",
     "PatientPosition",  # Type 2C: required for CT and MR images without a patient orientation code
 )
 _EMPTY_IOD = {
@@ -108,10 +124,16 @@ _BODY_PART = re.compile(r"[A-Z0-9_ ]{1,16}")  # CS
 
 def _check_volume(volume: np.ndarray) -> np.ndarray:
     volume = np.asarray(volume)
-    if volume.ndim not in (2, 3) or not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
-        raise MedsynthError(f"volume has shape {volume.shape} and dtype {volume.dtype}; expected a real 2D (X, Y) or 3D (X, Y, Z) array")
+    if volume.ndim not in (2, 3) or not (
+        np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)
+    ):
+        raise MedsynthError(
+            f"volume has shape {volume.shape} and dtype {volume.dtype}; expected a real 2D (X, Y) or 3D (X, Y, Z) array"
+        )
     if min(volume.shape) < 1 or max(volume.shape[:2]) > _UINT16.max:
-        raise MedsynthError(f"volume has shape {volume.shape}; expected 1..65535 voxels along X and Y and at least one slice")
+        raise MedsynthError(
+            f"volume has shape {volume.shape}; expected 1..65535 voxels along X and Y and at least one slice"
+        )
     n_bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
     if n_bad:
         raise MedsynthError(f"volume contains {n_bad} NaN/Inf voxels; expected finite values")
@@ -131,10 +153,14 @@ def _lps_affine(affine: np.ndarray) -> np.ndarray:
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     lengths = np.linalg.norm(lps[:3, :3], axis=0)
     if np.any(lengths < 1e-6) or abs(np.linalg.det(lps[:3, :3] / lengths)) < 1e-6:
-        raise MedsynthError(f"affine {affine.tolist()}: singular; expected a voxel-to-mm map with three independent axes")
+        raise MedsynthError(
+            f"affine {affine.tolist()}: singular; expected a voxel-to-mm map with three independent axes"
+        )
     cosine = float(lps[:3, 0] @ lps[:3, 1] / (lengths[0] * lengths[1]))
     if abs(cosine) > 1e-4:  # ImageOrientationPatient holds two orthogonal directions
-        raise MedsynthError(f"affine {affine.tolist()}: the first two axes are not orthogonal (cosine {cosine:.2g}); expected no in-plane shear")
+        raise MedsynthError(
+            f"affine {affine.tolist()}: the first two axes are not orthogonal (cosine {cosine:.2g}); expected no in-plane shear"
+        )
     return lps
 
 
@@ -154,11 +180,18 @@ def _value_text(value: Any) -> str:
 def _provenance_items(provenance: dict[str, Any]) -> list[tuple[str, str]]:
     """The written provenance as (key, ASCII text); the series must be traceable to model and seed."""
     if not isinstance(provenance, dict):
-        raise MedsynthError(f"provenance is a {type(provenance).__name__}; expected a dict with seed and model_uri or model_sha256")
+        raise MedsynthError(
+            f"provenance is a {type(provenance).__name__}; expected a dict with seed and model_uri or model_sha256"
+        )
     if provenance.get("seed") is None or all(provenance.get(k) is None for k in ("model_uri", "model_sha256")):
-        raise MedsynthError("provenance lacks seed or both model_uri and model_sha256; expected the model and seed that made the volume")
-    return [(k, _ascii_text(f"provenance[{k!r}]", _value_text(provenance[k]), _MAX_LT)) for k in PROVENANCE_KEYS
-            if provenance.get(k) is not None]
+        raise MedsynthError(
+            "provenance lacks seed or both model_uri and model_sha256; expected the model and seed that made the volume"
+        )
+    return [
+        (k, _ascii_text(f"provenance[{k!r}]", _value_text(provenance[k]), _MAX_LT))
+        for k in PROVENANCE_KEYS
+        if provenance.get(k) is not None
+    ]
 
 
 def _software_versions(provenance: dict[str, Any]) -> list[str]:
@@ -200,8 +233,11 @@ def _windows(volume: np.ndarray, modality: str) -> tuple[list[str], list[str], l
     lo, hi = np.percentile(volume, [1.0, 99.0])
     data = ((lo + hi) / 2, max(float(hi - lo), 1.0))  # a width below 1 is not allowed
     windows = ([(*_SOFT_TISSUE, "SOFT TISSUE")] if modality == "ct" else []) + [(*data, "DATA P1-P99")]
-    return ([format_number_as_ds(float(c)) for c, _, _ in windows], [format_number_as_ds(float(w)) for _, w, _ in windows],
-            [e for _, _, e in windows])
+    return (
+        [format_number_as_ds(float(c)) for c, _, _ in windows],
+        [format_number_as_ds(float(w)) for _, w, _ in windows],
+        [e for _, _, e in windows],
+    )
 
 
 # --- identity ------------------------------------------------------------------------------------
@@ -230,9 +266,21 @@ def _pseudonym(patient_key: str) -> str:
 
 
 def _series_dataset(
-    modality: str, *, digest: str, pseudonym: str, description: str, series_number: int, lps: np.ndarray,
-    n_slices: int, rescale: _Rescale, windows: tuple[list[str], list[str], list[str]], provenance_text: str,
-    software: list[str], created: datetime.datetime, body_part: str | None, shape: tuple[int, int],
+    modality: str,
+    *,
+    digest: str,
+    pseudonym: str,
+    description: str,
+    series_number: int,
+    lps: np.ndarray,
+    n_slices: int,
+    rescale: _Rescale,
+    windows: tuple[list[str], list[str], list[str]],
+    provenance_text: str,
+    software: list[str],
+    created: datetime.datetime,
+    body_part: str | None,
+    shape: tuple[int, int],
 ) -> Dataset:
     """The attributes every slice shares."""
     ds = Dataset()
@@ -245,36 +293,66 @@ def _series_dataset(
         derivation = derivation[: _MAX_ST - 3] + "..."  # ImageComments keeps the full text
     code = codes.DCM.ProcessingEquipment  # CID 7005, Contributing Equipment Purposes of Reference
     equipment = _item(
-        Manufacturer="medsynth", SoftwareVersions=software, ContributionDescription=derivation,
-        PurposeOfReferenceCodeSequence=[_item(CodeValue=code.value, CodingSchemeDesignator=code.scheme_designator, CodeMeaning=code.meaning)],
+        Manufacturer="medsynth",
+        SoftwareVersions=software,
+        ContributionDescription=derivation,
+        PurposeOfReferenceCodeSequence=[
+            _item(CodeValue=code.value, CodingSchemeDesignator=code.scheme_designator, CodeMeaning=code.meaning)
+        ],
     )
     _item(
-        ds, SOPClassUID=_SOP_CLASS[modality],
+        ds,
+        SOPClassUID=_SOP_CLASS[modality],
         # Patient: a pseudonym that no real patient has.
-        PatientName=f"SYNTHETIC^{pseudonym}", PatientID=f"MEDSYNTH-{pseudonym}", PatientSex="O",
-        PatientIdentityRemoved="YES", DeidentificationMethod="synthetic image; no source patient",
+        PatientName=f"SYNTHETIC^{pseudonym}",
+        PatientID=f"MEDSYNTH-{pseudonym}",
+        PatientSex="O",
+        PatientIdentityRemoved="YES",
+        DeidentificationMethod="synthetic image; no source patient",
         # Study, series, frame of reference, equipment.
-        StudyInstanceUID=_uid(digest, "study"), StudyID="SYNTHETIC", StudyDescription="medsynth SYNTHETIC study",
-        Modality=modality.upper(), SeriesInstanceUID=_uid(digest, "series"), SeriesNumber=series_number,
-        SeriesDescription=description, FrameOfReferenceUID=_uid(digest, "frame-of-reference"),
-        Manufacturer="medsynth", ManufacturerModelName="medsynth diffusion model", SoftwareVersions=software,
+        StudyInstanceUID=_uid(digest, "study"),
+        StudyID="SYNTHETIC",
+        StudyDescription="medsynth SYNTHETIC study",
+        Modality=modality.upper(),
+        SeriesInstanceUID=_uid(digest, "series"),
+        SeriesNumber=series_number,
+        SeriesDescription=description,
+        FrameOfReferenceUID=_uid(digest, "frame-of-reference"),
+        Manufacturer="medsynth",
+        ManufacturerModelName="medsynth diffusion model",
+        SoftwareVersions=software,
         ContributingEquipmentSequence=[equipment],
         # Image: what it is and where it came from.
         ImageType=["DERIVED", "SECONDARY", _IMAGE_TYPE_3[modality]],
-        DerivationDescription=derivation, ImageComments=comments, BurnedInAnnotation="NO", LossyImageCompression="00",
+        DerivationDescription=derivation,
+        ImageComments=comments,
+        BurnedInAnnotation="NO",
+        LossyImageCompression="00",
         # Plane.
-        ImageOrientationPatient=[format_number_as_ds(float(v)) for v in (*lps[:3, 0] / column_mm, *lps[:3, 1] / row_mm)],
+        ImageOrientationPatient=[
+            format_number_as_ds(float(v)) for v in (*lps[:3, 0] / column_mm, *lps[:3, 1] / row_mm)
+        ],
         PixelSpacing=[format_number_as_ds(float(row_mm)), format_number_as_ds(float(column_mm))],
         SliceThickness=format_number_as_ds(step),
         # Pixels and values.
-        SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=shape[1], Columns=shape[0],
-        BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=rescale.pixel_representation,
-        WindowCenter=windows[0], WindowWidth=windows[1], WindowCenterWidthExplanation=windows[2],
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        Rows=shape[1],
+        Columns=shape[0],
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        PixelRepresentation=rescale.pixel_representation,
+        WindowCenter=windows[0],
+        WindowWidth=windows[1],
+        WindowCenterWidthExplanation=windows[2],
     )
     if n_slices > 1:
         _set(ds, "SpacingBetweenSlices", format_number_as_ds(step))
     if rescale.write_tags:
-        _item(ds, RescaleSlope=format_number_as_ds(rescale.slope), RescaleIntercept=format_number_as_ds(rescale.intercept))
+        _item(
+            ds, RescaleSlope=format_number_as_ds(rescale.slope), RescaleIntercept=format_number_as_ds(rescale.intercept)
+        )
     if modality == "ct":
         _set(ds, "RescaleType", "HU")
     else:  # Research Mode: no pulse sequence made this image
@@ -286,24 +364,42 @@ def _series_dataset(
     else:
         _set(ds, "BodyPartExamined", body_part)
     date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
-    _item(ds, StudyDate=date, StudyTime=time, SeriesDate=date, SeriesTime=time, ContentDate=date, ContentTime=time,
-          InstanceCreationDate=date, InstanceCreationTime=time)
+    _item(
+        ds,
+        StudyDate=date,
+        StudyTime=time,
+        SeriesDate=date,
+        SeriesTime=time,
+        ContentDate=date,
+        ContentTime=time,
+        InstanceCreationDate=date,
+        InstanceCreationTime=time,
+    )
     _set(equipment, "ContributionDateTime", created.strftime("%Y%m%d%H%M%S"))
     return ds
 
 
-def _slice_dataset(series: Dataset, stored: np.ndarray, *, modality: str, digest: str, k: int, lps: np.ndarray) -> Dataset:
+def _slice_dataset(
+    series: Dataset, stored: np.ndarray, *, modality: str, digest: str, k: int, lps: np.ndarray
+) -> Dataset:
     ds = Dataset()
     ds.update(series)
     sop_uid = _uid(digest, f"slice {k}")
     position = lps @ np.array([0.0, 0.0, float(k), 1.0])
-    _item(ds, SOPInstanceUID=sop_uid, InstanceNumber=k + 1,
-          ImagePositionPatient=[format_number_as_ds(float(v)) for v in position[:3]])
+    _item(
+        ds,
+        SOPInstanceUID=sop_uid,
+        InstanceNumber=k + 1,
+        ImagePositionPatient=[format_number_as_ds(float(v)) for v in position[:3]],
+    )
     # Row j, column i of the slice is volume[i, j, k]: transpose to row-major (rows, columns).
     _set(ds, "PixelData", np.ascontiguousarray(stored.T).tobytes(), vr="OW")
     ds.file_meta = _item(
-        FileMetaDataset(), MediaStorageSOPClassUID=_SOP_CLASS[modality], MediaStorageSOPInstanceUID=sop_uid,
-        TransferSyntaxUID=ExplicitVRLittleEndian, ImplementationClassUID=PYDICOM_IMPLEMENTATION_UID,
+        FileMetaDataset(),
+        MediaStorageSOPClassUID=_SOP_CLASS[modality],
+        MediaStorageSOPInstanceUID=sop_uid,
+        TransferSyntaxUID=ExplicitVRLittleEndian,
+        ImplementationClassUID=PYDICOM_IMPLEMENTATION_UID,
     )
     ds.preamble = b"\0" * 128
     return ds
@@ -360,18 +456,26 @@ def write_synthetic_series(
     if modality not in MODALITIES:
         raise MedsynthError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
     if not isinstance(instance_prefix, str) or not _PREFIX.fullmatch(instance_prefix):
-        raise MedsynthError(f"instance_prefix {instance_prefix!r}: expected 1-32 letters, digits, '_' or '-', starting with a letter or digit")
+        raise MedsynthError(
+            f"instance_prefix {instance_prefix!r}: expected 1-32 letters, digits, '_' or '-', starting with a letter or digit"
+        )
     description = _ascii_text("series_description", series_description, _MAX_LO)
     if "SYNTHETIC" not in description:
         raise MedsynthError(f"series_description {description!r}: expected it to contain 'SYNTHETIC'")
-    if isinstance(series_number, bool) or not isinstance(series_number, (int, np.integer)) or not 0 <= series_number <= 2**31 - 1:
+    if (
+        isinstance(series_number, bool)
+        or not isinstance(series_number, (int, np.integer))
+        or not 0 <= series_number <= 2**31 - 1
+    ):
         raise MedsynthError(f"series_number {series_number!r}: expected an integer 0..2147483647")
     if created is None:
         created = datetime.datetime.now().replace(microsecond=0)
     if not isinstance(created, datetime.datetime):
         raise MedsynthError(f"created {created!r}: expected a datetime.datetime or None")
     if body_part is not None and not (isinstance(body_part, str) and _BODY_PART.fullmatch(body_part)):
-        raise MedsynthError(f"body_part {body_part!r}: expected a DICOM code string of 1-16 A-Z, 0-9, '_' or ' ', e.g. HEAD or ABDOMEN")
+        raise MedsynthError(
+            f"body_part {body_part!r}: expected a DICOM code string of 1-16 A-Z, 0-9, '_' or ' ', e.g. HEAD or ABDOMEN"
+        )
     volume = _check_volume(volume)
     lps = _lps_affine(affine)
     items = _provenance_items(provenance)
@@ -383,10 +487,20 @@ def write_synthetic_series(
     dtype = np.dtype("<i2" if rescale.pixel_representation else "<u2")
     digest = _identity_digest(volume, lps, {"modality": modality, "provenance": items, "patient_key": str(patient_key)})
     series = _series_dataset(
-        modality, digest=digest, pseudonym=_pseudonym(str(patient_key)), description=description,
-        series_number=int(series_number), lps=lps, n_slices=volume.shape[2], rescale=rescale,
-        windows=_windows(volume, modality), provenance_text=provenance_text, software=_software_versions(provenance),
-        created=created, body_part=body_part, shape=volume.shape[:2],
+        modality,
+        digest=digest,
+        pseudonym=_pseudonym(str(patient_key)),
+        description=description,
+        series_number=int(series_number),
+        lps=lps,
+        n_slices=volume.shape[2],
+        rescale=rescale,
+        windows=_windows(volume, modality),
+        provenance_text=provenance_text,
+        software=_software_versions(provenance),
+        created=created,
+        body_part=body_part,
+        shape=volume.shape[:2],
     )
 
     written: list[Path] = []
@@ -404,4 +518,3 @@ def write_synthetic_series(
     finally:
         config.settings._writing_validation_mode = previous
     return written
-

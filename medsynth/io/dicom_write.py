@@ -40,19 +40,44 @@ DESCRIPTION_SUFFIX = " (denoised)"
 _MAX_LO, _MAX_ST = 64, 1024
 # Attributes of the source that describe its pixels or its file, not the derived ones.
 _STALE = (
-    "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
-    "LargestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit", "IconImageSequence",
-    "NumberOfFrames", "FrameIncrementPointer", "PlanarConfiguration", "ExtendedOffsetTable",
-    "ExtendedOffsetTableLengths", "FloatPixelData", "DoubleFloatPixelData", "PixelData",
-    "PixelDataProviderURL", "DerivationCodeSequence", "SourceImageSequence", "ModalityLUTSequence",
-    "RealWorldValueMappingSequence", "DigitalSignaturesSequence", "MACParametersSequence",
-    "StorageMediaFileSetID", "StorageMediaFileSetUID", "RescaleSlope", "RescaleIntercept",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "IconImageSequence",
+    "NumberOfFrames",
+    "FrameIncrementPointer",
+    "PlanarConfiguration",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "PixelData",
+    "PixelDataProviderURL",
+    "DerivationCodeSequence",
+    "SourceImageSequence",
+    "ModalityLUTSequence",
+    "RealWorldValueMappingSequence",
+    "DigitalSignaturesSequence",
+    "MACParametersSequence",
+    "StorageMediaFileSetID",
+    "StorageMediaFileSetUID",
+    "RescaleSlope",
+    "RescaleIntercept",
 )
 # Compressed transfer syntaxes that never lose information; any other compressed one may have.
 _LOSSLESS = {
-    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.201",
-    "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.110",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.110",
 }
 _INT16, _UINT16 = np.iinfo(np.int16), np.iinfo(np.uint16)
 # Type 2 attributes of the CT Image and MR Image IODs (PS3.3 A.3, A.4: Patient, General Study, Frame
@@ -60,12 +85,27 @@ _INT16, _UINT16 = np.iinfo(np.int16), np.iinfo(np.uint16)
 # empty ("unknown"); a source that lacks one gets it empty, so the derived series is valid even where
 # the source was not. Nothing is invented: an empty value claims nothing.
 _TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "PositionReferenceIndicator", "Manufacturer", "SliceThickness",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "SliceThickness",
 )
 _TYPE2_IOD = {
     "1.2.840.10008.5.1.4.1.1.2": ("KVP", "AcquisitionNumber"),  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.4": ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"),  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4": (
+        "ScanOptions",
+        "MRAcquisitionType",
+        "EchoTime",
+        "EchoTrainLength",
+    ),  # MR Image Storage
 }
 
 
@@ -132,7 +172,9 @@ def _read_sources(source_files: Sequence[str | Path]) -> list[Dataset]:
 def _check_array(array: np.ndarray, headers: list[Dataset], source_files: Sequence[str | Path]) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim != 3 or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise MedsynthError(f"array has shape {array.shape} and dtype {array.dtype}; expected a real 3D (X, Y, Z) volume")
+        raise MedsynthError(
+            f"array has shape {array.shape} and dtype {array.dtype}; expected a real 3D (X, Y, Z) volume"
+        )
     for path, h in zip(source_files, headers):
         expected = (int(h.Columns), int(h.Rows), len(headers))
         if array.shape != expected:
@@ -209,8 +251,16 @@ def _lossy(header: Dataset) -> bool:
 
 
 def _derive_slice(
-    ds: Dataset, stored: np.ndarray, rescale: _Rescale, *, series_uid: str, series_number: int,
-    description: str, derivation: str, instance: int, now: datetime.datetime,
+    ds: Dataset,
+    stored: np.ndarray,
+    rescale: _Rescale,
+    *,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    derivation: str,
+    instance: int,
+    now: datetime.datetime,
 ) -> Dataset:
     """Turn one source header (modified in place) into the derived slice's dataset."""
     source_class, source_uid = UID(str(ds.SOPClassUID)), str(ds.SOPInstanceUID)
@@ -239,14 +289,26 @@ def _derive_slice(
     code = codes.DCM.SourceImageForImageProcessingOperation
     purpose = _item(CodeValue=code.value, CodingSchemeDesignator=code.scheme_designator, CodeMeaning=code.meaning)
     reference = _item(
-        ReferencedSOPClassUID=source_class, ReferencedSOPInstanceUID=source_uid, PurposeOfReferenceCodeSequence=[purpose]
+        ReferencedSOPClassUID=source_class,
+        ReferencedSOPInstanceUID=source_uid,
+        PurposeOfReferenceCodeSequence=[purpose],
     )
     _item(
-        ds, SOPInstanceUID=sop_uid, SeriesInstanceUID=series_uid, SeriesNumber=series_number,
-        SeriesDescription=description, InstanceNumber=instance, SeriesDate=date, SeriesTime=time,
-        ContentDate=date, ContentTime=time, InstanceCreationDate=date, InstanceCreationTime=time,
+        ds,
+        SOPInstanceUID=sop_uid,
+        SeriesInstanceUID=series_uid,
+        SeriesNumber=series_number,
+        SeriesDescription=description,
+        InstanceNumber=instance,
+        SeriesDate=date,
+        SeriesTime=time,
+        ContentDate=date,
+        ContentTime=time,
+        InstanceCreationDate=date,
+        InstanceCreationTime=time,
         ImageType=["DERIVED", "SECONDARY"] + [str(v) for v in old_type[2:3] if str(v)],
-        DerivationDescription=derivation, SourceImageSequence=[reference],
+        DerivationDescription=derivation,
+        SourceImageSequence=[reference],
     )
 
     for keyword in _TYPE2 + _TYPE2_IOD.get(str(source_class), ()):
@@ -265,15 +327,25 @@ def _derive_slice(
                 del ds[keyword]
 
     _item(
-        ds, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=stored.shape[1], Columns=stored.shape[0],
-        BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=rescale.pixel_representation,
+        ds,
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        Rows=stored.shape[1],
+        Columns=stored.shape[0],
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        PixelRepresentation=rescale.pixel_representation,
     )
     # Row j, column i of the slice is array[i, j, k]: transpose to row-major (rows, columns).
     _set(ds, "PixelData", np.ascontiguousarray(stored.T).tobytes(), vr="OW")
 
     ds.file_meta = _item(
-        FileMetaDataset(), MediaStorageSOPClassUID=source_class, MediaStorageSOPInstanceUID=sop_uid,
-        TransferSyntaxUID=ExplicitVRLittleEndian, ImplementationClassUID=PYDICOM_IMPLEMENTATION_UID,
+        FileMetaDataset(),
+        MediaStorageSOPClassUID=source_class,
+        MediaStorageSOPInstanceUID=sop_uid,
+        TransferSyntaxUID=ExplicitVRLittleEndian,
+        ImplementationClassUID=PYDICOM_IMPLEMENTATION_UID,
     )
     ds.preamble = b"\0" * 128  # the source preamble may hold non-DICOM data (TIFF headers)
     return ds
@@ -337,14 +409,23 @@ def write_derived_series(
             for k, (path, header) in enumerate(zip(source_files, headers)):
                 stored = np.rint((array[:, :, k].astype(np.float64) - rescale.intercept) / rescale.slope).astype(dtype)
                 ds = _derive_slice(
-                    header, stored, rescale, series_uid=series_uid, series_number=int(series_number),
-                    description=series_description, derivation=derivation, instance=k + 1, now=now,
+                    header,
+                    stored,
+                    rescale,
+                    series_uid=series_uid,
+                    series_number=int(series_number),
+                    description=series_description,
+                    derivation=derivation,
+                    instance=k + 1,
+                    now=now,
                 )
                 name = f"IM{k + 1:05d}.dcm"
                 try:
                     ds.save_as(work / name, enforce_file_format=True)
                 except (ValueError, UnicodeError) as exc:  # a source value that cannot be re-encoded
-                    raise MedsynthError(f"{path}: cannot write the derived slice ({type(exc).__name__}: {exc})") from exc
+                    raise MedsynthError(
+                        f"{path}: cannot write the derived slice ({type(exc).__name__}: {exc})"
+                    ) from exc
                 written.append(output / name)
     finally:
         config.settings._writing_validation_mode = previous

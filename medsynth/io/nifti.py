@@ -10,7 +10,14 @@ import numpy as np
 from medsynth.io.atomic import atomic_write
 
 
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtype: type | None = None, description: str | None = None) -> Path:
+def write_nifti(
+    path: str | Path,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    dtype: type | None = None,
+    description: str | None = None,
+) -> Path:
     """Write ``array`` (spatial axes only) with ``affine`` as a NIfTI-1 file, atomically.
 
     Args:
@@ -30,10 +37,17 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtyp
         image.header["descrip"] = description.encode("ascii", "replace")[:79]
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     # nibabel picks the format from the file name, so the temporary file keeps the suffix.
-    return atomic_write(path, lambda tmp: nib.save(image, tmp.with_name(tmp.name + suffix)) or (tmp.with_name(tmp.name + suffix)).replace(tmp))
+    return atomic_write(
+        path,
+        lambda tmp: (
+            nib.save(image, tmp.with_name(tmp.name + suffix)) or (tmp.with_name(tmp.name + suffix)).replace(tmp)
+        ),
+    )
 
 
-def spacing_affine(spacing: tuple[float, ...] | list[float], shape: tuple[int, ...], *, signs: tuple[float, ...] = (1.0, 1.0, 1.0)) -> np.ndarray:
+def spacing_affine(
+    spacing: tuple[float, ...] | list[float], shape: tuple[int, ...], *, signs: tuple[float, ...] = (1.0, 1.0, 1.0)
+) -> np.ndarray:
     """A RAS affine with the given voxel spacing whose world origin is the grid centre.
 
     Args:

@@ -181,10 +181,14 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
             expected = "a 2D" if max_dims == 2 else "a 2D or 3D"
             raise MedsynthError(f"{path}: expected {expected} image, got shape {shape}")
         if min(spatial) < 1:
-            raise MedsynthError(f"{path}: header gives shape {shape} with an empty dimension; expected at least 1 voxel per dimension")
+            raise MedsynthError(
+                f"{path}: header gives shape {shape} with an empty dimension; expected at least 1 voxel per dimension"
+            )
         voxels = int(np.prod(spatial, dtype=object))
         if voxels > MAX_VOXELS:
-            raise MedsynthError(f"{path}: header claims shape {shape} ({voxels:.3g} voxels); expected at most {MAX_VOXELS:.3g} voxels per scan")
+            raise MedsynthError(
+                f"{path}: header claims shape {shape} ({voxels:.3g} voxels); expected at most {MAX_VOXELS:.3g} voxels per scan"
+            )
         affine = np.array(img.affine, dtype=np.float64)
         array = img.get_fdata(dtype=np.float32).reshape(spatial)
     except MedsynthError:
@@ -197,9 +201,14 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
     # The voxel axes must span as many world directions as the image has dimensions (a zero voxel size
     # or a zero sform/qform makes the orientation and spacing undefined).
     axes = affine[:3, : array.ndim]
-    if not np.all(np.isfinite(affine)) or np.linalg.matrix_rank(axes, tol=1e-6 * max(1.0, float(np.abs(axes).max()))) < array.ndim:
-        raise MedsynthError(f"{path}: degenerate voxel-to-world affine (sform/qform) {affine[:3].tolist()}; expected a finite affine "
-                            "with non-zero voxel sizes along independent axes")
+    if (
+        not np.all(np.isfinite(affine))
+        or np.linalg.matrix_rank(axes, tol=1e-6 * max(1.0, float(np.abs(axes).max()))) < array.ndim
+    ):
+        raise MedsynthError(
+            f"{path}: degenerate voxel-to-world affine (sform/qform) {affine[:3].tolist()}; expected a finite affine "
+            "with non-zero voxel sizes along independent axes"
+        )
 
     n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if n_bad:
@@ -220,8 +229,10 @@ def _read_dicom_header(path: Path) -> Dataset | None:
     try:
         if not pydicom.misc.is_dicom(path):
             if path.name.lower().endswith(DICOM_SUFFIXES):
-                raise MedsynthError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, size {path.stat().st_size} bytes); "
-                                    "expected a DICOM Part 10 file")
+                raise MedsynthError(
+                    f"{path}: not a DICOM file (no 'DICM' marker at byte 128, size {path.stat().st_size} bytes); "
+                    "expected a DICOM Part 10 file"
+                )
             return None
     except OSError as exc:
         raise MedsynthError(f"{path}: cannot read file ({exc.strerror or _reason(exc)})") from exc
@@ -233,8 +244,10 @@ def _read_dicom_header(path: Path) -> Dataset | None:
     except Exception as exc:
         raise MedsynthError(f"{path}: corrupt DICOM file ({_reason(exc)})") from exc
     if len(header) == 0 or not UID(_sop_class(header)).is_valid:
-        raise MedsynthError(f"{path}: corrupt or truncated DICOM file (no SOP Class UID in {path.stat().st_size} bytes); "
-                            "expected a complete DICOM file")
+        raise MedsynthError(
+            f"{path}: corrupt or truncated DICOM file (no SOP Class UID in {path.stat().st_size} bytes); "
+            "expected a complete DICOM file"
+        )
     return header
 
 
@@ -312,9 +325,7 @@ def _orientation(files: list[Path], headers: list[Dataset]) -> np.ndarray:
         return np.asarray(_DEFAULT_ORIENTATION)
     if not all(present):
         missing = files[present.index(False)]
-        raise MedsynthError(
-            f"{missing}: ImageOrientationPatient missing; expected it on every slice of the series"
-        )
+        raise MedsynthError(f"{missing}: ImageOrientationPatient missing; expected it on every slice of the series")
     _check_same(files, [tuple(map(float, o)) for o in orientations], "ImageOrientationPatient", atol=1e-4)
     orientation = orientations[0]
     row, col = orientation[:3], orientation[3:]
@@ -327,9 +338,7 @@ def _orientation(files: list[Path], headers: list[Dataset]) -> np.ndarray:
     return orientation
 
 
-def _slice_order(
-    files: list[Path], headers: list[Dataset], normal: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _slice_order(files: list[Path], headers: list[Dataset], normal: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Order the slices along ``normal``; fall back to InstanceNumber when no slice has a position.
 
     Returns:
@@ -357,17 +366,14 @@ def _slice_order(
         return order, ipp[order]
     if any(present):
         missing = files[present.index(False)]
-        raise MedsynthError(
-            f"{missing}: ImagePositionPatient missing; expected it on every slice of the series"
-        )
+        raise MedsynthError(f"{missing}: ImagePositionPatient missing; expected it on every slice of the series")
 
     numbers = [h.get("InstanceNumber") for h in headers]
     if len(files) > 1:
         if any(n is None or n == "" for n in numbers):
             missing = files[[n is None or n == "" for n in numbers].index(True)]
             raise MedsynthError(
-                f"{missing}: neither ImagePositionPatient nor InstanceNumber; "
-                "cannot order the slices of the series"
+                f"{missing}: neither ImagePositionPatient nor InstanceNumber; cannot order the slices of the series"
             )
         if len(set(int(n) for n in numbers)) != len(numbers):
             raise MedsynthError(
@@ -420,16 +426,16 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
             )
         samples = int(header.get("SamplesPerPixel") or 1)
         if samples != 1:
-            raise MedsynthError(
-                f"{path}: colour image ({samples} samples per pixel); expected a greyscale scan"
-            )
+            raise MedsynthError(f"{path}: colour image ({samples} samples per pixel); expected a greyscale scan")
     _check_same(files, [(int(h.Rows), int(h.Columns)) for h in headers], "(Rows, Columns)")
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     if rows < 1 or cols < 1:
         raise MedsynthError(f"{files[0]}: Rows x Columns is {rows} x {cols}; expected at least one pixel")
     if rows * cols * len(files) > MAX_VOXELS:
-        raise MedsynthError(f"{files[0]}: series of {len(files)} slices of {rows} x {cols} pixels ({rows * cols * len(files):.3g} voxels); "
-                            f"expected at most {MAX_VOXELS:.3g} voxels per scan")
+        raise MedsynthError(
+            f"{files[0]}: series of {len(files)} slices of {rows} x {cols} pixels ({rows * cols * len(files):.3g} voxels); "
+            f"expected at most {MAX_VOXELS:.3g} voxels per scan"
+        )
     spacings = [_floats(f, h, "PixelSpacing", 2) for f, h in zip(files, headers)]
     spacings = [tuple(map(float, s)) if s is not None else (1.0, 1.0) for s in spacings]
     _check_same(files, spacings, "PixelSpacing", atol=1e-4)
@@ -460,14 +466,14 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
 
     n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if n_bad:
-        raise MedsynthError(
-            f"{files[0].parent}: series contains {n_bad} NaN/Inf voxels; expected finite intensities"
-        )
+        raise MedsynthError(f"{files[0].parent}: series contains {n_bad} NaN/Inf voxels; expected finite intensities")
 
     parents = {str(f.parent) for f in files}
     source = parents.pop() if len(parents) == 1 else os.path.commonpath([str(f.parent) for f in files])
     modality = _MODALITIES.get(str(headers[0].get("Modality", "")).upper())
-    return Volume(array=array, affine=_LPS_TO_RAS @ affine_lps, source=source, modality=modality, files=[str(f) for f in files])
+    return Volume(
+        array=array, affine=_LPS_TO_RAS @ affine_lps, source=source, modality=modality, files=[str(f) for f in files]
+    )
 
 
 # --- DICOM: a folder -----------------------------------------------------------------------------
@@ -536,9 +542,7 @@ def find_images(folder: str | Path) -> list[tuple[str, Path]]:
     folders = sorted({path.parent for path in files if not _is_nifti_name(path)})
     found.extend(("dicom", d) for d in folders if _folder_has_dicom_images(d))
     if not found:
-        raise MedsynthError(
-            f"{root}: holds no NIfTI files or DICOM series; expected *.nii, *.nii.gz or DICOM images"
-        )
+        raise MedsynthError(f"{root}: holds no NIfTI files or DICOM series; expected *.nii, *.nii.gz or DICOM images")
     return sorted(found, key=lambda item: (str(item[1]), item[0]))
 
 

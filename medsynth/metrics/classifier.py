@@ -27,8 +27,13 @@ def build_classifier(spatial_dims: int, in_channels: int, num_classes: int, widt
         return Convolution(spatial_dims, i, o, strides=stride, kernel_size=3, act="PRELU", norm="INSTANCE")
 
     return torch.nn.Sequential(
-        block(in_channels, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1),
-        pool, torch.nn.Flatten(), torch.nn.Linear(4 * width, num_classes),
+        block(in_channels, width, 1),
+        block(width, 2 * width, 2),
+        block(2 * width, 4 * width, 2),
+        block(4 * width, 4 * width, 1),
+        pool,
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * width, num_classes),
     )
 
 
@@ -40,19 +45,34 @@ class TrainedClassifier:
     seed: int
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray | torch.Tensor, *, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    def predict(
+        self, images: np.ndarray | torch.Tensor, *, batch_size: int = 64, device: torch.device | str = "cpu"
+    ) -> np.ndarray:
         """Predicted class of every image ``(N, C, *spatial)``."""
         self.network.to(device).eval()
         images = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        out = [self.network(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        out = [
+            self.network(images[i : i + batch_size].to(device)).argmax(1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).numpy()
 
     def accuracy(self, images: np.ndarray, classes: np.ndarray, **kwargs) -> float:
         return float(np.mean(self.predict(images, **kwargs) == np.asarray(classes)))
 
 
-def train_classifier(images: np.ndarray, classes: np.ndarray, *, spatial_dims: int, num_classes: int, steps: int = 600, batch_size: int = 32,
-                     lr: float = 2e-3, seed: int = 0, device: torch.device | str = "cpu") -> TrainedClassifier:
+def train_classifier(
+    images: np.ndarray,
+    classes: np.ndarray,
+    *,
+    spatial_dims: int,
+    num_classes: int,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> TrainedClassifier:
     """Train :func:`build_classifier` with cross-entropy on ``images`` (N, C, *spatial) in [-1, 1] and
     their ``classes`` (0..K-1); images without a class (-1) are left out. Random flips along every
     spatial axis augment the small training sets (class findings here do not depend on side).
@@ -63,7 +83,9 @@ def train_classifier(images: np.ndarray, classes: np.ndarray, *, spatial_dims: i
     classes = np.asarray(classes, dtype=np.int64)
     keep = (classes >= 0) & (classes < num_classes)
     if len(np.unique(classes[keep])) < 2:
-        raise MedsynthError(f"the classifier needs labelled images of at least two classes; found classes {sorted(set(classes[keep].tolist()))}")
+        raise MedsynthError(
+            f"the classifier needs labelled images of at least two classes; found classes {sorted(set(classes[keep].tolist()))}"
+        )
     x = torch.as_tensor(np.asarray(images[keep], dtype=np.float32))
     y = torch.as_tensor(classes[keep])
     torch.manual_seed(seed)

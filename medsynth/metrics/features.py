@@ -40,8 +40,8 @@ from torch import nn
 
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import file_digest
+from medsynth.io.state import load_state, save_state
 from medsynth.models.autoencoder import _load_local_weights, _zscore
-from medsynth.training.checkpoint import load_state, save_state
 
 # Arrays are in RAS voxel order (X, Y, Z): an axial slice is one index along Z (array axis 2), a
 # coronal one along Y (axis 1), a sagittal one along X (axis 0).
@@ -111,8 +111,12 @@ class SelfSupervisedFeatures(nn.Module):
             return Convolution(2, i, o, strides=stride, kernel_size=3, act="PRELU", norm=None)
 
         self.trunk = nn.Sequential(
-            block(in_channels, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(in_channels, width, 1),
+            block(width, 2 * width, 2),
+            block(2 * width, 4 * width, 2),
+            block(4 * width, 4 * width, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.rotation_head = nn.Linear(4 * width, ROTATIONS)
         self.degradation_head = nn.Linear(4 * width, len(DEGRADATIONS))
@@ -133,7 +137,9 @@ class PooledResNetFeatures(nn.Module):
         super().__init__()
         self.resnet = ResNetFeatures(f"resnet{depth}", pretrained=False, spatial_dims=spatial_dims, in_channels=1)
         self.resnet.eval().requires_grad_(False)
-        self.feature_dim = [m for m in self.resnet.layer4.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))][-1].num_features
+        self.feature_dim = [m for m in self.resnet.layer4.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))][
+            -1
+        ].num_features
 
     def train(self, mode: bool = True) -> PooledResNetFeatures:
         """Always in eval mode: its batch-norm statistics are part of the pretrained weights."""
@@ -165,9 +171,15 @@ def _as_images(name: str, images: np.ndarray | torch.Tensor, spatial_dims: int) 
     """``images`` as a float32 CPU tensor; ValueError unless finite ``(N, C, *spatial)``."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    x = images.detach().cpu().float() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, dtype=np.float32))
+    x = (
+        images.detach().cpu().float()
+        if isinstance(images, torch.Tensor)
+        else torch.as_tensor(np.asarray(images, dtype=np.float32))
+    )
     if x.ndim != spatial_dims + 2:
-        raise ValueError(f"{name} must have shape (N, C, {', '.join('XYZ'[:spatial_dims])}) for spatial_dims={spatial_dims}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, C, {', '.join('XYZ'[:spatial_dims])}) for spatial_dims={spatial_dims}, got shape {tuple(x.shape)}"
+        )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
@@ -191,8 +203,15 @@ class FeatureNetwork:
     identity: dict
 
     @torch.no_grad()
-    def plane_features(self, images: np.ndarray | torch.Tensor, *, spatial_dims: int, batch_size: int = 64, device: torch.device | str = "cpu",
-                       slices_per_plane: int = 8) -> dict[str, np.ndarray]:
+    def plane_features(
+        self,
+        images: np.ndarray | torch.Tensor,
+        *,
+        spatial_dims: int,
+        batch_size: int = 64,
+        device: torch.device | str = "cpu",
+        slices_per_plane: int = 8,
+    ) -> dict[str, np.ndarray]:
         """Feature samples for set metrics, float64.
 
         2D images: ``{"2d": (N, D)}``. Volumes and a 2D network (2.5D): ``{"axial": (N * S, D),
@@ -209,25 +228,43 @@ class FeatureNetwork:
         self.network.to(device).eval()
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.network(batch[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(batch), batch_size)])
+            return torch.cat(
+                [
+                    self.network(batch[i : i + batch_size].to(device)).double().cpu()
+                    for i in range(0, len(batch), batch_size)
+                ]
+            )
 
         if network_dims == spatial_dims:
             return {f"{spatial_dims}d": run(x).numpy()}
         if network_dims == 2 and spatial_dims == 3:
             # Slice a few volumes at a time: all slices of a large set at once would not fit in memory.
             step = max(1, batch_size // slices_per_plane)
-            return {plane: torch.cat([run(plane_slices(x[i : i + step], plane, slices_per_plane)) for i in range(0, len(x), step)]).numpy()
-                    for plane in PLANES}
+            return {
+                plane: torch.cat(
+                    [run(plane_slices(x[i : i + step], plane, slices_per_plane)) for i in range(0, len(x), step)]
+                ).numpy()
+                for plane in PLANES
+            }
         raise ValueError(f"a {network_dims}D feature network cannot embed {spatial_dims}D images")
 
-    def embed(self, images: np.ndarray | torch.Tensor, *, spatial_dims: int, batch_size: int = 64, device: torch.device | str = "cpu",
-              slices_per_plane: int = 8) -> np.ndarray:
+    def embed(
+        self,
+        images: np.ndarray | torch.Tensor,
+        *,
+        spatial_dims: int,
+        batch_size: int = 64,
+        device: torch.device | str = "cpu",
+        slices_per_plane: int = 8,
+    ) -> np.ndarray:
         """One feature vector per image, ``(N, D)`` float64.
 
         Volumes and a 2D network (2.5D): per plane the mean feature over its slices (see
         :meth:`plane_features`), the planes concatenated in :data:`PLANES` order: ``(N, 3 * D)``.
         """
-        features = self.plane_features(images, spatial_dims=spatial_dims, batch_size=batch_size, device=device, slices_per_plane=slices_per_plane)
+        features = self.plane_features(
+            images, spatial_dims=spatial_dims, batch_size=batch_size, device=device, slices_per_plane=slices_per_plane
+        )
         n = len(images)
         return np.concatenate([f.reshape(n, -1, f.shape[1]).mean(axis=1) for f in features.values()], axis=1)
 
@@ -281,8 +318,18 @@ def _random_degradations(batch: torch.Tensor, generator: torch.Generator) -> tup
     return out, kinds
 
 
-def train_feature_network(images: np.ndarray, classes: np.ndarray | None, *, spatial_dims: int, steps: int = 400, seed: int = 0, width: int = 16,
-                          batch_size: int = 32, lr: float = 2e-3, device: torch.device | str = "cpu") -> FeatureNetwork:
+def train_feature_network(
+    images: np.ndarray,
+    classes: np.ndarray | None,
+    *,
+    spatial_dims: int,
+    steps: int = 400,
+    seed: int = 0,
+    width: int = 16,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    device: torch.device | str = "cpu",
+) -> FeatureNetwork:
     """Train a 2D :class:`SelfSupervisedFeatures` on the real training set ``images`` (N, C, *spatial) in [-1, 1].
 
     Objective (self-supervised, so it needs no labels: a user's folder of scans has none), two tasks
@@ -327,8 +374,14 @@ def train_feature_network(images: np.ndarray, classes: np.ndarray | None, *, spa
     """
     x = _as_images("images", images, spatial_dims)
     if len(x) < 1 or steps < 1:
-        raise ValueError(f"training a feature network needs at least one image and one step, got {len(x)} images and steps={steps}")
-    labels = torch.full((len(x),), -1, dtype=torch.int64) if classes is None else torch.as_tensor(np.asarray(classes, dtype=np.int64)).reshape(-1)
+        raise ValueError(
+            f"training a feature network needs at least one image and one step, got {len(x)} images and steps={steps}"
+        )
+    labels = (
+        torch.full((len(x),), -1, dtype=torch.int64)
+        if classes is None
+        else torch.as_tensor(np.asarray(classes, dtype=np.int64)).reshape(-1)
+    )
     if len(labels) != len(x):
         raise ValueError(f"classes has {len(labels)} entries for {len(x)} images")
     known = labels[labels >= 0].unique()
@@ -348,11 +401,14 @@ def train_feature_network(images: np.ndarray, classes: np.ndarray | None, *, spa
         turns = torch.randint(0, ROTATIONS, (len(batch),), generator=generator)
         batch = torch.stack([torch.rot90(b, int(k), dims=(1, 2)) for b, k in zip(batch, turns)])
         features = network(batch.to(device))
-        loss = nn.functional.cross_entropy(network.rotation_head(features), turns.to(device)) \
-            + nn.functional.cross_entropy(network.degradation_head(features), degraded.to(device))
+        loss = nn.functional.cross_entropy(
+            network.rotation_head(features), turns.to(device)
+        ) + nn.functional.cross_entropy(network.degradation_head(features), degraded.to(device))
         labelled = labels[index] >= 0
         if network.class_head is not None and labelled.any():
-            loss = loss + nn.functional.cross_entropy(network.class_head(features[labelled.to(device)]), labels[index][labelled].to(device))
+            loss = loss + nn.functional.cross_entropy(
+                network.class_head(features[labelled.to(device)]), labels[index][labelled].to(device)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -360,9 +416,15 @@ def train_feature_network(images: np.ndarray, classes: np.ndarray | None, *, spa
     identity = {
         "kind": "self_trained",
         "objective": "rotation+degradation" + ("+class" if num_classes else ""),
-        "steps": steps, "seed": seed, "width": width, "batch_size": batch_size, "lr": lr,
-        "in_channels": int(x.shape[1]), "num_classes": num_classes,
-        "spatial_dims": spatial_dims, "network_spatial_dims": 2,
+        "steps": steps,
+        "seed": seed,
+        "width": width,
+        "batch_size": batch_size,
+        "lr": lr,
+        "in_channels": int(x.shape[1]),
+        "num_classes": num_classes,
+        "spatial_dims": spatial_dims,
+        "network_spatial_dims": 2,
         "train_images_sha256": _array_sha256(x.numpy()),
         "weights_sha256": _state_sha256(network),
         "feature_dim": 4 * width,
@@ -385,10 +447,18 @@ def feature_network_from_file(weights_path: str | Path, *, spatial_dims: int, de
     if not path.is_file():
         raise MedsynthError(f"{path}: feature network weights file not found (medsynth never downloads weights)")
     network = PooledResNetFeatures(spatial_dims, depth)
-    _load_local_weights(network.resnet, path, keys=("evaluate.features.weights", "evaluate.features.depth"), what="feature ResNet")
+    _load_local_weights(
+        network.resnet, path, keys=("evaluate.features.weights", "evaluate.features.depth"), what="feature ResNet"
+    )
     identity = {
-        "kind": "file", "objective": "pretrained", "path": str(path), "file_sha256": file_digest(path), "resnet_depth": depth,
-        "network_spatial_dims": spatial_dims, "weights_sha256": _state_sha256(network), "feature_dim": network.feature_dim,
+        "kind": "file",
+        "objective": "pretrained",
+        "path": str(path),
+        "file_sha256": file_digest(path),
+        "resnet_depth": depth,
+        "network_spatial_dims": spatial_dims,
+        "weights_sha256": _state_sha256(network),
+        "feature_dim": network.feature_dim,
     }
     return FeatureNetwork(network, identity)
 
@@ -415,23 +485,36 @@ def load_feature_network(path: str | Path) -> FeatureNetwork:
     """
     path = Path(path)
     blob = load_state(path, expected_format=FEATURE_NETWORK_FORMAT, what="feature network")
-    if not isinstance(blob.get("identity"), dict) or not isinstance(blob.get("state_dict"), dict) \
-            or not all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values()):
-        raise MedsynthError(f"{path}: not a medsynth feature network file (expected format {FEATURE_NETWORK_FORMAT!r} with identity and state_dict)")
+    if (
+        not isinstance(blob.get("identity"), dict)
+        or not isinstance(blob.get("state_dict"), dict)
+        or not all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values())
+    ):
+        raise MedsynthError(
+            f"{path}: not a medsynth feature network file (expected format {FEATURE_NETWORK_FORMAT!r} with identity and state_dict)"
+        )
     identity: dict[str, Any] = blob["identity"]
     try:
         if identity["kind"] == "self_trained":
-            network: nn.Module = SelfSupervisedFeatures(int(identity["in_channels"]), int(identity["width"]), int(identity["num_classes"]))
+            network: nn.Module = SelfSupervisedFeatures(
+                int(identity["in_channels"]), int(identity["width"]), int(identity["num_classes"])
+            )
         elif identity["kind"] == "file":
             network = PooledResNetFeatures(int(identity["network_spatial_dims"]), int(identity["resnet_depth"]))
         else:
-            raise MedsynthError(f"{path}: unknown feature network kind {identity['kind']!r}; allowed: self_trained, file")
+            raise MedsynthError(
+                f"{path}: unknown feature network kind {identity['kind']!r}; allowed: self_trained, file"
+            )
         network.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise MedsynthError(f"{path}: feature network file does not fit its recorded identity ({str(exc).splitlines()[0][:160]})") from None
+        raise MedsynthError(
+            f"{path}: feature network file does not fit its recorded identity ({str(exc).splitlines()[0][:160]})"
+        ) from None
     network.eval().requires_grad_(False)
     if _state_sha256(network) != identity.get("weights_sha256"):
-        raise MedsynthError(f"{path}: feature network weights do not match their recorded weights_sha256 (file altered or corrupt)")
+        raise MedsynthError(
+            f"{path}: feature network weights do not match their recorded weights_sha256 (file altered or corrupt)"
+        )
     return FeatureNetwork(network, identity)
 
 
@@ -475,12 +558,20 @@ def fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of every sample to its k-th nearest neighbour in its own set (itself excluded)."""
-    return torch.cat([torch.cdist(x[i : i + _ROWS_PER_BLOCK], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), _ROWS_PER_BLOCK)])
+    return torch.cat(
+        [
+            torch.cdist(x[i : i + _ROWS_PER_BLOCK], x).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(x), _ROWS_PER_BLOCK)
+        ]
+    )
 
 
 def _inside_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor) -> float:
     """Fraction of ``query`` within the k-NN ball of at least one ``support`` sample."""
-    inside = [(torch.cdist(query[i : i + _ROWS_PER_BLOCK], support) <= radii).any(dim=1) for i in range(0, len(query), _ROWS_PER_BLOCK)]
+    inside = [
+        (torch.cdist(query[i : i + _ROWS_PER_BLOCK], support) <= radii).any(dim=1)
+        for i in range(0, len(query), _ROWS_PER_BLOCK)
+    ]
     return float(torch.cat(inside).double().mean())
 
 
@@ -529,8 +620,16 @@ def kernel_mmd(real: np.ndarray, fake: np.ndarray) -> float:
 # --- all of it --------------------------------------------------------------------------------------
 
 
-def feature_fidelity(real_images: np.ndarray | torch.Tensor, fake_images: np.ndarray | torch.Tensor, network: FeatureNetwork, *, spatial_dims: int,
-                     k: int = 3, device: torch.device | str = "cpu", slices_per_plane: int = 8) -> dict[str, float]:
+def feature_fidelity(
+    real_images: np.ndarray | torch.Tensor,
+    fake_images: np.ndarray | torch.Tensor,
+    network: FeatureNetwork,
+    *,
+    spatial_dims: int,
+    k: int = 3,
+    device: torch.device | str = "cpu",
+    slices_per_plane: int = 8,
+) -> dict[str, float]:
     """FID, improved precision / recall and kernel MMD of ``fake_images`` against ``real_images``.
 
     Returns ``{"fid", "precision", "recall", "mmd"}``; volumes scored 2.5D also give each plane's value
@@ -544,7 +643,9 @@ def feature_fidelity(real_images: np.ndarray | torch.Tensor, fake_images: np.nda
     real = _as_images("real_images", real_images, spatial_dims)
     fake = _as_images("fake_images", fake_images, spatial_dims)
     if real.shape[1:] != fake.shape[1:]:
-        raise ValueError(f"real and fake image shapes differ: (C, *spatial) {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}")
+        raise ValueError(
+            f"real and fake image shapes differ: (C, *spatial) {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}"
+        )
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"feature fidelity needs at least 2 images per set, got {len(real)} real and {len(fake)} fake")
     options = {"spatial_dims": spatial_dims, "device": device, "slices_per_plane": slices_per_plane}
@@ -553,10 +654,19 @@ def feature_fidelity(real_images: np.ndarray | torch.Tensor, fake_images: np.nda
     per_part = {}
     for part in real_features:
         precision, recall = precision_recall(real_features[part], fake_features[part], k=k)
-        per_part[part] = {"fid": fid(real_features[part], fake_features[part]), "precision": precision, "recall": recall,
-                          "mmd": kernel_mmd(real_features[part], fake_features[part])}
+        per_part[part] = {
+            "fid": fid(real_features[part], fake_features[part]),
+            "precision": precision,
+            "recall": recall,
+            "mmd": kernel_mmd(real_features[part], fake_features[part]),
+        }
     if len(per_part) == 1:
         return next(iter(per_part.values()))
-    scores = {name: float(np.mean([per_part[plane][name] for plane in PLANES])) for name in ("fid", "precision", "recall", "mmd")}
-    scores.update({f"{name}/{plane}": per_part[plane][name] for plane in PLANES for name in ("fid", "precision", "recall", "mmd")})
+    scores = {
+        name: float(np.mean([per_part[plane][name] for plane in PLANES]))
+        for name in ("fid", "precision", "recall", "mmd")
+    }
+    scores.update(
+        {f"{name}/{plane}": per_part[plane][name] for plane in PLANES for name in ("fid", "precision", "recall", "mmd")}
+    )
     return scores

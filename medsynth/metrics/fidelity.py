@@ -63,9 +63,7 @@ def _check_comparable(real: torch.Tensor, fake: torch.Tensor) -> None:
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake channel counts differ: {real.shape[1]} vs {fake.shape[1]}")
     if real.shape[2:] != fake.shape[2:]:
-        raise ValueError(
-            f"real and fake spatial shapes differ: {tuple(real.shape[2:])} vs {tuple(fake.shape[2:])}"
-        )
+        raise ValueError(f"real and fake spatial shapes differ: {tuple(real.shape[2:])} vs {tuple(fake.shape[2:])}")
 
 
 # --- maximum mean discrepancy -----------------------------------------------------------------------

@@ -45,8 +45,14 @@ def mean_dice(segmentation: np.ndarray, maps: np.ndarray, num_labels: int) -> tu
     return float(np.nanmean(per_label)), per_label
 
 
-def label_adherence(fake: np.ndarray, fake_maps: np.ndarray, real: np.ndarray, real_maps: np.ndarray, num_labels: int,
-                    names: dict[int, str] | None = None) -> dict[str, float]:
+def label_adherence(
+    fake: np.ndarray,
+    fake_maps: np.ndarray,
+    real: np.ndarray,
+    real_maps: np.ndarray,
+    num_labels: int,
+    names: dict[int, str] | None = None,
+) -> dict[str, float]:
     """The measures of the module docstring as ``{name: value}`` (images ``(N, 1, *spatial)``, maps alike)."""
     names = names or {}
     real_means = label_means(real, real_maps, num_labels)

@@ -230,13 +230,18 @@ class AuditResult:
             result[f"audit/{space}/min_ratio"] = float(ratios.min()) if n else math.nan
             result[f"audit/{space}/median_ratio"] = float(np.median(ratios)) if n else math.nan
             result[f"audit/{space}/below_threshold"] = float((ratios < self.threshold).sum())
-            result[f"audit/{space}/real_nn_median"] = float(np.median(self.real_nn[space])) if self.real_nn.get(space) else math.nan
+            result[f"audit/{space}/real_nn_median"] = (
+                float(np.median(self.real_nn[space])) if self.real_nn.get(space) else math.nan
+            )
         return result
 
     def to_json(self) -> dict:
         """Everything as plain JSON types (non-finite numbers become ``null``)."""
         per_scan = [
-            {key: ({k: _finite_or_none(v) for k, v in value.items()} if isinstance(value, dict) else value) for key, value in scan.items()}
+            {
+                key: ({k: _finite_or_none(v) for k, v in value.items()} if isinstance(value, dict) else value)
+                for key, value in scan.items()
+            }
             for scan in self.per_scan
         ]
         return {
@@ -336,14 +341,18 @@ def memorisation_audit(
         s_feat = _check_features("synthetic_features", synthetic_features, synthetic.shape[0], "synthetic")
         t_feat = _check_features("train_features", train_features, train.shape[0], "training")
         if s_feat.shape[1] != t_feat.shape[1]:
-            raise ValueError(f"synthetic_features and train_features differ in width: {s_feat.shape[1]} vs {t_feat.shape[1]}")
+            raise ValueError(
+                f"synthetic_features and train_features differ in width: {s_feat.shape[1]} vs {t_feat.shape[1]}"
+            )
         sets["feature"] = (s_feat, t_feat, 1.0)
 
     per_space: dict[str, list[dict]] = {}
     real_nn: dict[str, list[float]] = {}
     for space, (queries, references, scale) in sets.items():
         # 1. r(t) for every training scan: nearest training scan of another group
-        ref_index, ref_distance = nearest(references, references, query_groups=groups, reference_groups=groups, chunk=chunk)
+        ref_index, ref_distance = nearest(
+            references, references, query_groups=groups, reference_groups=groups, chunk=chunk
+        )
         ref_distance = ref_distance / scale
         # 2. t* and d(s, t*) for every synthetic scan
         index, distance = nearest(queries, references, chunk=chunk)
@@ -433,9 +442,15 @@ def audit_figure(
         # views(...)[0]: the 2D image, or a volume's axial slice [:, :, Z // 2], transposed for display
         _panel([ax_syn, ax_train], [views(synthetic[scan["index"]])[0], views(train[entry["nearest"]])[0]])
         flag = "FLAGGED" if scan["flagged"] else "ok"
-        ax_syn.set_title(f"synthetic {scan['index']}\nratio {entry['ratio']:.3g} {flag}", fontsize=8,
-                         color="red" if scan["flagged"] else "black")
-        ax_train.set_title(f"train {entry['nearest']} ({entry['nearest_group']})\nd {entry['distance']:.3g}, r {entry['reference']:.3g}", fontsize=8)
+        ax_syn.set_title(
+            f"synthetic {scan['index']}\nratio {entry['ratio']:.3g} {flag}",
+            fontsize=8,
+            color="red" if scan["flagged"] else "black",
+        )
+        ax_train.set_title(
+            f"train {entry['nearest']} ({entry['nearest_group']})\nd {entry['distance']:.3g}, r {entry['reference']:.3g}",
+            fontsize=8,
+        )
     fig.suptitle(f"closest pairs in {space} space (threshold {result.threshold:g}, rule {result.rule})", fontsize=10)
     fig.tight_layout(h_pad=1.2)
     return _save(fig, path)

@@ -68,14 +68,17 @@ def _tensor(array: np.ndarray, spatial_dims: int) -> torch.Tensor:
     return tensor[None, None] if array.ndim == spatial_dims else tensor[None]
 
 
-def _validate(estimate: np.ndarray, reference: np.ndarray, data_range: float, mask: np.ndarray | None,
-              spatial_dims: int | None) -> int:
+def _validate(
+    estimate: np.ndarray, reference: np.ndarray, data_range: float, mask: np.ndarray | None, spatial_dims: int | None
+) -> int:
     if estimate.shape != reference.shape:
         raise ValueError(f"estimate and reference shapes differ: {estimate.shape} vs {reference.shape}")
     spatial_dims = reference.ndim if spatial_dims is None else spatial_dims
     if spatial_dims not in (2, 3) or reference.ndim not in (spatial_dims, spatial_dims + 1):
-        raise ValueError(f"expected a 2D or 3D image (optionally channel-first), got shape {reference.shape} "
-                         f"with spatial_dims={spatial_dims}")
+        raise ValueError(
+            f"expected a 2D or 3D image (optionally channel-first), got shape {reference.shape} "
+            f"with spatial_dims={spatial_dims}"
+        )
     if not (np.isfinite(estimate).all() and np.isfinite(reference).all()):
         raise ValueError("estimate or reference has NaN/Inf values")
     if not (np.isfinite(data_range) and data_range > 0):
@@ -127,16 +130,31 @@ def restoration_metrics(
 
     result = {"psnr": float(PSNRMetric(max_val=float(data_range), reduction="mean")(y_pred, y).item())}
     if mask is None:
-        ssim_metric = SSIMMetric(spatial_dims=spatial_dims, data_range=float(data_range), kernel_type="gaussian",
-                                 win_size=kernel, kernel_sigma=SSIM_KERNEL_SIGMA, k1=SSIM_K1, k2=SSIM_K2)
+        ssim_metric = SSIMMetric(
+            spatial_dims=spatial_dims,
+            data_range=float(data_range),
+            kernel_type="gaussian",
+            win_size=kernel,
+            kernel_sigma=SSIM_KERNEL_SIGMA,
+            k1=SSIM_K1,
+            k2=SSIM_K2,
+        )
         result["ssim"] = float(ssim_metric(y_pred, y).item())
         return result
 
     # With a mask, one map serves both values: SSIMMetric is exactly this map's mean, and on CPU the
     # convolutions are the cost (about 0.1 s for a 24^3 volume).
-    ssim_map, _ = compute_ssim_and_cs(y_pred, y, spatial_dims=spatial_dims, kernel_size=(kernel,) * spatial_dims,
-                                      kernel_sigma=(SSIM_KERNEL_SIGMA,) * spatial_dims, data_range=float(data_range),
-                                      kernel_type="gaussian", k1=SSIM_K1, k2=SSIM_K2)
+    ssim_map, _ = compute_ssim_and_cs(
+        y_pred,
+        y,
+        spatial_dims=spatial_dims,
+        kernel_size=(kernel,) * spatial_dims,
+        kernel_sigma=(SSIM_KERNEL_SIGMA,) * spatial_dims,
+        data_range=float(data_range),
+        kernel_type="gaussian",
+        k1=SSIM_K1,
+        k2=SSIM_K2,
+    )
     result["ssim"] = float(ssim_map.mean().item())
     squared = (estimate.astype(np.float64) - reference.astype(np.float64)) ** 2
     result["psnr_fg"] = _psnr(float(squared[mask].mean()), float(data_range))

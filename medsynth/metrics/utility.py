@@ -58,7 +58,9 @@ WEIGHT_DECAY = 1e-2  # the same AdamW weight decay as train_classifier, so both 
 def _as_images(name: str, images: Any, spatial_dims: int) -> np.ndarray:
     array = np.asarray(images, dtype=np.float32)
     if array.ndim != 2 + spatial_dims:
-        raise MedsynthError(f"{name} must have shape (N, C, *spatial) with {spatial_dims} spatial axes; got shape {array.shape}")
+        raise MedsynthError(
+            f"{name} must have shape (N, C, *spatial) with {spatial_dims} spatial axes; got shape {array.shape}"
+        )
     if not np.all(np.isfinite(array)):
         raise MedsynthError(f"{name} contains NaN or infinite values")
     return array
@@ -83,14 +85,27 @@ def _as_targets(name: str, targets: Any, images: np.ndarray, task: str, num_clas
     else:
         expected = (len(images), 1, *images.shape[2:])
         if array.shape != expected:
-            raise MedsynthError(f"{name} must be label maps of shape {expected} (matching the images); got {array.shape}")
+            raise MedsynthError(
+                f"{name} must be label maps of shape {expected} (matching the images); got {array.shape}"
+            )
         bad = array[(array < 0) | (array >= num_classes)]
         if bad.size:
-            raise MedsynthError(f"{name} has label {int(bad[0])}; allowed: 0..{num_classes - 1} (num_classes={num_classes})")
+            raise MedsynthError(
+                f"{name} has label {int(bad[0])}; allowed: 0..{num_classes - 1} (num_classes={num_classes})"
+            )
     return array
 
 
-def _check_settings(task: str, spatial_dims: int, num_classes: int, ratio: float, seeds: Sequence[int], steps: int, batch_size: int, lr: float) -> list[int]:
+def _check_settings(
+    task: str,
+    spatial_dims: int,
+    num_classes: int,
+    ratio: float,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    lr: float,
+) -> list[int]:
     if task not in TASKS:
         raise MedsynthError(f"task must be one of {TASKS}; got {task!r}")
     if spatial_dims not in (2, 3):
@@ -112,7 +127,9 @@ def _check_settings(task: str, spatial_dims: int, num_classes: int, ratio: float
     return seeds
 
 
-def _labelled(name: str, images: np.ndarray, targets: np.ndarray, task: str, *, need_two_classes: bool) -> tuple[np.ndarray, np.ndarray]:
+def _labelled(
+    name: str, images: np.ndarray, targets: np.ndarray, task: str, *, need_two_classes: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Classification: drop unlabelled (-1) cases and check what is left; segmentation: unchanged."""
     if task == "segmentation":
         return images, targets
@@ -120,7 +137,9 @@ def _labelled(name: str, images: np.ndarray, targets: np.ndarray, task: str, *, 
     if not keep.any():
         raise MedsynthError(f"{name} has no labelled cases (every class is -1)")
     if need_two_classes and len(np.unique(targets[keep])) < 2:
-        raise MedsynthError(f"{name} needs labelled cases of at least two classes; found only class {int(targets[keep][0])}")
+        raise MedsynthError(
+            f"{name} needs labelled cases of at least two classes; found only class {int(targets[keep][0])}"
+        )
     return images[keep], targets[keep]
 
 
@@ -153,7 +172,9 @@ def classification_scores(logits: np.ndarray, classes: np.ndarray, num_classes: 
 
 
 @torch.no_grad()
-def _logits(network: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device | str) -> torch.Tensor:
+def _logits(
+    network: torch.nn.Module, images: np.ndarray, *, batch_size: int, device: torch.device | str
+) -> torch.Tensor:
     network.to(device).eval()
     x = torch.as_tensor(images)
     return torch.cat([network(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
@@ -169,8 +190,18 @@ def build_segmenter(spatial_dims: int, in_channels: int, num_labels: int) -> tor
     return UNet(spatial_dims, in_channels, num_labels, **UNET)
 
 
-def train_segmenter(images: np.ndarray, maps: np.ndarray, *, spatial_dims: int, num_labels: int, steps: int, batch_size: int, lr: float, seed: int,
-                    device: torch.device | str = "cpu") -> torch.nn.Module:
+def train_segmenter(
+    images: np.ndarray,
+    maps: np.ndarray,
+    *,
+    spatial_dims: int,
+    num_labels: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
     """Train :func:`build_segmenter` with ``DiceCELoss(to_onehot_y=True, softmax=True)``, AdamW and random
     flips along every spatial axis (image and map together), batches drawn with replacement."""
     x = torch.as_tensor(images)
@@ -195,8 +226,15 @@ def train_segmenter(images: np.ndarray, maps: np.ndarray, *, spatial_dims: int, 
     return network.eval().requires_grad_(False).cpu()
 
 
-def segmentation_scores(network: torch.nn.Module, images: np.ndarray, maps: np.ndarray, num_labels: int, *, batch_size: int,
-                        device: torch.device | str) -> dict[str, float | None]:
+def segmentation_scores(
+    network: torch.nn.Module,
+    images: np.ndarray,
+    maps: np.ndarray,
+    num_labels: int,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, float | None]:
     """Mean Dice over the foreground labels and ``dice_label_<k>`` per label (None where a label never
     occurs in ``maps``), from MONAI's ``DiceMetric`` on one-hot argmax predictions."""
     metric = DiceMetric(include_background=False, reduction="mean_batch", get_not_nans=True)
@@ -204,7 +242,10 @@ def segmentation_scores(network: torch.nn.Module, images: np.ndarray, maps: np.n
         network.to(device).eval()
         for i in range(0, len(images), batch_size):
             predicted = network(torch.as_tensor(images[i : i + batch_size]).to(device)).argmax(1, keepdim=True).cpu()
-            metric(one_hot(predicted, num_labels, dim=1), one_hot(torch.as_tensor(maps[i : i + batch_size]), num_labels, dim=1))
+            metric(
+                one_hot(predicted, num_labels, dim=1),
+                one_hot(torch.as_tensor(maps[i : i + batch_size]), num_labels, dim=1),
+            )
     dice, cases = metric.aggregate()  # mean_batch reports 0, not NaN, for a label no case holds: count the cases
     network.cpu()
     per_label = [float(d) if n > 0 else None for d, n in zip(dice.tolist(), cases.tolist())]
@@ -218,18 +259,49 @@ def segmentation_scores(network: torch.nn.Module, images: np.ndarray, maps: np.n
 # ---------------------------------------------------------------------------------------------------
 
 
-def _train_and_score(task: str, images: np.ndarray, targets: np.ndarray, test_images: np.ndarray, test_targets: np.ndarray, *, spatial_dims: int,
-                     num_classes: int, steps: int, batch_size: int, lr: float, seed: int, device: torch.device | str) -> dict[str, float]:
+def _train_and_score(
+    task: str,
+    images: np.ndarray,
+    targets: np.ndarray,
+    test_images: np.ndarray,
+    test_targets: np.ndarray,
+    *,
+    spatial_dims: int,
+    num_classes: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str,
+) -> dict[str, float]:
     # fork_rng: the experiment seeds torch itself and must not move the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         if task == "classification":
-            trained = train_classifier(images, targets, spatial_dims=spatial_dims, num_classes=num_classes, steps=steps, batch_size=batch_size,
-                                       lr=lr, seed=seed, device=device)
+            trained = train_classifier(
+                images,
+                targets,
+                spatial_dims=spatial_dims,
+                num_classes=num_classes,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                device=device,
+            )
             logits = _logits(trained.network, test_images, batch_size=64, device=device).numpy()
             trained.network.cpu()
             return classification_scores(logits, test_targets, num_classes)
-        network = train_segmenter(images, targets, spatial_dims=spatial_dims, num_labels=num_classes, steps=steps, batch_size=batch_size, lr=lr,
-                                  seed=seed, device=device)
+        network = train_segmenter(
+            images,
+            targets,
+            spatial_dims=spatial_dims,
+            num_labels=num_classes,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+        )
         return segmentation_scores(network, test_images, test_targets, num_classes, batch_size=32, device=device)
 
 
@@ -242,13 +314,26 @@ def _network_settings(task: str, spatial_dims: int, in_channels: int, num_classe
     flips = "random flip along every spatial axis (p=0.5)"
     if task == "classification":
         n_parameters = _n_parameters(lambda: build_classifier(spatial_dims, in_channels, num_classes))
-        return {"name": "medsynth.metrics.classifier.build_classifier", "width": 16, "parameters": n_parameters,
-                "loss": "cross_entropy", "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})", "augmentation": flips,
-                "sampling": "uniform with replacement; unlabelled (-1) cases left out"}
+        return {
+            "name": "medsynth.metrics.classifier.build_classifier",
+            "width": 16,
+            "parameters": n_parameters,
+            "loss": "cross_entropy",
+            "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})",
+            "augmentation": flips,
+            "sampling": "uniform with replacement; unlabelled (-1) cases left out",
+        }
     n_parameters = _n_parameters(lambda: build_segmenter(spatial_dims, in_channels, num_classes))
-    return {"name": "monai.networks.nets.UNet", **{k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()}, "parameters": n_parameters,
-            "loss": "DiceCELoss(to_onehot_y=True, softmax=True)", "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})", "augmentation": flips,
-            "sampling": "uniform with replacement", "metric": "DiceMetric(include_background=False, reduction='mean_batch') on one-hot argmax"}
+    return {
+        "name": "monai.networks.nets.UNet",
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()},
+        "parameters": n_parameters,
+        "loss": "DiceCELoss(to_onehot_y=True, softmax=True)",
+        "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})",
+        "augmentation": flips,
+        "sampling": "uniform with replacement",
+        "metric": "DiceMetric(include_background=False, reduction='mean_batch') on one-hot argmax",
+    }
 
 
 def _summary(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -260,10 +345,25 @@ def _summary(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def utility_experiment(task: Literal["classification", "segmentation"], *, real_images: Any, real_targets: Any, synthetic_images: Any,
-                       synthetic_targets: Any, test_images: Any, test_targets: Any, spatial_dims: int, num_classes: int, ratio: float,
-                       seeds: Sequence[int] = (0, 1, 2), steps: int = 300, batch_size: int = 16, lr: float = 2e-3, device: torch.device | str = "cpu",
-                       progress: Callable[[str], None] | None = None) -> dict:
+def utility_experiment(
+    task: Literal["classification", "segmentation"],
+    *,
+    real_images: Any,
+    real_targets: Any,
+    synthetic_images: Any,
+    synthetic_targets: Any,
+    test_images: Any,
+    test_targets: Any,
+    spatial_dims: int,
+    num_classes: int,
+    ratio: float,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Train on real, real + synthetic and synthetic data, score each on held-out real data, over seeds.
 
     Args:
@@ -295,22 +395,31 @@ def utility_experiment(task: Literal["classification", "segmentation"], *, real_
     """
     seeds = _check_settings(task, spatial_dims, num_classes, ratio, seeds, steps, batch_size, lr)
     sets = {}
-    for name, images, targets in (("real", real_images, real_targets), ("synthetic", synthetic_images, synthetic_targets),
-                                  ("test", test_images, test_targets)):
+    for name, images, targets in (
+        ("real", real_images, real_targets),
+        ("synthetic", synthetic_images, synthetic_targets),
+        ("test", test_images, test_targets),
+    ):
         x = _as_images(f"{name}_images", images, spatial_dims)
         sets[name] = (x, _as_targets(f"{name}_targets", targets, x, task, num_classes))
     if len(sets["synthetic"][0]) == 0:
         raise MedsynthError("synthetic_images is empty: there is no synthetic data to measure")
     if len(sets["real"][0]) == 0 or len(sets["test"][0]) == 0:
-        raise MedsynthError(f"real and test sets must not be empty; got {len(sets['real'][0])} real and {len(sets['test'][0])} test cases")
+        raise MedsynthError(
+            f"real and test sets must not be empty; got {len(sets['real'][0])} real and {len(sets['test'][0])} test cases"
+        )
     shape = sets["real"][0].shape[1:]
     for name in ("synthetic", "test"):
         if sets[name][0].shape[1:] != shape:
-            raise MedsynthError(f"{name}_images have (C, *spatial) = {sets[name][0].shape[1:]}; the real images have {shape}")
+            raise MedsynthError(
+                f"{name}_images have (C, *spatial) = {sets[name][0].shape[1:]}; the real images have {shape}"
+            )
     if task == "segmentation":
         divisor = int(np.prod(UNET["strides"]))
         if any(s % divisor for s in shape[1:]):
-            raise MedsynthError(f"segmentation needs every spatial side divisible by {divisor} (the UNet strides {UNET['strides']}); got {shape[1:]}")
+            raise MedsynthError(
+                f"segmentation needs every spatial side divisible by {divisor} (the UNet strides {UNET['strides']}); got {shape[1:]}"
+            )
         if not (sets["test"][1] > 0).any():
             raise MedsynthError("test_targets hold no foreground label: Dice on the held-out real set is undefined")
     real_x, real_y = _labelled("real_targets", *sets["real"], task, need_two_classes=True)
@@ -320,7 +429,12 @@ def utility_experiment(task: Literal["classification", "segmentation"], *, real_
     n_real, n_extra = len(real_x), min(round(ratio * len(real_x)), len(synthetic_x))
     training = {
         "real": (real_x, real_y, n_real, 0),
-        "real+synthetic": (np.concatenate([real_x, synthetic_x[:n_extra]]), np.concatenate([real_y, synthetic_y[:n_extra]]), n_real, n_extra),
+        "real+synthetic": (
+            np.concatenate([real_x, synthetic_x[:n_extra]]),
+            np.concatenate([real_y, synthetic_y[:n_extra]]),
+            n_real,
+            n_extra,
+        ),
         "synthetic": (synthetic_x, synthetic_y, 0, len(synthetic_x)),
     }
     regimes: dict[str, dict] = {}
@@ -329,16 +443,35 @@ def utility_experiment(task: Literal["classification", "segmentation"], *, real_
         x, y, used_real, used_synthetic = training[regime]
         per_seed = []
         for seed in seeds:
-            scores = _train_and_score(task, x, y, test_x, test_y, spatial_dims=spatial_dims, num_classes=num_classes, steps=steps,
-                                      batch_size=batch_size, lr=lr, seed=seed, device=device)
+            scores = _train_and_score(
+                task,
+                x,
+                y,
+                test_x,
+                test_y,
+                spatial_dims=spatial_dims,
+                num_classes=num_classes,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                device=device,
+            )
             per_seed.append({"seed": seed, **scores})
             if progress is not None:
-                progress(f"{task}, {regime} (real {used_real}, synthetic {used_synthetic}), seed {seed}: "
-                         f"{HEADLINE[task]} {scores[HEADLINE[task]]:.3f}")
+                progress(
+                    f"{task}, {regime} (real {used_real}, synthetic {used_synthetic}), seed {seed}: "
+                    f"{HEADLINE[task]} {scores[HEADLINE[task]]:.3f}"
+                )
         names = [k for k in per_seed[0] if k != "seed"]
         summaries = {k: _summary([run[k] for run in per_seed]) for k in names}
-        regimes[regime] = {"n_real": used_real, "n_synthetic": used_synthetic, "per_seed": per_seed,
-                           "mean": {k: m for k, (m, _) in summaries.items()}, "std": {k: s for k, (_, s) in summaries.items()}}
+        regimes[regime] = {
+            "n_real": used_real,
+            "n_synthetic": used_synthetic,
+            "per_seed": per_seed,
+            "mean": {k: m for k, (m, _) in summaries.items()},
+            "std": {k: s for k, (_, s) in summaries.items()},
+        }
         base = {"regime": regime, "n_real": used_real, "n_synthetic": used_synthetic}
         rows += [{**base, **run} for run in per_seed]
         rows += [{**base, "seed": "mean", **regimes[regime]["mean"]}, {**base, "seed": "std", **regimes[regime]["std"]}]
@@ -347,15 +480,29 @@ def utility_experiment(task: Literal["classification", "segmentation"], *, real_
         "task": task,
         "metric": HEADLINE[task],
         "regimes": regimes,
-        "settings": {"task": task, "spatial_dims": spatial_dims, "num_classes": num_classes, "ratio": float(ratio), "seeds": seeds, "steps": steps,
-                     "batch_size": batch_size, "lr": lr, "image_shape": list(shape), "n_test": len(test_x),
-                     "network": _network_settings(task, spatial_dims, shape[0], num_classes),
-                     "synthetic_subset": f"first {n_extra} synthetic cases (round({ratio} * {n_real}) capped at {len(synthetic_x)})"},
+        "settings": {
+            "task": task,
+            "spatial_dims": spatial_dims,
+            "num_classes": num_classes,
+            "ratio": float(ratio),
+            "seeds": seeds,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "image_shape": list(shape),
+            "n_test": len(test_x),
+            "network": _network_settings(task, spatial_dims, shape[0], num_classes),
+            "synthetic_subset": f"first {n_extra} synthetic cases (round({ratio} * {n_real}) capped at {len(synthetic_x)})",
+        },
         "rows": rows,
     }
     if task == "classification":
         counts = np.bincount(test_y, minlength=num_classes)
-        result["chance"] = {"accuracy": float(counts.max() / counts.sum()), "balanced_accuracy": 1.0 / int((counts > 0).sum()), "auc": 0.5}
+        result["chance"] = {
+            "accuracy": float(counts.max() / counts.sum()),
+            "balanced_accuracy": 1.0 / int((counts > 0).sum()),
+            "auc": 0.5,
+        }
     return result
 
 
@@ -395,15 +542,26 @@ def utility_figure(result: dict, path: str | Path, *, title: str = "") -> Path:
     positions = np.arange(len(regimes))
     means = [result["regimes"][r]["mean"][metric] for r in regimes]
     stds = [result["regimes"][r]["std"][metric] or 0.0 for r in regimes]
-    ax.bar(positions, means, yerr=stds, capsize=6, color=["#4c72b0", "#55a868", "#c44e52"][: len(regimes)], alpha=0.75, width=0.6,
-           label=f"mean ± std over {len(result['settings']['seeds'])} seeds")
+    ax.bar(
+        positions,
+        means,
+        yerr=stds,
+        capsize=6,
+        color=["#4c72b0", "#55a868", "#c44e52"][: len(regimes)],
+        alpha=0.75,
+        width=0.6,
+        label=f"mean ± std over {len(result['settings']['seeds'])} seeds",
+    )
     for i, regime in enumerate(regimes):
         values = [run[metric] for run in result["regimes"][regime]["per_seed"]]
         jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
         ax.plot(i + jitter, values, "o", color="black", markersize=4, label="one seed" if i == 0 else None)
     if "chance" in result:
         ax.axhline(result["chance"][metric], color="grey", linestyle="--", linewidth=1, label="majority class")
-    ax.set_xticks(positions, [f"{r}\n(real {result['regimes'][r]['n_real']}, synth {result['regimes'][r]['n_synthetic']})" for r in regimes])
+    ax.set_xticks(
+        positions,
+        [f"{r}\n(real {result['regimes'][r]['n_real']}, synth {result['regimes'][r]['n_synthetic']})" for r in regimes],
+    )
     ax.set_ylabel(f"{metric} on held-out real data")
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)

@@ -23,7 +23,7 @@ from torch import nn
 
 from medsynth.config import AutoencoderConfig
 from medsynth.errors import MedsynthError
-from medsynth.training.checkpoint import load_state, torch_load_weights
+from medsynth.io.state import load_state, torch_load_weights
 
 AUTOENCODER_FORMAT = "medsynth-autoencoder"
 # Keys of autoencoder_state(): what a latent diffusion model file embeds to rebuild its autoencoder.
@@ -46,7 +46,9 @@ def autoencoder_kwargs(cfg: AutoencoderConfig, channels: int = 1) -> dict[str, A
         "channels": list(cfg.channels),
         "latent_channels": cfg.latent_channels,
         "num_res_blocks": cfg.num_res_blocks,
-        "attention_levels": list(cfg.attention_levels) if cfg.attention_levels is not None else [False] * len(cfg.channels),
+        "attention_levels": list(cfg.attention_levels)
+        if cfg.attention_levels is not None
+        else [False] * len(cfg.channels),
         "norm_num_groups": cfg.norm_num_groups,
         "with_encoder_nonlocal_attn": cfg.with_nonlocal_attn,
         "with_decoder_nonlocal_attn": cfg.with_nonlocal_attn,
@@ -60,7 +62,9 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, channels: int =
 
 
 def _from_kwargs(kwargs: dict[str, Any], spatial_dims: int) -> AutoencoderKL:
-    return AutoencoderKL(spatial_dims=spatial_dims, **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return AutoencoderKL(
+        spatial_dims=spatial_dims, **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +115,9 @@ def autoencoder_state(trained: TrainedAutoencoder) -> dict[str, Any]:
     }
 
 
-def autoencoder_from_state(state: dict[str, Any], path: str | Path | None, device: torch.device | str = "cpu") -> TrainedAutoencoder:
+def autoencoder_from_state(
+    state: dict[str, Any], path: str | Path | None, device: torch.device | str = "cpu"
+) -> TrainedAutoencoder:
     """Rebuild a frozen autoencoder from :func:`autoencoder_state`'s dict (or a whole ``autoencoder.pt``).
 
     Raises:
@@ -126,10 +132,16 @@ def autoencoder_from_state(state: dict[str, Any], path: str | Path | None, devic
         if not np.isfinite(scale_factor) or scale_factor <= 0:
             raise ValueError(f"scale_factor {scale_factor}")
         trained = TrainedAutoencoder(
-            network=network.to(device).eval().requires_grad_(False), spatial_dims=spatial_dims, scale_factor=scale_factor,
-            downsample=2 ** (len(kwargs["channels"]) - 1), latent_channels=int(kwargs["latent_channels"]),
-            image_size=[int(s) for s in state["image_size"]], intensity=dict(state["intensity"]), step=int(state["step"]),
-            path=None if path is None else Path(path), kwargs=kwargs,
+            network=network.to(device).eval().requires_grad_(False),
+            spatial_dims=spatial_dims,
+            scale_factor=scale_factor,
+            downsample=2 ** (len(kwargs["channels"]) - 1),
+            latent_channels=int(kwargs["latent_channels"]),
+            image_size=[int(s) for s in state["image_size"]],
+            intensity=dict(state["intensity"]),
+            step=int(state["step"]),
+            path=None if path is None else Path(path),
+            kwargs=kwargs,
         )
     except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
@@ -153,19 +165,27 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Tr
 
 
 @torch.no_grad()
-def posterior_means(network: AutoencoderKL, images: np.ndarray | torch.Tensor, *, batch_size: int,
-                    device: torch.device | str) -> np.ndarray:
+def posterior_means(
+    network: AutoencoderKL, images: np.ndarray | torch.Tensor, *, batch_size: int, device: torch.device | str
+) -> np.ndarray:
     """The encoder's posterior means ``z_mu`` of ``images`` (N, C, *spatial), unscaled, float32, in batches."""
-    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32)
+    images = torch.as_tensor(
+        np.asarray(images) if not isinstance(images, torch.Tensor) else images, dtype=torch.float32
+    )
     network = network.to(device)
     was_training = network.training
     network.eval()
-    out = [network.encode(images[i : i + batch_size].to(device))[0].float().cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        network.encode(images[i : i + batch_size].to(device))[0].float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     network.train(was_training)
     return torch.cat(out).numpy()
 
 
-def encode(ae: TrainedAutoencoder, images: np.ndarray | torch.Tensor, *, batch_size: int, device: torch.device | str) -> np.ndarray:
+def encode(
+    ae: TrainedAutoencoder, images: np.ndarray | torch.Tensor, *, batch_size: int, device: torch.device | str
+) -> np.ndarray:
     """Latents of ``images`` (N, C, *spatial) in [-1, 1]: the posterior MEAN ``z_mu`` times ``scale_factor``.
 
     Deterministic on purpose (no posterior sample): the latents can be cached once and the diffusion
@@ -175,8 +195,15 @@ def encode(ae: TrainedAutoencoder, images: np.ndarray | torch.Tensor, *, batch_s
 
 
 @torch.no_grad()
-def decode(ae: TrainedAutoencoder, latents: torch.Tensor, *, roi_size: list[int] | None, overlap: float = 0.25,
-           sw_batch_size: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode(
+    ae: TrainedAutoencoder,
+    latents: torch.Tensor,
+    *,
+    roi_size: list[int] | None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Images (float32, on the CPU) of scaled ``latents`` (N, latent_channels, *latent_spatial).
 
     Args:
@@ -194,8 +221,14 @@ def decode(ae: TrainedAutoencoder, latents: torch.Tensor, *, roi_size: list[int]
     z = torch.as_tensor(latents, dtype=torch.float32) / ae.scale_factor
     if roi_size is None:
         return network.decode(z.to(device)).float().cpu()
-    inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
-                                   sw_device=device, device="cpu")
+    inferer = SlidingWindowInferer(
+        roi_size=list(roi_size),
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device="cpu",
+    )
     return inferer(z.cpu(), network.decode).float()
 
 
@@ -205,10 +238,14 @@ def compute_scale_factor(latents: np.ndarray | torch.Tensor) -> float:
     Raises:
         MedsynthError: the latents are constant (std 0) or not finite: the autoencoder collapsed.
     """
-    std = float(torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents).double().std())
+    std = float(
+        torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents).double().std()
+    )
     if not np.isfinite(std) or std <= 1e-12:
-        raise MedsynthError(f"autoencoder latents have std {std}: cannot scale them to unit variance (the encoder collapsed; "
-                            "train longer or lower autoencoder.kl_weight)")
+        raise MedsynthError(
+            f"autoencoder latents have std {std}: cannot scale them to unit variance (the encoder collapsed; "
+            "train longer or lower autoencoder.kl_weight)"
+        )
     return 1.0 / std
 
 
@@ -249,29 +286,44 @@ class PerceptualFeatures(nn.Module):
         return self.network(x)[1:]  # [0] is the stem (conv1) output; LPIPS-style losses use the blocks
 
 
-def _load_local_weights(network: nn.Module, path: Path, *, keys: tuple[str, str] = ("autoencoder.perceptual_weights", "autoencoder.perceptual_depth"),
-                        what: str = "perceptual ResNet") -> None:
+def _load_local_weights(
+    network: nn.Module,
+    path: Path,
+    *,
+    keys: tuple[str, str] = ("autoencoder.perceptual_weights", "autoencoder.perceptual_depth"),
+    what: str = "perceptual ResNet",
+) -> None:
     """Load a local ResNet state dict into ``network``; ``keys`` (file key, depth key) and ``what`` name
     the setting in the one-line errors."""
     if not path.is_file():
-        raise MedsynthError(f"{path}: {what.split()[0]} weights file not found ({keys[0]}; medsynth never downloads weights)")
+        raise MedsynthError(
+            f"{path}: {what.split()[0]} weights file not found ({keys[0]}; medsynth never downloads weights)"
+        )
     state = torch_load_weights(path, what="weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MedsynthError(f"{path}: not a state dict of tensors (expected a bare state dict or {{'state_dict': ...}})")
+        raise MedsynthError(
+            f"{path}: not a state dict of tensors (expected a bare state dict or {{'state_dict': ...}})"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
-        raise MedsynthError(f"{path}: {len(missing)} of {len(expected)} weights of the {what} are missing "
-                            f"(e.g. '{missing[0]}'); check {keys[1]}")
+        raise MedsynthError(
+            f"{path}: {len(missing)} of {len(expected)} weights of the {what} are missing "
+            f"(e.g. '{missing[0]}'); check {keys[1]}"
+        )
     try:
         network.load_state_dict({k: state[k] for k in expected})
     except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
-        raise MedsynthError(f"{path}: weights do not fit the {what} ({detail[:160]}); check {keys[1]} "
-                            "and that the file is for the data's spatial_dims") from None
+        detail = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0]
+        )
+        raise MedsynthError(
+            f"{path}: weights do not fit the {what} ({detail[:160]}); check {keys[1]} "
+            "and that the file is for the data's spatial_dims"
+        ) from None
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:

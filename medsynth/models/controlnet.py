@@ -29,8 +29,8 @@ from monai.networks.utils import one_hot
 
 from medsynth.config import ControlNetConfig
 from medsynth.errors import MedsynthError
+from medsynth.io.state import MODEL_FORMAT, load_state
 from medsynth.models.loading import TrainedModel
-from medsynth.training.checkpoint import MODEL_FORMAT, load_state
 
 CONTROLNET_FORMAT = "medsynth-controlnet"
 
@@ -40,7 +40,9 @@ CONTROLNET_FORMAT = "medsynth-controlnet"
 # ---------------------------------------------------------------------------------------------
 
 
-def check_label_maps(label_maps: torch.Tensor | np.ndarray, image_size: Sequence[int], num_labels: int, source: str) -> torch.Tensor:
+def check_label_maps(
+    label_maps: torch.Tensor | np.ndarray, image_size: Sequence[int], num_labels: int, source: str
+) -> torch.Tensor:
     """Integer label maps ``(N, 1, *image_size)`` with values in ``0..num_labels-1``, as an int64 tensor.
 
     Float maps are accepted when every value is a whole number (NIfTI label files are often stored as
@@ -52,14 +54,20 @@ def check_label_maps(label_maps: torch.Tensor | np.ndarray, image_size: Sequence
     maps = torch.as_tensor(np.ascontiguousarray(label_maps) if isinstance(label_maps, np.ndarray) else label_maps)
     expected = f"(N, 1, {', '.join(str(s) for s in image_size)})"
     if maps.ndim != 2 + len(image_size) or maps.shape[1] != 1 or list(maps.shape[2:]) != list(image_size):
-        raise MedsynthError(f"{source}: label maps of shape {tuple(maps.shape)}; expected {expected}: one channel of integer labels "
-                            "at the model's image size")
+        raise MedsynthError(
+            f"{source}: label maps of shape {tuple(maps.shape)}; expected {expected}: one channel of integer labels "
+            "at the model's image size"
+        )
     if maps.is_floating_point() and not (bool(torch.isfinite(maps).all()) and torch.equal(maps, maps.round())):
-        raise MedsynthError(f"{source}: label maps hold non-integer values; expected integer labels 0..{num_labels - 1}")
+        raise MedsynthError(
+            f"{source}: label maps hold non-integer values; expected integer labels 0..{num_labels - 1}"
+        )
     maps = maps.to(torch.int64)
     if maps.numel() and (int(maps.min()) < 0 or int(maps.max()) >= num_labels):
         bad = maps[(maps < 0) | (maps >= num_labels)].unique()[:5].tolist()
-        raise MedsynthError(f"{source}: label values {bad} are outside 0..{num_labels - 1} (the ControlNet's {num_labels} labels)")
+        raise MedsynthError(
+            f"{source}: label values {bad} are outside 0..{num_labels - 1} (the ControlNet's {num_labels} labels)"
+        )
     return maps
 
 
@@ -92,7 +100,9 @@ def controlnet_kwargs(base: TrainedModel, num_labels: int, cfg: ControlNetConfig
             UNet's first-level resolution.
     """
     if base.is_latent:
-        raise MedsynthError(f"{base.path}: a latent diffusion model; the ControlNet is built for pixel-space models (diffusion.space: pixel)")
+        raise MedsynthError(
+            f"{base.path}: a latent diffusion model; the ControlNet is built for pixel-space models (diffusion.space: pixel)"
+        )
     if num_labels < 2:
         raise MedsynthError(f"the ControlNet needs label maps with at least 2 labels, got {num_labels}")
     channels = list(cfg.conditioning_channels)
@@ -105,7 +115,11 @@ def controlnet_kwargs(base: TrainedModel, num_labels: int, cfg: ControlNetConfig
         )
     state = load_state(base.path, expected_format=MODEL_FORMAT)
     accepted = inspect.signature(ControlNet).parameters
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(state["unet"]).items() if k in accepted and k != "spatial_dims"}
+    kwargs = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dict(state["unet"]).items()
+        if k in accepted and k != "spatial_dims"
+    }
     return {**kwargs, "conditioning_embedding_in_channels": num_labels, "conditioning_embedding_num_channels": channels}
 
 
@@ -124,7 +138,9 @@ def build_controlnet(base: TrainedModel, num_labels: int, cfg: ControlNetConfig)
     missing = [k for k in result.missing_keys if not k.startswith("controlnet_")]
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("up_blocks.", "out."))]
     if missing or unexpected:
-        raise RuntimeError(f"ControlNet and base UNet disagree on weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"ControlNet and base UNet disagree on weights: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return network.to(next(base.network.parameters()).device)
 
 
@@ -153,12 +169,26 @@ class TrainedControlNet:
         return None if embeds is None else int(embeds) - 1
 
 
-def controlnet_state(network: ControlNet, *, kwargs: dict[str, Any], spatial_dims: int, num_labels: int, image_size: Sequence[int], step: int,
-                     base_sha256: str) -> dict[str, Any]:
+def controlnet_state(
+    network: ControlNet,
+    *,
+    kwargs: dict[str, Any],
+    spatial_dims: int,
+    num_labels: int,
+    image_size: Sequence[int],
+    step: int,
+    base_sha256: str,
+) -> dict[str, Any]:
     """The content of ``controlnet.pt`` (without the format tags): weights plus how to rebuild and use them."""
-    return {"kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, "spatial_dims": int(spatial_dims),
-            "state_dict": network.state_dict(), "num_labels": int(num_labels), "image_size": list(image_size), "step": int(step),
-            "base_sha256": base_sha256}
+    return {
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "spatial_dims": int(spatial_dims),
+        "state_dict": network.state_dict(),
+        "num_labels": int(num_labels),
+        "image_size": list(image_size),
+        "step": int(step),
+        "base_sha256": base_sha256,
+    }
 
 
 def load_controlnet(path: str | Path, device: torch.device | str = "cpu") -> TrainedControlNet:
@@ -173,9 +203,17 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu") -> Tra
         kwargs = dict(state["kwargs"])
         network = ControlNet(spatial_dims=int(state["spatial_dims"]), **_as_tuples(kwargs))
         network.load_state_dict(state["state_dict"])
-        info = (int(state["num_labels"]), int(state["spatial_dims"]), [int(s) for s in state["image_size"]], int(state["step"]), str(state["base_sha256"]))
+        info = (
+            int(state["num_labels"]),
+            int(state["spatial_dims"]),
+            [int(s) for s in state["image_size"]],
+            int(state["step"]),
+            str(state["base_sha256"]),
+        )
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise MedsynthError(f"{path}: not a usable medsynth ControlNet ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        raise MedsynthError(
+            f"{path}: not a usable medsynth ControlNet ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        ) from None
     network.to(device).eval().requires_grad_(False)
     num_labels, spatial_dims, image_size, step, base_sha256 = info
     return TrainedControlNet(network, num_labels, spatial_dims, image_size, step, path, kwargs, base_sha256)
@@ -219,9 +257,24 @@ def controlnet_wrapper(
             if x.device not in on_device:
                 on_device[x.device] = cond.to(x.device)
             maps_x = torch.cat([on_device[x.device]] * repeats)
-            labels = None if null_class is None else torch.full((len(x),), null_class, dtype=torch.long, device=x.device)
-            down, mid = network(x=x, timesteps=timesteps, controlnet_cond=maps_x, conditioning_scale=conditioning_scale, context=None, class_labels=labels)
-            return model(x, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid, **kwargs)
+            labels = (
+                None if null_class is None else torch.full((len(x),), null_class, dtype=torch.long, device=x.device)
+            )
+            down, mid = network(
+                x=x,
+                timesteps=timesteps,
+                controlnet_cond=maps_x,
+                conditioning_scale=conditioning_scale,
+                context=None,
+                class_labels=labels,
+            )
+            return model(
+                x,
+                timesteps=timesteps,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                **kwargs,
+            )
 
         return forward
 

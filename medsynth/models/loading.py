@@ -11,7 +11,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 from medsynth.config import DiffusionConfig
 from medsynth.errors import MedsynthError
-from medsynth.training.checkpoint import MODEL_FORMAT, load_state
+from medsynth.io.state import MODEL_FORMAT, load_state
 
 if TYPE_CHECKING:
     from medsynth.models.autoencoder import TrainedAutoencoder
@@ -77,5 +77,14 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
 
         autoencoder = autoencoder_from_state(state["autoencoder"], path, device)
     network.to(device).eval().requires_grad_(False)
-    return TrainedModel(network, diffusion, int(state["spatial_dims"]), list(state["image_size"]), dict(state["intensity"]), int(state["step"]), path,
-                        dict(state.get("data") or {}), autoencoder)
+    return TrainedModel(
+        network,
+        diffusion,
+        int(state["spatial_dims"]),
+        list(state["image_size"]),
+        dict(state["intensity"]),
+        int(state["step"]),
+        path,
+        dict(state.get("data") or {}),
+        autoencoder,
+    )

@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 from medsynth.config import ModelConfig
 
 
-def build_unet(model: ModelConfig, *, spatial_dims: int, in_channels: int = 1, out_channels: int = 1) -> DiffusionModelUNet:
+def build_unet(
+    model: ModelConfig, *, spatial_dims: int, in_channels: int = 1, out_channels: int = 1
+) -> DiffusionModelUNet:
     """A MONAI ``DiffusionModelUNet`` for ``spatial_dims`` 2 or 3.
 
     Args:

@@ -43,7 +43,9 @@ def rician_noise(image: np.ndarray, sigma: float, *, seed: int) -> np.ndarray:
     ``sigma`` is absolute (in the image's units), not relative to the image's spread.
     """
     image = _check(image, sigma)
-    transform = RandRicianNoise(prob=1.0, mean=0.0, std=float(sigma), relative=False, channel_wise=False, sample_std=False)
+    transform = RandRicianNoise(
+        prob=1.0, mean=0.0, std=float(sigma), relative=False, channel_wise=False, sample_std=False
+    )
     transform.set_random_state(seed=seed)
     return np.asarray(transform(image), dtype=np.float32)
 
@@ -53,8 +55,16 @@ def _slices(volume: np.ndarray) -> list[np.ndarray]:
     return [volume] if volume.ndim == 2 else [volume[..., k] for k in range(volume.shape[-1])]
 
 
-def _fbp_slice(hu: np.ndarray, *, dose_fraction: float, photons: float, electronic_std: float, spacing_mm: float,
-               angles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _fbp_slice(
+    hu: np.ndarray,
+    *,
+    dose_fraction: float,
+    photons: float,
+    electronic_std: float,
+    spacing_mm: float,
+    angles: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
     side = max(hu.shape)
     padded = np.full((side, side), -1000.0, dtype=np.float64)
     padded[: hu.shape[0], : hu.shape[1]] = hu
@@ -107,12 +117,24 @@ def low_dose_ct(
     count = num_angles or int(2 * np.ceil(max(hu.shape[:2]) / 2))
     angles = np.linspace(0.0, 180.0, count, endpoint=False)
     rng = np.random.default_rng(seed)
-    out = [_fbp_slice(s, dose_fraction=dose_fraction, photons=photons, electronic_std=electronic_std,
-                      spacing_mm=spacing_mm, angles=angles, rng=rng) for s in _slices(hu)]
+    out = [
+        _fbp_slice(
+            s,
+            dose_fraction=dose_fraction,
+            photons=photons,
+            electronic_std=electronic_std,
+            spacing_mm=spacing_mm,
+            angles=angles,
+            rng=rng,
+        )
+        for s in _slices(hu)
+    ]
     return out[0] if hu.ndim == 2 else np.stack(out, axis=-1)
 
 
-def low_dose_ct_image_domain(hu: np.ndarray, *, dose_fraction: float, seed: int, full_dose_sigma_hu: float = 10.0) -> np.ndarray:
+def low_dose_ct_image_domain(
+    hu: np.ndarray, *, dose_fraction: float, seed: int, full_dose_sigma_hu: float = 10.0
+) -> np.ndarray:
     """The crude shortcut: white Gaussian noise of ``full_dose_sigma_hu * sqrt(1/k - 1)`` HU.
 
     Quantum noise variance scales as 1/dose, so going from full dose to ``k`` adds variance

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from medsynth.config import AutoencoderConfig, Config, digest, to_plain
 from medsynth.errors import MedsynthError
 from medsynth.figures import sample_grid
+from medsynth.io.state import FORMAT_VERSION, load_state, rng_states, save_state, set_rng_states
 from medsynth.metrics.restoration import SSIM_K1, SSIM_K2, SSIM_KERNEL_SIGMA, ssim_kernel
 from medsynth.models.autoencoder import (
     AUTOENCODER_FORMAT,
@@ -43,9 +44,8 @@ from medsynth.models.autoencoder import (
     perceptual_loss,
     posterior_means,
 )
-from medsynth.training.checkpoint import FORMAT_VERSION, load_state, rng_states, save_state, set_rng_states
-from medsynth.training.distributed import DistContext
-from medsynth.training.trainer import autocast_dtype, batch_indices, lr_factor, step_generator
+from medsynth.runtime import DistContext, autocast_dtype
+from medsynth.training.trainer import batch_indices, lr_factor, step_generator
 
 AUTOENCODER_CHECKPOINT_FORMAT = "medsynth-autoencoder-checkpoint"
 # The learning-rate shape is local to this stage (not train.warmup_steps / train.min_lr_ratio, which
@@ -54,7 +54,15 @@ MAX_WARMUP_STEPS = 50
 MIN_LR_RATIO = 0.1
 SCALE_FACTOR_IMAGES = 256  # training images whose posterior means set the latent scale factor
 # Keys that change neither the trained weights nor the data order: a resume may change them.
-NON_IDENTITY_KEYS = ("resume", "log_every", "val_every", "val_images", "checkpoint_every", "decode_roi", "decode_overlap")
+NON_IDENTITY_KEYS = (
+    "resume",
+    "log_every",
+    "val_every",
+    "val_images",
+    "checkpoint_every",
+    "decode_roi",
+    "decode_overlap",
+)
 
 MetricsCallback = Callable[[dict[str, float], int], None] | None
 
@@ -125,8 +133,12 @@ def crop_offsets(seed: int, step: int, count: int, image_size: tuple[int, ...], 
 
 def random_crops(images: torch.Tensor, offsets: np.ndarray, patch_size: list[int]) -> torch.Tensor:
     """Crop ``images[i]`` (C, *spatial) at ``offsets[i]`` to ``patch_size``."""
-    return torch.stack([image[(slice(None), *(slice(o, o + p) for o, p in zip(offset, patch_size)))]
-                        for image, offset in zip(images, offsets)])
+    return torch.stack(
+        [
+            image[(slice(None), *(slice(o, o + p) for o, p in zip(offset, patch_size)))]
+            for image, offset in zip(images, offsets)
+        ]
+    )
 
 
 def autoencoder_identity(config: Config, data_shape: tuple[int, ...]) -> str:
@@ -134,7 +146,14 @@ def autoencoder_identity(config: Config, data_shape: tuple[int, ...]) -> str:
     section = to_plain(config.autoencoder)
     for key in NON_IDENTITY_KEYS:
         section.pop(key)
-    return digest({"autoencoder": section, "seed": config.seed, "spatial_dims": config.data.spatial_dims, "data_shape": list(data_shape)})
+    return digest(
+        {
+            "autoencoder": section,
+            "seed": config.seed,
+            "spatial_dims": config.data.spatial_dims,
+            "data_shape": list(data_shape),
+        }
+    )
 
 
 def discriminator_output_side(side: int, layers: int) -> int:
@@ -145,23 +164,33 @@ def discriminator_output_side(side: int, layers: int) -> int:
     return side - 1  # final_conv, kernel 4, stride 1
 
 
-def _check_inputs(cfg: AutoencoderConfig, train_images: np.ndarray, val_images: np.ndarray, spatial_dims: int, ctx: DistContext) -> list[int]:
+def _check_inputs(
+    cfg: AutoencoderConfig, train_images: np.ndarray, val_images: np.ndarray, spatial_dims: int, ctx: DistContext
+) -> list[int]:
     """The training-input side (crop or whole image), after checking the data fits the networks."""
     if train_images.ndim != spatial_dims + 2 or len(train_images) == 0 or len(val_images) == 0:
-        raise MedsynthError(f"autoencoder training needs non-empty (N, C, *spatial) arrays with {spatial_dims} spatial dims; "
-                            f"got train {train_images.shape}, val {val_images.shape}")
+        raise MedsynthError(
+            f"autoencoder training needs non-empty (N, C, *spatial) arrays with {spatial_dims} spatial dims; "
+            f"got train {train_images.shape}, val {val_images.shape}"
+        )
     if cfg.batch_size % ctx.world_size:
-        raise MedsynthError(f"autoencoder.batch_size {cfg.batch_size} is not divisible by the {ctx.world_size} processes")
+        raise MedsynthError(
+            f"autoencoder.batch_size {cfg.batch_size} is not divisible by the {ctx.world_size} processes"
+        )
     image_size = list(train_images.shape[2:])
     if any(s % cfg.downsample for s in image_size):
-        raise MedsynthError(f"image size {image_size} is not divisible by the autoencoder's downsampling {cfg.downsample} "
-                            "(2^(len(autoencoder.channels) - 1))")
+        raise MedsynthError(
+            f"image size {image_size} is not divisible by the autoencoder's downsampling {cfg.downsample} "
+            "(2^(len(autoencoder.channels) - 1))"
+        )
     size = list(cfg.patch_size) if cfg.patch_size is not None else image_size
     if len(size) != spatial_dims or any(p > s for p, s in zip(size, image_size)):
         raise MedsynthError(f"autoencoder.patch_size {size} does not fit the images {image_size}")
     if cfg.adv_weight > 0 and discriminator_output_side(min(size), cfg.disc_layers) < 1:
-        raise MedsynthError(f"autoencoder.disc_layers {cfg.disc_layers} is too deep for training inputs of side {min(size)}; "
-                            "lower it or train on larger patches")
+        raise MedsynthError(
+            f"autoencoder.disc_layers {cfg.disc_layers} is too deep for training inputs of side {min(size)}; "
+            "lower it or train on larger patches"
+        )
     return size
 
 
@@ -171,11 +200,16 @@ def _check_inputs(cfg: AutoencoderConfig, train_images: np.ndarray, val_images: 
 
 
 @torch.no_grad()
-def reconstruct(autoencoder: AutoencoderKL, images: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
+def reconstruct(
+    autoencoder: AutoencoderKL, images: torch.Tensor, *, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """Whole-image reconstructions through the posterior mean (MONAI's ``AutoencoderKL.reconstruct``), on the CPU."""
     was_training = autoencoder.training
     autoencoder.eval()
-    out = [autoencoder.reconstruct(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        autoencoder.reconstruct(images[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     autoencoder.train(was_training)
     return torch.cat(out)
 
@@ -184,10 +218,20 @@ def reconstruction_metrics(reconstruction: torch.Tensor, images: torch.Tensor, s
     """``val/psnr``, ``val/ssim`` (MONAI, on images mapped from [-1, 1] to [0, 1], data range 1; the SSIM
     window of :mod:`medsynth.metrics.restoration`) and ``val/l1`` (in [-1, 1] units)."""
     fake, real = ((reconstruction + 1) / 2).clamp(0, 1), ((images + 1) / 2).clamp(0, 1)
-    ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=ssim_kernel(tuple(images.shape[2:])),
-                      kernel_sigma=SSIM_KERNEL_SIGMA, k1=SSIM_K1, k2=SSIM_K2)
-    return {"val/psnr": float(PSNRMetric(max_val=1.0)(fake, real).mean()), "val/ssim": float(ssim(fake, real).mean()),
-            "val/l1": float((reconstruction - images).abs().mean())}
+    ssim = SSIMMetric(
+        spatial_dims=spatial_dims,
+        data_range=1.0,
+        kernel_type="gaussian",
+        win_size=ssim_kernel(tuple(images.shape[2:])),
+        kernel_sigma=SSIM_KERNEL_SIGMA,
+        k1=SSIM_K1,
+        k2=SSIM_K2,
+    )
+    return {
+        "val/psnr": float(PSNRMetric(max_val=1.0)(fake, real).mean()),
+        "val/ssim": float(ssim(fake, real).mean()),
+        "val/l1": float((reconstruction - images).abs().mean()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,23 +282,38 @@ def train_autoencoder(
     autoencoder = build_autoencoder(cfg, spatial_dims, channels).to(device)
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=cfg.lr)
     warmup = min(MAX_WARMUP_STEPS, cfg.max_steps // 10)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup=warmup, total=cfg.max_steps, floor=MIN_LR_RATIO))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=warmup, total=cfg.max_steps, floor=MIN_LR_RATIO)
+    )
     discriminator = disc_optimizer = disc_scheduler = None
     if adversarial:
-        discriminator = PatchDiscriminator(spatial_dims=spatial_dims, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels,
-                                           in_channels=channels, out_channels=1).to(device)
+        discriminator = PatchDiscriminator(
+            spatial_dims=spatial_dims,
+            num_layers_d=cfg.disc_layers,
+            channels=cfg.disc_channels,
+            in_channels=channels,
+            out_channels=1,
+        ).to(device)
         disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr)
         disc_total = max(1, cfg.max_steps - cfg.adv_start)  # the discriminator's schedule runs from adv_start
-        disc_scheduler = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, lambda s: lr_factor(s, warmup=warmup, total=disc_total, floor=MIN_LR_RATIO))
+        disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            disc_optimizer, lambda s: lr_factor(s, warmup=warmup, total=disc_total, floor=MIN_LR_RATIO)
+        )
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
-    features = PerceptualFeatures(spatial_dims, cfg.perceptual_depth, cfg.perceptual_weights).to(device) if cfg.perceptual_weight > 0 else None
+    features = (
+        PerceptualFeatures(spatial_dims, cfg.perceptual_depth, cfg.perceptual_weights).to(device)
+        if cfg.perceptual_weight > 0
+        else None
+    )
 
     # 2. resume
     start, history, resumed_from = 0, [], None
     if cfg.resume and checkpoint_path.is_file():
         state = load_state(checkpoint_path, expected_format=AUTOENCODER_CHECKPOINT_FORMAT)
         if state["identity"] != identity:
-            raise MedsynthError(f"{checkpoint_path}: was trained with a different autoencoder config, seed or data; cannot resume")
+            raise MedsynthError(
+                f"{checkpoint_path}: was trained with a different autoencoder config, seed or data; cannot resume"
+            )
         autoencoder.load_state_dict(state["autoencoder"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -277,18 +336,41 @@ def train_autoencoder(
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
             return
-        save_state(checkpoint_path, {
-            "format": AUTOENCODER_CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "identity": identity, "step": step,
-            "autoencoder": autoencoder.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-            **({"discriminator": discriminator.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                "disc_lr_scheduler": disc_scheduler.state_dict()} if adversarial else {}),
-            "rng": rng_states(), "history": history,
-        })
+        save_state(
+            checkpoint_path,
+            {
+                "format": AUTOENCODER_CHECKPOINT_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "identity": identity,
+                "step": step,
+                "autoencoder": autoencoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                **(
+                    {
+                        "discriminator": discriminator.state_dict(),
+                        "disc_optimizer": disc_optimizer.state_dict(),
+                        "disc_lr_scheduler": disc_scheduler.state_dict(),
+                    }
+                    if adversarial
+                    else {}
+                ),
+                "rng": rng_states(),
+                "history": history,
+            },
+        )
 
     # 3. loop
     window: dict[str, list[float]] = {}
     window_images, window_start = 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="autoencoder", unit="step", disable=None if ctx.is_main else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc="autoencoder",
+        unit="step",
+        disable=None if ctx.is_main else True,
+        dynamic_ncols=True,
+    )
     completed, updating = start, False
     try:
         for step in range(start, cfg.max_steps):
@@ -302,7 +384,9 @@ def train_autoencoder(
                 x = random_crops(x, crop_offsets(config.seed, step, len(index), tuple(data.shape[2:]), size), size)
             x = x[shard].to(device)
             generator = step_generator(config.seed, step, device)
-            noise = torch.randn((cfg.batch_size, cfg.latent_channels, *latent_side), generator=generator, device=device)[shard]
+            noise = torch.randn(
+                (cfg.batch_size, cfg.latent_channels, *latent_side), generator=generator, device=device
+            )[shard]
             adversarial_now = adversarial and step >= cfg.adv_start
             losses: dict[str, torch.Tensor] = {}
 
@@ -323,7 +407,9 @@ def train_autoencoder(
                 losses["gen_adv"] = adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
                 loss = loss + cfg.adv_weight * losses["gen_adv"]
             if not torch.isfinite(loss):
-                raise MedsynthError(f"autoencoder training diverged at step {step} (loss {loss.item()}); lower autoencoder.lr")
+                raise MedsynthError(
+                    f"autoencoder training diverged at step {step} (loss {loss.item()}); lower autoencoder.lr"
+                )
 
             # 2. update the autoencoder and its LR
             updating = True
@@ -339,11 +425,15 @@ def train_autoencoder(
                 discriminator.requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits_fake, logits_real = disc_net(reconstruction.detach().contiguous(), x.contiguous())
-                losses["disc"] = 0.5 * (adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
-                                        + adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True))
+                losses["disc"] = 0.5 * (
+                    adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
+                    + adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
+                )
                 if not torch.isfinite(losses["disc"]):
-                    raise MedsynthError(f"autoencoder training diverged at step {step} (discriminator loss {losses['disc'].item()}); "
-                                        "lower autoencoder.disc_lr")
+                    raise MedsynthError(
+                        f"autoencoder training diverged at step {step} (discriminator loss {losses['disc'].item()}); "
+                        "lower autoencoder.disc_lr"
+                    )
                 disc_optimizer.zero_grad(set_to_none=True)
                 (cfg.adv_weight * losses["disc"]).backward()
                 if cfg.grad_clip is not None:
@@ -362,8 +452,13 @@ def train_autoencoder(
                 record["train/lr"] = optimizer.param_groups[0]["lr"]
                 record["train/images_per_s"] = window_images / max(elapsed, 1e-9)
                 if done % cfg.val_every == 0 or done == cfg.max_steps:
-                    record.update(reconstruction_metrics(reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=device), val, spatial_dims)
-                                  if ctx.is_main else dict.fromkeys(("val/psnr", "val/ssim", "val/l1"), float("nan")))
+                    record.update(
+                        reconstruction_metrics(
+                            reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=device), val, spatial_dims
+                        )
+                        if ctx.is_main
+                        else dict.fromkeys(("val/psnr", "val/ssim", "val/l1"), float("nan"))
+                    )
                 history.append({"step": done, **record})
                 if ctx.is_main and log_metrics is not None:
                     log_metrics(record, done)
@@ -394,17 +489,46 @@ def train_autoencoder(
         reconstruction = reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=device)
         val_metrics = reconstruction_metrics(reconstruction, val, spatial_dims)
         trained = TrainedAutoencoder(
-            network=autoencoder, spatial_dims=spatial_dims, scale_factor=scale_factor, downsample=cfg.downsample,
-            latent_channels=cfg.latent_channels, image_size=list(train_images.shape[2:]), intensity=intensity or {},
-            step=cfg.max_steps, path=model_path, kwargs=autoencoder_kwargs(cfg, channels),
+            network=autoencoder,
+            spatial_dims=spatial_dims,
+            scale_factor=scale_factor,
+            downsample=cfg.downsample,
+            latent_channels=cfg.latent_channels,
+            image_size=list(train_images.shape[2:]),
+            intensity=intensity or {},
+            step=cfg.max_steps,
+            path=model_path,
+            kwargs=autoencoder_kwargs(cfg, channels),
         )
         final_train = next((h for h in reversed(history) if "train/l1" in h), {})
-        save_state(model_path, {
-            "format": AUTOENCODER_FORMAT, "format_version": FORMAT_VERSION, **autoencoder_state(trained),
-            "training": {"config": to_plain(cfg), "seed": config.seed, "patch_size": size,
-                         "final": {k: v for k, v in final_train.items() if k.startswith("train/")}, "val": val_metrics},
-        })
-        figure_path = sample_grid(reconstruction.numpy(), work_dir / "reconstructions.png", real=val.numpy(),
-                                  title=f"autoencoder: held-out images (left) and reconstructions (right), PSNR {val_metrics['val/psnr']:.1f} dB")
-    return AutoencoderResult(steps=cfg.max_steps, model_path=model_path, checkpoint_path=checkpoint_path, history=history,
-                             resumed_from=resumed_from, scale_factor=scale_factor, val_metrics=val_metrics, reconstructions_path=figure_path)
+        save_state(
+            model_path,
+            {
+                "format": AUTOENCODER_FORMAT,
+                "format_version": FORMAT_VERSION,
+                **autoencoder_state(trained),
+                "training": {
+                    "config": to_plain(cfg),
+                    "seed": config.seed,
+                    "patch_size": size,
+                    "final": {k: v for k, v in final_train.items() if k.startswith("train/")},
+                    "val": val_metrics,
+                },
+            },
+        )
+        figure_path = sample_grid(
+            reconstruction.numpy(),
+            work_dir / "reconstructions.png",
+            real=val.numpy(),
+            title=f"autoencoder: held-out images (left) and reconstructions (right), PSNR {val_metrics['val/psnr']:.1f} dB",
+        )
+    return AutoencoderResult(
+        steps=cfg.max_steps,
+        model_path=model_path,
+        checkpoint_path=checkpoint_path,
+        history=history,
+        resumed_from=resumed_from,
+        scale_factor=scale_factor,
+        val_metrics=val_metrics,
+        reconstructions_path=figure_path,
+    )

@@ -30,6 +30,7 @@ from medsynth.config import Config, digest, to_plain
 from medsynth.diffusion.objectives import min_snr_weights, prediction_target, sample_timesteps, weighted_mse
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
+from medsynth.io.state import FORMAT_VERSION, load_state, rng_states, save_state, set_rng_states
 from medsynth.models.controlnet import (
     CONTROLNET_FORMAT,
     build_controlnet,
@@ -40,9 +41,8 @@ from medsynth.models.controlnet import (
 )
 from medsynth.models.ema import EMA
 from medsynth.models.loading import TrainedModel
-from medsynth.training.checkpoint import FORMAT_VERSION, load_state, rng_states, save_state, set_rng_states
-from medsynth.training.distributed import DistContext
-from medsynth.training.trainer import MetricsCallback, autocast_dtype, batch_indices, lr_factor, step_generator
+from medsynth.runtime import DistContext, autocast_dtype
+from medsynth.training.trainer import MetricsCallback, batch_indices, lr_factor, step_generator
 
 CONTROLNET_CHECKPOINT_FORMAT = "medsynth-controlnet-checkpoint"
 GRAD_CLIP = 1.0
@@ -69,13 +69,31 @@ def controlnet_identity(config: Config, *, base_sha256: str, num_labels: int, da
     cn = to_plain(config.controlnet)
     for key in ("resume", "log_every", "checkpoint_every", "conditioning_scale"):
         cn.pop(key)
-    borrowed = {k: getattr(config.train, k) for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision")}
-    return digest({"controlnet": cn, "train": borrowed, "seed": config.seed, "base_sha256": base_sha256, "num_labels": num_labels,
-                   "data_shape": list(data_shape)})
+    borrowed = {
+        k: getattr(config.train, k) for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision")
+    }
+    return digest(
+        {
+            "controlnet": cn,
+            "train": borrowed,
+            "seed": config.seed,
+            "base_sha256": base_sha256,
+            "num_labels": num_labels,
+            "data_shape": list(data_shape),
+        }
+    )
 
 
-def controlnet_prediction(inferer: ControlNetDiffusionInferer, base_network: nn.Module, controlnet: nn.Module, x0: torch.Tensor,
-                          cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, null_class: int | None) -> torch.Tensor:
+def controlnet_prediction(
+    inferer: ControlNetDiffusionInferer,
+    base_network: nn.Module,
+    controlnet: nn.Module,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    null_class: int | None,
+) -> torch.Tensor:
     """The base network's prediction for ``x0`` noised to ``t``, steered by the ControlNet with the
     one-hot maps ``cond``. On a class-conditional base both networks get the null class: the
     ControlNet is label-map conditioning, not class conditioning."""
@@ -83,11 +101,21 @@ def controlnet_prediction(inferer: ControlNetDiffusionInferer, base_network: nn.
         labels = torch.full((len(x0),), null_class, dtype=torch.long, device=x0.device)
         base_network, controlnet = partial(base_network, class_labels=labels), partial(controlnet, class_labels=labels)
     # MONAI's ControlNetDiffusionInferer.__call__ (monai 1.6) is not under torch.no_grad: it serves training.
-    return inferer(inputs=x0, diffusion_model=base_network, controlnet=controlnet, noise=noise, timesteps=t, cn_cond=cond)
+    return inferer(
+        inputs=x0, diffusion_model=base_network, controlnet=controlnet, noise=noise, timesteps=t, cn_cond=cond
+    )
 
 
-def controlnet_validation_loss(base: TrainedModel, controlnet: nn.Module, images: torch.Tensor, label_maps: torch.Tensor, *, num_labels: int,
-                               seed: int, amp_dtype: torch.dtype | None = None) -> float:
+def controlnet_validation_loss(
+    base: TrainedModel,
+    controlnet: nn.Module,
+    images: torch.Tensor,
+    label_maps: torch.Tensor,
+    *,
+    num_labels: int,
+    seed: int,
+    amp_dtype: torch.dtype | None = None,
+) -> float:
     """Plain MSE to the target with fixed noise and evenly spread timesteps (as the trainer's
     validation loss), so numbers compare across steps, runs and ControlNets."""
     device = next(base.network.parameters()).device
@@ -95,17 +123,29 @@ def controlnet_validation_loss(base: TrainedModel, controlnet: nn.Module, images
     generator = torch.Generator(device=device).manual_seed(seed + 7)
     x0 = images.to(device)
     noise = torch.randn(x0.shape, generator=generator, device=device)
-    t = (torch.arange(len(x0), device=device) * (base.diffusion.max_train_timestep or scheduler.num_train_timesteps) // len(x0)).long()
+    t = (
+        torch.arange(len(x0), device=device)
+        * (base.diffusion.max_train_timestep or scheduler.num_train_timesteps)
+        // len(x0)
+    ).long()
     cond = one_hot_labels(label_maps, num_labels).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        prediction = controlnet_prediction(ControlNetDiffusionInferer(scheduler), base.network, controlnet, x0, cond, noise, t, base.num_classes)
-    return float(weighted_mse(prediction, prediction_target(scheduler, x0, noise, t, base.diffusion.prediction_type), None))
+        prediction = controlnet_prediction(
+            ControlNetDiffusionInferer(scheduler), base.network, controlnet, x0, cond, noise, t, base.num_classes
+        )
+    return float(
+        weighted_mse(prediction, prediction_target(scheduler, x0, noise, t, base.diffusion.prediction_type), None)
+    )
 
 
-def _check_data(base: TrainedModel, images: np.ndarray, labels: np.ndarray, num_labels: int, split: str) -> torch.Tensor:
+def _check_data(
+    base: TrainedModel, images: np.ndarray, labels: np.ndarray, num_labels: int, split: str
+) -> torch.Tensor:
     expected = (base.network.in_channels, *base.image_size)
     if images.ndim != 2 + base.spatial_dims or tuple(images.shape[1:]) != expected:
-        raise MedsynthError(f"the {split} images have shape {tuple(images.shape)}; the base model {base.path} expects (N, {', '.join(map(str, expected))})")
+        raise MedsynthError(
+            f"the {split} images have shape {tuple(images.shape)}; the base model {base.path} expects (N, {', '.join(map(str, expected))})"
+        )
     if len(labels) != len(images):
         raise MedsynthError(f"the {split} data has {len(images)} images but {len(labels)} label maps")
     return check_label_maps(labels, base.image_size, num_labels, f"the {split} label maps")
@@ -152,10 +192,16 @@ def train_controlnet(
     """
     cfg, device = config.controlnet, ctx.device
     if cfg.batch_size % ctx.world_size:
-        raise MedsynthError(f"controlnet.batch_size {cfg.batch_size} is not divisible by the {ctx.world_size} processes")
+        raise MedsynthError(
+            f"controlnet.batch_size {cfg.batch_size} is not divisible by the {ctx.world_size} processes"
+        )
     maps = _check_data(base, images, labels, num_labels, "training")
     has_val = val_images is not None and len(val_images) > 0
-    val_maps = _check_data(base, val_images, val_labels, num_labels, "validation")[: config.train.val_images] if has_val else None
+    val_maps = (
+        _check_data(base, val_images, val_labels, num_labels, "validation")[: config.train.val_images]
+        if has_val
+        else None
+    )
     amp_dtype = autocast_dtype(config.train.precision, device)
     checkpoint_path = work_dir / "checkpoints" / "last.pt"
 
@@ -172,14 +218,18 @@ def train_controlnet(
     )
     scheduler: Scheduler = build_train_scheduler(base.diffusion, spatial_dims=base.spatial_dims)
     inferer = ControlNetDiffusionInferer(scheduler)
-    identity = controlnet_identity(config, base_sha256=base_sha256, num_labels=num_labels, data_shape=tuple(images.shape))
+    identity = controlnet_identity(
+        config, base_sha256=base_sha256, num_labels=num_labels, data_shape=tuple(images.shape)
+    )
 
     # 2. resume
     start, history, resumed_from = 0, [], None
     if cfg.resume and checkpoint_path.is_file():
         state = load_state(checkpoint_path, expected_format=CONTROLNET_CHECKPOINT_FORMAT)
         if state["identity"] != identity:
-            raise MedsynthError(f"{checkpoint_path}: was trained with a different controlnet config, seed, base model or data; cannot resume")
+            raise MedsynthError(
+                f"{checkpoint_path}: was trained with a different controlnet config, seed, base model or data; cannot resume"
+            )
         model.load_state_dict(state["controlnet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -194,15 +244,32 @@ def train_controlnet(
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
             return
-        save_state(checkpoint_path, {
-            "format": CONTROLNET_CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "identity": identity, "step": step,
-            "controlnet": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states(), "history": history,
-        })
+        save_state(
+            checkpoint_path,
+            {
+                "format": CONTROLNET_CHECKPOINT_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "identity": identity,
+                "step": step,
+                "controlnet": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "rng": rng_states(),
+                "history": history,
+            },
+        )
 
     # 3. loop
     window_loss, window_images, window_start = [], 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="controlnet", unit="step", disable=None if ctx.is_main else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc="controlnet",
+        unit="step",
+        disable=None if ctx.is_main else True,
+        dynamic_ncols=True,
+    )
     completed, updating = start, False
     try:
         for step in range(start, cfg.max_steps):
@@ -214,16 +281,24 @@ def train_controlnet(
             cond = one_hot_labels(maps[index], num_labels).to(device)
             generator = step_generator(config.seed, step, device)
             noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
-            t = sample_timesteps(scheduler, cfg.batch_size, generator=generator, device=device, high=base.diffusion.max_train_timestep)[shard]
+            t = sample_timesteps(
+                scheduler, cfg.batch_size, generator=generator, device=device, high=base.diffusion.max_train_timestep
+            )[shard]
 
             # 1. predict (epsilon | v | velocity) with the ControlNet's residuals inside the frozen base
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 prediction = controlnet_prediction(inferer, base.network, net, x0, cond, noise, t, base.num_classes)
             # 2. the base's objective: (Min-SNR-weighted) regression to its target
             target = prediction_target(scheduler, x0, noise, t, base.diffusion.prediction_type)
-            loss = weighted_mse(prediction, target, min_snr_weights(scheduler, t, base.diffusion.prediction_type, base.diffusion.min_snr_gamma))
+            loss = weighted_mse(
+                prediction,
+                target,
+                min_snr_weights(scheduler, t, base.diffusion.prediction_type, base.diffusion.min_snr_gamma),
+            )
             if not torch.isfinite(loss):
-                raise MedsynthError(f"controlnet training diverged at step {step} (loss {loss.item()}); lower controlnet.lr")
+                raise MedsynthError(
+                    f"controlnet training diverged at step {step} (loss {loss.item()}); lower controlnet.lr"
+                )
             # 3. update the ControlNet, LR, EMA
             updating = True
             optimizer.zero_grad(set_to_none=True)
@@ -239,11 +314,25 @@ def train_controlnet(
             window_images += len(x0) * ctx.world_size
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
-                record = {"controlnet/loss": float(np.mean(window_loss)), "controlnet/lr": optimizer.param_groups[0]["lr"],
-                          "controlnet/images_per_s": window_images / max(elapsed, 1e-9)}
+                record = {
+                    "controlnet/loss": float(np.mean(window_loss)),
+                    "controlnet/lr": optimizer.param_groups[0]["lr"],
+                    "controlnet/images_per_s": window_images / max(elapsed, 1e-9),
+                }
                 if done == cfg.max_steps and val is not None:
-                    record["controlnet/val_loss"] = (controlnet_validation_loss(base, ema.shadow, val, val_maps, num_labels=num_labels, seed=config.seed,
-                                                                                amp_dtype=amp_dtype) if ctx.is_main else float("nan"))
+                    record["controlnet/val_loss"] = (
+                        controlnet_validation_loss(
+                            base,
+                            ema.shadow,
+                            val,
+                            val_maps,
+                            num_labels=num_labels,
+                            seed=config.seed,
+                            amp_dtype=amp_dtype,
+                        )
+                        if ctx.is_main
+                        else float("nan")
+                    )
                 history.append({"step": done, **record})
                 if ctx.is_main and log_metrics is not None:
                     log_metrics(record, done)
@@ -265,9 +354,26 @@ def train_controlnet(
     # 4. controlnet.pt: EMA weights plus how to rebuild and use them
     model_path = work_dir / "controlnet.pt"
     if ctx.is_main:
-        save_state(model_path, {
-            "format": CONTROLNET_FORMAT, "format_version": FORMAT_VERSION,
-            **controlnet_state(ema.shadow, kwargs=kwargs, spatial_dims=base.spatial_dims, num_labels=num_labels, image_size=base.image_size,
-                               step=cfg.max_steps, base_sha256=base_sha256),
-        })
-    return ControlNetResult(steps=cfg.max_steps, model_path=model_path, checkpoint_path=checkpoint_path, history=history, resumed_from=resumed_from)
+        save_state(
+            model_path,
+            {
+                "format": CONTROLNET_FORMAT,
+                "format_version": FORMAT_VERSION,
+                **controlnet_state(
+                    ema.shadow,
+                    kwargs=kwargs,
+                    spatial_dims=base.spatial_dims,
+                    num_labels=num_labels,
+                    image_size=base.image_size,
+                    step=cfg.max_steps,
+                    base_sha256=base_sha256,
+                ),
+            },
+        )
+    return ControlNetResult(
+        steps=cfg.max_steps,
+        model_path=model_path,
+        checkpoint_path=checkpoint_path,
+        history=history,
+        resumed_from=resumed_from,
+    )

@@ -27,9 +27,7 @@ from medsynth.config import Config, digest, to_plain
 from medsynth.diffusion.objectives import min_snr_weights, prediction_target, sample_timesteps, weighted_mse
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
-from medsynth.models.ema import EMA
-from medsynth.models.unet import build_unet, enable_gradient_checkpointing, unet_kwargs
-from medsynth.training.checkpoint import (
+from medsynth.io.state import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
     MODEL_FORMAT,
@@ -38,7 +36,9 @@ from medsynth.training.checkpoint import (
     save_state,
     set_rng_states,
 )
-from medsynth.training.distributed import DistContext
+from medsynth.models.ema import EMA
+from medsynth.models.unet import build_unet, enable_gradient_checkpointing, unet_kwargs
+from medsynth.runtime import DistContext, autocast_dtype
 
 MetricsCallback = Callable[[dict[str, float], int], None] | None
 
@@ -81,22 +81,22 @@ def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA only (DESIGN.md); fp32 on CPU."""
-    if precision == "bf16" and device.type != "cuda":
-        raise MedsynthError("train.precision 'bf16' needs CUDA; use 'auto' or 'fp32' on CPU")
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.bfloat16
-    return None
-
-
 def training_identity(config: Config, extra: dict | None = None) -> str:
     """What must match for a checkpoint to be resumed: network, process, data size, seed (and ``extra``)."""
     train = to_plain(config.train)
     for key in ("resume", "checkpoint_every", "val_every", "log_every"):
         train.pop(key)
-    return digest({"model": to_plain(config.model), "diffusion": to_plain(config.diffusion), "train": train, "seed": config.seed,
-                   "image_size": config.data.image_size, "spatial_dims": config.data.spatial_dims, **({"extra": extra} if extra else {})})
+    return digest(
+        {
+            "model": to_plain(config.model),
+            "diffusion": to_plain(config.diffusion),
+            "train": train,
+            "seed": config.seed,
+            "image_size": config.data.image_size,
+            "spatial_dims": config.data.spatial_dims,
+            **({"extra": extra} if extra else {}),
+        }
+    )
 
 
 def check_classes(classes: np.ndarray | None, count: int, num_classes: int, split: str) -> np.ndarray:
@@ -107,8 +107,10 @@ def check_classes(classes: np.ndarray | None, count: int, num_classes: int, spli
     bad = sorted(set(classes[(classes < 0) | (classes >= num_classes)].tolist()))
     if bad:
         what = "images without a class label (-1)" if bad == [-1] else f"class labels {bad[:5]}"
-        raise MedsynthError(f"the {split} data has {what}; model.num_classes={num_classes} needs labels 0..{num_classes - 1} "
-                            "(phantom classes, or class_label in your datalist)")
+        raise MedsynthError(
+            f"the {split} data has {what}; model.num_classes={num_classes} needs labels 0..{num_classes - 1} "
+            "(phantom classes, or class_label in your datalist)"
+        )
     return classes
 
 
@@ -191,7 +193,9 @@ def train_diffusion(
 
     # 1. network, EMA, optimiser, schedules (identical on every rank: same seed)
     torch.manual_seed(config.seed)
-    model = build_unet(config.model, spatial_dims=spatial_dims, in_channels=train_images.shape[1], out_channels=train_images.shape[1]).to(device)
+    model = build_unet(
+        config.model, spatial_dims=spatial_dims, in_channels=train_images.shape[1], out_channels=train_images.shape[1]
+    ).to(device)
     channels_last = tcfg.channels_last
     if channels_last:
         model = model.to(memory_format=_memory_format(spatial_dims))
@@ -214,7 +218,9 @@ def train_diffusion(
     if tcfg.resume and checkpoint_path.is_file():
         state = load_state(checkpoint_path, expected_format=CHECKPOINT_FORMAT)
         if state["identity"] != identity:
-            raise MedsynthError(f"{checkpoint_path}: was trained with a different model/diffusion/train config; cannot resume")
+            raise MedsynthError(
+                f"{checkpoint_path}: was trained with a different model/diffusion/train config; cannot resume"
+            )
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -227,25 +233,41 @@ def train_diffusion(
     data = resident_data(train_images, device)
     val = torch.as_tensor(val_images[: tcfg.val_images], dtype=torch.float32)
     classes = None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long).to(data.device)
-    val_labels = None if val_classes is None else torch.as_tensor(val_classes[: tcfg.val_images], dtype=torch.long).to(device)
+    val_labels = (
+        None if val_classes is None else torch.as_tensor(val_classes[: tcfg.val_images], dtype=torch.long).to(device)
+    )
 
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
             return
-        save_state(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "identity": identity, "step": step,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "rng": rng_states(),
-            "data_order": {"seed": config.seed, "next_position": step * tcfg.batch_size, "dataset_size": len(data)},
-            "history": history,
-        })
+        save_state(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "identity": identity,
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
+                "rng": rng_states(),
+                "data_order": {"seed": config.seed, "next_position": step * tcfg.batch_size, "dataset_size": len(data)},
+                "history": history,
+            },
+        )
 
     def validation_loss() -> float:
         # Fixed noise and evenly spread timesteps, so the number is comparable across steps and runs.
         generator = torch.Generator(device=device).manual_seed(config.seed + 7)
         x0 = val.to(device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        t = (torch.arange(len(x0), device=device) * (config.diffusion.max_train_timestep or scheduler.num_train_timesteps) // len(x0)).long()
+        t = (
+            torch.arange(len(x0), device=device)
+            * (config.diffusion.max_train_timestep or scheduler.num_train_timesteps)
+            // len(x0)
+        ).long()
         network = ema.shadow if val_labels is None else partial(ema.shadow, class_labels=val_labels)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             prediction = inferer(inputs=x0, diffusion_model=network, noise=noise, timesteps=t)
@@ -254,7 +276,14 @@ def train_diffusion(
 
     # 3. loop
     window_loss, window_images, window_start = [], 0, time.perf_counter()
-    bar = tqdm(total=tcfg.max_steps, initial=start, desc="train", unit="step", disable=None if ctx.is_main else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=tcfg.max_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=None if ctx.is_main else True,
+        dynamic_ncols=True,
+    )
     completed, updating = start, False
     try:
         for step in range(start, tcfg.max_steps):
@@ -262,18 +291,24 @@ def train_diffusion(
             # Every rank draws the whole global batch's indices, noise and timesteps and keeps its
             # share, so N processes train exactly what one process would (up to summation order).
             shard = slice(ctx.rank, None, ctx.world_size)
-            index = torch.as_tensor(batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard], device=data.device)
+            index = torch.as_tensor(
+                batch_indices(step, tcfg.batch_size, len(data), config.seed)[shard], device=data.device
+            )
             x0 = data[index].to(device)
             if channels_last:
                 x0 = x0.contiguous(memory_format=_memory_format(spatial_dims))
             generator = step_generator(config.seed, step, device)
             noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=generator, device=device)[shard]
-            t = sample_timesteps(scheduler, tcfg.batch_size, generator=generator, device=device, high=config.diffusion.max_train_timestep)[shard]
+            t = sample_timesteps(
+                scheduler, tcfg.batch_size, generator=generator, device=device, high=config.diffusion.max_train_timestep
+            )[shard]
             network = net
             if classes is not None:
                 # label dropout: a share of the batch learns the unconditional model (the null class K)
                 dropped = (torch.rand(tcfg.batch_size, generator=generator, device=device) < tcfg.label_dropout)[shard]
-                labels = torch.where(dropped, torch.full_like(dropped, num_classes, dtype=torch.long), classes[index].to(device))
+                labels = torch.where(
+                    dropped, torch.full_like(dropped, num_classes, dtype=torch.long), classes[index].to(device)
+                )
                 network = partial(net, class_labels=labels)
 
             # 1. predict (epsilon | v | velocity) for the noised batch
@@ -281,7 +316,11 @@ def train_diffusion(
                 prediction = inferer(inputs=x0, diffusion_model=network, noise=noise, timesteps=t)
             # 2. Min-SNR-weighted regression to the target
             target = prediction_target(scheduler, x0, noise, t, config.diffusion.prediction_type)
-            loss = weighted_mse(prediction, target, min_snr_weights(scheduler, t, config.diffusion.prediction_type, config.diffusion.min_snr_gamma))
+            loss = weighted_mse(
+                prediction,
+                target,
+                min_snr_weights(scheduler, t, config.diffusion.prediction_type, config.diffusion.min_snr_gamma),
+            )
             # On CPU the check costs nothing; on a GPU reading the loss each step would stall the
             # queue of kernels, so the window's loss sum is checked before it is logged or checkpointed.
             if device.type == "cpu" and not torch.isfinite(loss):
@@ -309,8 +348,11 @@ def train_diffusion(
                     raise MedsynthError(f"training diverged before step {done} (loss {window_mean}); lower train.lr")
             if logging_due:
                 elapsed = time.perf_counter() - window_start
-                record = {"train/loss": window_mean, "train/lr": optimizer.param_groups[0]["lr"],
-                          "train/images_per_s": window_images / max(elapsed, 1e-9)}
+                record = {
+                    "train/loss": window_mean,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/images_per_s": window_images / max(elapsed, 1e-9),
+                }
                 if done % tcfg.val_every == 0 or done == tcfg.max_steps:
                     record["val/loss"] = validation_loss() if ctx.is_main else float("nan")
                 history.append({"step": done, **record})
@@ -335,16 +377,36 @@ def train_diffusion(
     # 4. the model file: EMA weights plus how to rebuild and use them
     model_path = work_dir / "model.pt"
     if ctx.is_main:
-        save_state(model_path, {
-            "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "step": tcfg.max_steps,
-            # the network's input size: the image size, or the latent size of a latent model
-            "spatial_dims": spatial_dims, "image_size": list(train_images.shape[2:]),
-            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs(config.model, train_images.shape[1], train_images.shape[1]).items()},
-            "diffusion": to_plain(config.diffusion), "intensity": intensity or {},
-            # How the training inputs were made from scans: what denoising needs to treat a scan the same way.
-            "data": {"spacing_mm": spacing_mm, "slice_axis": config.data.slice_axis, "mr_percentile": config.data.mr_percentile,
-                     "ct_window": list(config.data.ct_window)},
-            "state_dict": ema.shadow.state_dict(),
-            **(extra_state or {}),
-        })
-    return TrainResult(steps=tcfg.max_steps, model_path=model_path, checkpoint_path=checkpoint_path, history=history, resumed_from=resumed_from)
+        save_state(
+            model_path,
+            {
+                "format": MODEL_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "step": tcfg.max_steps,
+                # the network's input size: the image size, or the latent size of a latent model
+                "spatial_dims": spatial_dims,
+                "image_size": list(train_images.shape[2:]),
+                "unet": {
+                    k: list(v) if isinstance(v, tuple) else v
+                    for k, v in unet_kwargs(config.model, train_images.shape[1], train_images.shape[1]).items()
+                },
+                "diffusion": to_plain(config.diffusion),
+                "intensity": intensity or {},
+                # How the training inputs were made from scans: what denoising needs to treat a scan the same way.
+                "data": {
+                    "spacing_mm": spacing_mm,
+                    "slice_axis": config.data.slice_axis,
+                    "mr_percentile": config.data.mr_percentile,
+                    "ct_window": list(config.data.ct_window),
+                },
+                "state_dict": ema.shadow.state_dict(),
+                **(extra_state or {}),
+            },
+        )
+    return TrainResult(
+        steps=tcfg.max_steps,
+        model_path=model_path,
+        checkpoint_path=checkpoint_path,
+        history=history,
+        resumed_from=resumed_from,
+    )

@@ -19,12 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     import yaml
-
     from conftest import TINY, deep_update
 
     folder = tmp_path_factory.mktemp("bench")
-    config = deep_update(TINY, {"output_dir": str(folder / "out"), "stages": ["prepare", "train", "denoise"], "data": {"phantom": {"noise": 0.0}},
-                                "tracking": {"registered_model": "medsynth-tests-bench"}})
+    config = deep_update(
+        TINY,
+        {
+            "output_dir": str(folder / "out"),
+            "stages": ["prepare", "train", "denoise"],
+            "data": {"phantom": {"noise": 0.0}},
+            "tracking": {"registered_model": "medsynth-tests-bench"},
+        },
+    )
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--stages", "prepare,train"]) == 0
@@ -33,22 +39,72 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_sampler_comparison_script(tiny_run: Path, tmp_path: Path) -> None:
-    done = script("samplers.py", "--run", str(tiny_run), "--reference-steps", "20", "--nfe", "5", "--num-samples", "4", "--batch-size", "4",
-                  "--samplers", "ddim", "heun", "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
-                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    done = script(
+        "samplers.py",
+        "--run",
+        str(tiny_run),
+        "--reference-steps",
+        "20",
+        "--nfe",
+        "5",
+        "--num-samples",
+        "4",
+        "--batch-size",
+        "4",
+        "--samplers",
+        "ddim",
+        "heun",
+        "--out",
+        str(tmp_path / "s.json"),
+        "--plot",
+        str(tmp_path / "s.png"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
-    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddpm", 20), ("ddim", 5), ("heun", 5)]  # evaluations counted, not assumed
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [
+        ("ddpm", 20),
+        ("ddim", 5),
+        ("heun", 5),
+    ]  # evaluations counted, not assumed
     assert (tmp_path / "s.png").stat().st_size > 1000 and "MLflow run" in done.stdout
 
 
 def test_denoise_benchmark_script(tiny_run: Path, tmp_path: Path) -> None:
-    done = script("denoise.py", "--run", str(tiny_run), "--num-images", "1", "--levels", "0.05", "--methods", "diffusion", "tv",
-                  "--modes", "tweedie", "--repeats", "1", "--size", "48", "--out", str(tmp_path / "d.json"), cwd=tmp_path)
+    done = script(
+        "denoise.py",
+        "--run",
+        str(tiny_run),
+        "--num-images",
+        "1",
+        "--levels",
+        "0.05",
+        "--methods",
+        "diffusion",
+        "tv",
+        "--modes",
+        "tweedie",
+        "--repeats",
+        "1",
+        "--size",
+        "48",
+        "--out",
+        str(tmp_path / "d.json"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "d.json").read_text())
     assert set(result["quality"]["table"]["0.05"]) == {"noisy", "diffusion:tweedie", "tv"}
@@ -57,17 +113,37 @@ def test_denoise_benchmark_script(tiny_run: Path, tmp_path: Path) -> None:
 
 def test_guidance_benchmark_script(tmp_path: Path) -> None:
     import yaml
-
     from conftest import TINY, deep_update
 
-    config = deep_update(TINY, {"output_dir": str(tmp_path / "out"), "stages": ["prepare", "train"], "model": {"num_classes": 2},
-                                "data": {"phantom": {"count": 12, "lesion_size": 3.0}}, "evaluate": {"classifier_steps": 5},
-                                "tracking": {"registered_model": "medsynth-tests-guidance"}})
+    config = deep_update(
+        TINY,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "stages": ["prepare", "train"],
+            "model": {"num_classes": 2},
+            "data": {"phantom": {"count": 12, "lesion_size": 3.0}},
+            "evaluate": {"classifier_steps": 5},
+            "tracking": {"registered_model": "medsynth-tests-guidance"},
+        },
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 0
-    done = script("guidance.py", "--run", str(tmp_path / "out"), "--scales", "0", "2", "--num-samples", "4", "--steps", "3",
-                  "--out", str(tmp_path / "g.json"), cwd=tmp_path)
+    done = script(
+        "guidance.py",
+        "--run",
+        str(tmp_path / "out"),
+        "--scales",
+        "0",
+        "2",
+        "--num-samples",
+        "4",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "g.json"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [r["guidance_scale"] for r in rows] == [0.0, 2.0] and all(0 <= r["agreement"] <= 1 for r in rows)
@@ -75,14 +151,30 @@ def test_guidance_benchmark_script(tmp_path: Path) -> None:
 
 def test_ldm_sampling_memory_script(tmp_path: Path) -> None:
     import yaml
-
     from conftest import TINY, deep_update
 
-    config = deep_update(TINY, {"diffusion": {"space": "latent"}, "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8}})
+    config = deep_update(
+        TINY,
+        {
+            "diffusion": {"space": "latent"},
+            "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8},
+        },
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = script("ldm_sampling.py", "--config", str(path), "--steps", "2", "--variants", "whole", "window8", "--out", str(tmp_path / "m.json"),
-                  cwd=tmp_path)
+    done = script(
+        "ldm_sampling.py",
+        "--config",
+        str(path),
+        "--steps",
+        "2",
+        "--variants",
+        "whole",
+        "window8",
+        "--out",
+        str(tmp_path / "m.json"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "m.json").read_text())["results"]
     assert results["whole"]["shape"] == [1, 1, 16, 16] and results["window8"]["peak_mb"] > 0
@@ -90,8 +182,24 @@ def test_ldm_sampling_memory_script(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dims", ["2", "3"])
 def test_feature_metrics_script(tmp_path: Path, dims: str) -> None:
-    done = script("feature_metrics.py", "--train", "8", "--test", "8", "--size", "16", "--dims", dims, "--steps", "3", "--threads", "1",
-                  "--out", str(tmp_path / "f.json"), cwd=tmp_path)
+    done = script(
+        "feature_metrics.py",
+        "--train",
+        "8",
+        "--test",
+        "8",
+        "--size",
+        "16",
+        "--dims",
+        dims,
+        "--steps",
+        "3",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "f.json"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "f.json").read_text())
     assert [r["case"] for r in result["rows"]][0] == "real vs real (other half)" and len(result["rows"]) == 6

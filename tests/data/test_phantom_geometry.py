@@ -15,7 +15,9 @@ from medsynth.data.prepare import phantom_cases
 
 @pytest.mark.parametrize("shape", [[48, 48], [32, 32, 24]], ids=["2d", "3d"])
 def test_body_ct_anatomy_in_world_coordinates(tmp_path: Path, shape: list[int]) -> None:
-    data = DataConfig(spatial_dims=len(shape), image_size=shape, phantom={"kind": "body_ct", "count": 3, "shape": shape})
+    data = DataConfig(
+        spatial_dims=len(shape), image_size=shape, phantom={"kind": "body_ct", "count": 3, "shape": shape}
+    )
     cases, _, _ = phantom_cases(data, tmp_path, seed=0)
     for case in cases:
         labels_img = nib.load(tmp_path / case.label)

@@ -38,8 +38,12 @@ def test_model_inputs_2d_slices_and_3d_volume(spatial_dims: int, size: list[int]
     volume = np.zeros((32, 32, 20), dtype=np.float32)
     volume[4:28, 4:28, :] = 500.0
     labels = (volume > 0).astype(np.uint8)
-    data = DataConfig(spatial_dims=spatial_dims, image_size=size, slice_fraction=0.5, phantom={"shape": [16] * spatial_dims})
-    outputs = list(model_inputs(volume, spacing_affine((1.0, 1.0, 2.0), volume.shape), labels, data, Intensity("mr", 0.0, 500.0)))
+    data = DataConfig(
+        spatial_dims=spatial_dims, image_size=size, slice_fraction=0.5, phantom={"shape": [16] * spatial_dims}
+    )
+    outputs = list(
+        model_inputs(volume, spacing_affine((1.0, 1.0, 2.0), volume.shape), labels, data, Intensity("mr", 0.0, 500.0))
+    )
     assert len(outputs) == expected_count
     image, label, _, spacing = outputs[0]
     assert image.shape == (1, *size) and label.shape == (1, *size) and set(np.unique(label)) <= {0, 1}

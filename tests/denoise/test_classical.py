@@ -33,8 +33,11 @@ def _brain(shape: tuple[int, ...], level: float, *, rician: bool = False) -> tup
 # BM4D takes seconds even on a tiny volume: it has its own (slow) test below.
 @pytest.mark.parametrize(
     ("method", "shape"),
-    [*(pytest.param(m, (64, 64), id=f"{m}-2d") for m in FAST), pytest.param("bm3d", (64, 64), id="bm3d-2d", marks=NEEDS_BM3D),
-     *(pytest.param(m, (32, 32, 32), id=f"{m}-3d") for m in FAST)],
+    [
+        *(pytest.param(m, (64, 64), id=f"{m}-2d") for m in FAST),
+        pytest.param("bm3d", (64, 64), id="bm3d-2d", marks=NEEDS_BM3D),
+        *(pytest.param(m, (32, 32, 32), id=f"{m}-3d") for m in FAST),
+    ],
 )
 def test_each_method_reduces_the_error_at_5_percent(method: str, shape: tuple[int, ...]) -> None:
     clean, noisy, sigma = _brain(shape, 0.05)

@@ -12,9 +12,9 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-
 from conftest import TINY, TINY_3D, deep_update
 from dicom_factory import write_ct_series, write_rt_struct, write_unsupported_compressed_slice
+
 from medsynth.cli import main
 from medsynth.data.phantoms import generate_phantom
 from medsynth.io.volumes import read_dicom_series
@@ -45,8 +45,10 @@ def _train(tmp_path_factory, base: dict, name: str) -> Path:
     import yaml
 
     folder = tmp_path_factory.mktemp(name)
-    config = deep_update(base, {"output_dir": str(folder / "out"), "name": name,
-                                "tracking": {"registered_model": f"medsynth-tests-{name}"}})
+    config = deep_update(
+        base,
+        {"output_dir": str(folder / "out"), "name": name, "tracking": {"registered_model": f"medsynth-tests-{name}"}},
+    )
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     stages = [s for s in config.get("stages", []) if s in ("prepare", "autoencoder", "train")] or ["prepare", "train"]
@@ -82,11 +84,17 @@ def test_nifti_2d_diffusion_keeps_header_and_records_provenance(model_2d, tmp_pa
     code, stdout, err = run_cli(["denoise", source, out, "--checkpoint", model_2d], capsys)
     assert code == 0, err
     img, ref = nib.load(out), nib.load(source)
-    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine) and img.get_data_dtype() == ref.get_data_dtype()
+    assert (
+        img.shape == ref.shape and np.allclose(img.affine, ref.affine) and img.get_data_dtype() == ref.get_data_dtype()
+    )
     assert np.isfinite(img.get_fdata()).all()
     record = json.loads((tmp_path / "out" / "scan_denoised.json").read_text())
     assert record["denoise"]["method"] == "diffusion" and record["denoise"]["sigma_source"] == "estimated"
-    assert record["denoise"]["rician_bias_correction"] == "output" and len(record["input_digest"]) == 64 and record["model_digest"]
+    assert (
+        record["denoise"]["rician_bias_correction"] == "output"
+        and len(record["input_digest"]) == 64
+        and record["model_digest"]
+    )
     assert "version" in record["code_version"] and "sigma" in stdout
 
 
@@ -104,7 +112,10 @@ def test_nifti_volume_with_a_2d_model_is_denoised_slice_by_slice(model_2d, tmp_p
 def test_posterior_draws_write_an_uncertainty_map(model_2d, tmp_path, capsys):
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     out = tmp_path / "dn.nii.gz"
-    code, _, err = run_cli(["denoise", source, out, "--checkpoint", model_2d, "--mode", "ancestral", "--steps", "3", "--samples", "3"], capsys)
+    code, _, err = run_cli(
+        ["denoise", source, out, "--checkpoint", model_2d, "--mode", "ancestral", "--steps", "3", "--samples", "3"],
+        capsys,
+    )
     assert code == 0, err
     spread = nib.load(tmp_path / "dn_uncertainty.nii.gz").get_fdata()
     assert spread.shape == (16, 16) and spread.max() > 0
@@ -172,7 +183,9 @@ def test_dicom_series_in_derived_series_out(tmp_path, capsys):
     assert np.array_equal(derived.array, hu.astype(np.float32)) and np.allclose(derived.affine, source.affine)
     first = pydicom.dcmread(derived.files[0])
     original = pydicom.dcmread(source.files[0])
-    assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "medsynth denoise: tv" in first.DerivationDescription
+    assert (
+        list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "medsynth denoise: tv" in first.DerivationDescription
+    )
     assert first.SeriesInstanceUID != original.SeriesInstanceUID and first.StudyInstanceUID == original.StudyInstanceUID
     assert first.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
     assert (out / "medsynth_denoise.json").is_file()
@@ -198,11 +211,17 @@ def _missing_pixels(folder: Path) -> None:
 
 
 BAD_DICOM = {
-    "mixed series": (lambda f: (write_ct_series(f, np.zeros((8, 8, 3)), seed=1), write_ct_series(f, np.zeros((8, 8, 2)), seed=2)), "2 DICOM series"),
+    "mixed series": (
+        lambda f: (write_ct_series(f, np.zeros((8, 8, 3)), seed=1), write_ct_series(f, np.zeros((8, 8, 2)), seed=2)),
+        "2 DICOM series",
+    ),
     "missing pixel data": (_missing_pixels, "pixel data"),
     "compressed": (lambda f: write_unsupported_compressed_slice(f), "JPEG 2000"),
     "rt struct alone": (lambda f: write_rt_struct(f), "non-image DICOM object"),
-    "rt struct beside a series": (lambda f: (write_ct_series(f, np.zeros((8, 8, 3))), write_rt_struct(f)), "RT Structure Set"),
+    "rt struct beside a series": (
+        lambda f: (write_ct_series(f, np.zeros((8, 8, 3))), write_rt_struct(f)),
+        "RT Structure Set",
+    ),
 }
 
 
@@ -255,7 +274,13 @@ def test_checkpoint_that_is_not_a_medsynth_model(tmp_path, capsys):
 def test_bad_options(extra, expected, tmp_path, capsys, monkeypatch):
     import medsynth.denoise.classical as classical
 
-    monkeypatch.setattr(classical, "_optional", lambda name: (_ for _ in ()).throw(classical.MedsynthError(f"{name} is not installed: pip install \"medsynth[bm3d]\"")))
+    monkeypatch.setattr(
+        classical,
+        "_optional",
+        lambda name: (_ for _ in ()).throw(
+            classical.MedsynthError(f'{name} is not installed: pip install "medsynth[bm3d]"')
+        ),
+    )
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     out = tmp_path / "out.nii.gz"
     code, _, err = run_cli(["denoise", source, out, *extra], capsys)
@@ -267,7 +292,9 @@ def test_paths(tmp_path, capsys):
     code, _, err = run_cli(["denoise", tmp_path / "missing.nii.gz", tmp_path / "o.nii.gz", "--method", "tv"], capsys)
     assert_clean_failure(code, err, tmp_path / "o.nii.gz", "not found")
     (tmp_path / "exists.nii.gz").write_bytes(b"keep me")
-    code, _, err = run_cli(["denoise", source, tmp_path / "exists.nii.gz", "--method", "tv", "--modality", "mr"], capsys)
+    code, _, err = run_cli(
+        ["denoise", source, tmp_path / "exists.nii.gz", "--method", "tv", "--modality", "mr"], capsys
+    )
     assert code == 2 and "already exists" in err and (tmp_path / "exists.nii.gz").read_bytes() == b"keep me"
     code, _, err = run_cli(["denoise", source, tmp_path / "o.png", "--method", "tv", "--modality", "mr"], capsys)
     assert_clean_failure(code, err, tmp_path / "o.png", "NIfTI output path")
@@ -290,18 +317,24 @@ def test_truncated_and_corrupt_nifti(tmp_path, capsys):
 def test_denoising_prior_trained_on_low_timesteps_only(tmp_path_factory, tmp_path, capsys):
     """diffusion.max_train_timestep: training draws only t < max, the model denoises noise levels within
     that range, refuses stronger noise, and cannot sample (config check and library check)."""
+    from medsynth.config import DiffusionConfig
     from medsynth.diffusion.objectives import sample_timesteps
     from medsynth.diffusion.schedulers import build_train_scheduler
-    from medsynth.config import DiffusionConfig
     from medsynth.errors import MedsynthError
     from medsynth.models.loading import load_trained_model
     from medsynth.synthesis import synthesise
 
     scheduler = build_train_scheduler(DiffusionConfig(num_train_timesteps=100), spatial_dims=2)
-    drawn = sample_timesteps(scheduler, 4000, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), high=20)
+    drawn = sample_timesteps(
+        scheduler, 4000, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), high=20
+    )
     assert int(drawn.min()) == 0 and int(drawn.max()) == 19
 
-    prior = _train(tmp_path_factory, deep_update(TINY, {"stages": ["prepare", "train", "denoise"], "diffusion": {"max_train_timestep": 50}}), "prior-low-t")
+    prior = _train(
+        tmp_path_factory,
+        deep_update(TINY, {"stages": ["prepare", "train", "denoise"], "diffusion": {"max_train_timestep": 50}}),
+        "prior-low-t",
+    )
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     code, _, err = run_cli(["denoise", source, tmp_path / "ok.nii.gz", "--checkpoint", prior, "--sigma", "20"], capsys)
     assert code == 0, err
@@ -309,21 +342,50 @@ def test_denoising_prior_trained_on_low_timesteps_only(tmp_path_factory, tmp_pat
     code, _, err = run_cli(["denoise", source, out, "--checkpoint", prior, "--sigma", "5000"], capsys)
     assert_clean_failure(code, err, out, "beyond the timesteps", "below 50")
     with pytest.raises(MedsynthError, match="cannot sample from pure noise"):
-        synthesise(load_trained_model(prior, torch.device("cpu")), sampler="ddim", steps=3, seeds=[0], batch_size=1, device=torch.device("cpu"))
+        synthesise(
+            load_trained_model(prior, torch.device("cpu")),
+            sampler="ddim",
+            steps=3,
+            seeds=[0],
+            batch_size=1,
+            device=torch.device("cpu"),
+        )
     with pytest.raises(ValueError, match="max_train_timestep"):
         DiffusionConfig(num_train_timesteps=100, max_train_timestep=101)
 
 
-def test_class_conditional_model_denoises_as_its_unconditional_self_and_latent_models_are_refused(tmp_path_factory, tmp_path, capsys):
-    conditional = _train(tmp_path_factory, deep_update(TINY, {"model": {"num_classes": 2}, "data": {"phantom": {"count": 12}}}), "denoise-cfg")
+def test_class_conditional_model_denoises_as_its_unconditional_self_and_latent_models_are_refused(
+    tmp_path_factory, tmp_path, capsys
+):
+    conditional = _train(
+        tmp_path_factory,
+        deep_update(TINY, {"model": {"num_classes": 2}, "data": {"phantom": {"count": 12}}}),
+        "denoise-cfg",
+    )
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     code, _, err = run_cli(["denoise", source, tmp_path / "ok.nii.gz", "--checkpoint", conditional], capsys)
     assert code == 0, err
     assert np.isfinite(nib.load(tmp_path / "ok.nii.gz").get_fdata()).all()
 
-    latent = _train(tmp_path_factory, deep_update(TINY, {"stages": ["prepare", "autoencoder", "train"], "diffusion": {"space": "latent"},
-                                                         "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8,
-                                                                         "max_steps": 2, "batch_size": 4, "adv_weight": 0.0}}), "denoise-latent")
+    latent = _train(
+        tmp_path_factory,
+        deep_update(
+            TINY,
+            {
+                "stages": ["prepare", "autoencoder", "train"],
+                "diffusion": {"space": "latent"},
+                "autoencoder": {
+                    "channels": [8, 16],
+                    "latent_channels": 2,
+                    "norm_num_groups": 8,
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "adv_weight": 0.0,
+                },
+            },
+        ),
+        "denoise-latent",
+    )
     out = tmp_path / "latent.nii.gz"
     capsys.readouterr()  # the training's own output
     code, _, err = run_cli(["denoise", source, out, "--checkpoint", latent], capsys)

@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_models import DATA_STD, SHAPES, ExactGaussianModel
 
 from medsynth.config import DiffusionConfig
 from medsynth.denoise.matching import match_timestep
 from medsynth.denoise.prior import _reverse_timesteps, prior_denoise
 from medsynth.diffusion.schedulers import build_train_scheduler
 
-from exact_models import DATA_STD, SHAPES, ExactGaussianModel
-
 PROCESSES = [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction")]
 
 
 def setup(process: str, prediction: str, shape: tuple[int, ...]):
-    diffusion = DiffusionConfig(scheduler=process, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
+    diffusion = DiffusionConfig(
+        scheduler=process, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02
+    )
     scheduler = build_train_scheduler(diffusion, spatial_dims=len(shape) - 1)
     return ExactGaussianModel(diffusion, len(shape) - 1), scheduler
 
 
-def noisy_batch(shape: tuple[int, ...], sigma: float, seed: int = 0, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_batch(
+    shape: tuple[int, ...], sigma: float, seed: int = 0, batch: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x0 = DATA_STD * torch.randn((batch, *shape), generator=g)
     return x0, x0 + sigma * torch.randn((batch, *shape), generator=g)
@@ -54,7 +57,9 @@ def test_posterior_draws_have_the_posterior_spread(process, prediction, shape):
     x0, y = noisy_batch(shape, sigma, batch=2)
     # Every trained timestep from the matched one down (88 here): coarser chains under-disperse
     # (measured 0.72 / 0.89 / 0.94 of the posterior spread at 5 / 20 / 50 steps).
-    result = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=1000, samples=8, seed=3)
+    result = prior_denoise(
+        model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=1000, samples=8, seed=3
+    )
     posterior_std = (DATA_STD**2 * sigma**2 / (DATA_STD**2 + sigma**2)) ** 0.5
     assert result.std is not None and result.std.shape == y.shape and result.evaluations == 88
     # E[sample std of 8 draws] = c4(8) sigma = 0.965 sigma
@@ -63,9 +68,14 @@ def test_posterior_draws_have_the_posterior_spread(process, prediction, shape):
     # The average of 8 draws scatters around the posterior mean by posterior_std / sqrt(8).
     assert (result.mean - mean).std().item() == pytest.approx(posterior_std / 8**0.5, rel=0.25)
     # Same seed -> same draws; another seed -> other draws.
-    again = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=1000, samples=8, seed=3)
+    again = prior_denoise(
+        model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=1000, samples=8, seed=3
+    )
     assert torch.equal(again.mean, result.mean)
-    few = [prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=5, samples=2, seed=s) for s in (4, 5)]
+    few = [
+        prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=5, samples=2, seed=s)
+        for s in (4, 5)
+    ]
     assert not torch.equal(few[0].mean, few[1].mean)
 
 

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_models import DATA_STD, SHAPES, ExactGaussianModel
 
 from medsynth.config import DiffusionConfig
 from medsynth.diffusion.sampling import generate, respaced_ddpm
 from medsynth.diffusion.schedulers import build_sampling_scheduler, build_train_scheduler
 
-from exact_models import DATA_STD, SHAPES, ExactGaussianModel
-
 
 def std_ratio(scheduler: str, prediction: str, sampler: str, steps: int, shape: tuple[int, ...]) -> float:
-    diffusion = DiffusionConfig(scheduler=scheduler, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
+    diffusion = DiffusionConfig(
+        scheduler=scheduler, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02
+    )
     spatial_dims = len(shape) - 1
     chain = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=spatial_dims)
-    samples = generate(ExactGaussianModel(diffusion, spatial_dims), chain, sampler=sampler, image_shape=shape, seeds=list(range(8)),
-                       batch_size=8, device=torch.device("cpu"))
+    samples = generate(
+        ExactGaussianModel(diffusion, spatial_dims),
+        chain,
+        sampler=sampler,
+        image_shape=shape,
+        seeds=list(range(8)),
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
     assert samples.shape == (8, *shape) and abs(samples.mean().item()) < 0.03
     return samples.std().item() / DATA_STD
 
@@ -51,8 +59,26 @@ def test_each_sample_depends_only_on_its_seed() -> None:
     model = ExactGaussianModel(diffusion, 2)
     for sampler, steps in (("ddpm", 20), ("ddim", 10)):
         chain = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=2)
-        together = generate(model, chain, sampler=sampler, image_shape=(1, 8, 8), seeds=[5, 6, 7], batch_size=3, device=torch.device("cpu"), eta=0.5)
-        alone = generate(model, chain, sampler=sampler, image_shape=(1, 8, 8), seeds=[6], batch_size=1, device=torch.device("cpu"), eta=0.5)
+        together = generate(
+            model,
+            chain,
+            sampler=sampler,
+            image_shape=(1, 8, 8),
+            seeds=[5, 6, 7],
+            batch_size=3,
+            device=torch.device("cpu"),
+            eta=0.5,
+        )
+        alone = generate(
+            model,
+            chain,
+            sampler=sampler,
+            image_shape=(1, 8, 8),
+            seeds=[6],
+            batch_size=1,
+            device=torch.device("cpu"),
+            eta=0.5,
+        )
         assert torch.allclose(together[1], alone[0], atol=1e-5)
         assert not torch.allclose(together[0], together[1])
 

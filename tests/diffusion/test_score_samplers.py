@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from exact_models import DATA_STD, SHAPES, ExactGaussianModel
+
 from medsynth.config import DiffusionConfig, load_config
 from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler, build_train_scheduler
@@ -21,17 +21,23 @@ PROCESSES = [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_predict
 
 
 def diffusion_config(process: str, prediction: str) -> DiffusionConfig:
-    return DiffusionConfig(scheduler=process, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
+    return DiffusionConfig(
+        scheduler=process, prediction_type=prediction, schedule="linear_beta", beta_start=1e-4, beta_end=0.02
+    )
 
 
-def run(process: str, prediction: str, sampler: str, steps: int, shape=(1, 16, 16), seeds=range(8)) -> tuple[torch.Tensor, torch.Tensor, float]:
+def run(
+    process: str, prediction: str, sampler: str, steps: int, shape=(1, 16, 16), seeds=range(8)
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Samples, the initial noise they came from, and the exact ODE factor."""
     diffusion = diffusion_config(process, prediction)
     model = ExactGaussianModel(diffusion, len(shape) - 1)
     schedule = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=len(shape) - 1)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    out = SCORE_SAMPLERS[sampler](lambda x, t: model(x, timesteps=t), noise.clone(), schedule, generators=gens, clip=False)
+    out = SCORE_SAMPLERS[sampler](
+        lambda x, t: model(x, timesteps=t), noise.clone(), schedule, generators=gens, clip=False
+    )
     sigma_max = float(schedule.sigmas[0])
     factor = DATA_STD * (1 + sigma_max**2) ** 0.5 / (DATA_STD**2 + sigma_max**2) ** 0.5
     return out, noise, factor
@@ -62,7 +68,13 @@ def test_predictor_corrector_reproduces_the_data_distribution(process, predictio
 
 
 # (sampler, steps, seeded std ratio) on the DDPM epsilon process, 2D and 3D alike
-GOLDEN = [("euler", 10, 0.686), ("heun", 10, 1.265), ("pc", 10, 0.803), ("dpmpp_2m", 10, 1.050), ("dpmpp_2m", 20, 1.036)]
+GOLDEN = [
+    ("euler", 10, 0.686),
+    ("heun", 10, 1.265),
+    ("pc", 10, 0.803),
+    ("dpmpp_2m", 10, 1.050),
+    ("dpmpp_2m", 20, 1.036),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
@@ -70,8 +82,15 @@ GOLDEN = [("euler", 10, 0.686), ("heun", 10, 1.265), ("pc", 10, 0.803), ("dpmpp_
 def test_few_step_golden_values_through_generate(shape, sampler, steps, golden) -> None:
     diffusion = diffusion_config("ddpm", "epsilon")
     schedule = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=len(shape) - 1)
-    samples = generate(ExactGaussianModel(diffusion, len(shape) - 1), schedule, sampler=sampler, image_shape=shape, seeds=list(range(8)),
-                       batch_size=4, device=torch.device("cpu"))
+    samples = generate(
+        ExactGaussianModel(diffusion, len(shape) - 1),
+        schedule,
+        sampler=sampler,
+        image_shape=shape,
+        seeds=list(range(8)),
+        batch_size=4,
+        device=torch.device("cpu"),
+    )
     assert samples.shape == (8, *shape) and torch.isfinite(samples).all()
     # generate() clips x0 estimates to [-1, 1] (3.3 data stds): the same value within tolerance
     assert samples.std().item() / DATA_STD == pytest.approx(golden, abs=0.04 if shape == (1, 16, 16) else 0.06)
@@ -81,8 +100,12 @@ def test_each_sample_depends_only_on_its_seed() -> None:
     diffusion = diffusion_config("ddpm", "v_prediction")
     model = ExactGaussianModel(diffusion, 2)
     schedule = build_sampling_scheduler(diffusion, sampler="pc", steps=8, spatial_dims=2)
-    together = generate(model, schedule, sampler="pc", image_shape=(1, 8, 8), seeds=[5, 6, 7], batch_size=3, device=torch.device("cpu"))
-    alone = generate(model, schedule, sampler="pc", image_shape=(1, 8, 8), seeds=[6], batch_size=1, device=torch.device("cpu"))
+    together = generate(
+        model, schedule, sampler="pc", image_shape=(1, 8, 8), seeds=[5, 6, 7], batch_size=3, device=torch.device("cpu")
+    )
+    alone = generate(
+        model, schedule, sampler="pc", image_shape=(1, 8, 8), seeds=[6], batch_size=1, device=torch.device("cpu")
+    )
     assert torch.allclose(together[1], alone[0], atol=1e-5)
 
 
@@ -103,12 +126,23 @@ def test_score_samplers_in_configs(write_config) -> None:
     for sampler in SCORE_SAMPLERS:
         # any trained process: DDPM and rectified flow alike
         assert load_config(write_config({"sample": {"sampler": sampler}})).sample.sampler == sampler
-        assert load_config(write_config({"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": sampler}})).sample.sampler == sampler
+        assert (
+            load_config(
+                write_config({"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": sampler}})
+            ).sample.sampler
+            == sampler
+        )
     with pytest.raises(MedsynthError, match="augment.sampler 'ddim' does not fit"):
-        load_config(write_config({"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": "heun"}, "augment": {"sampler": "ddim"}}))
+        load_config(
+            write_config(
+                {"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": "heun"}, "augment": {"sampler": "ddim"}}
+            )
+        )
 
 
-@pytest.mark.parametrize("override, expected", [("sample.sampler=euler_a", "sample.sampler"), ("sample.steps=0", "sample.steps")])
+@pytest.mark.parametrize(
+    "override, expected", [("sample.sampler=euler_a", "sample.sampler"), ("sample.steps=0", "sample.steps")]
+)
 def test_bad_sampler_or_steps_is_one_line_exit_2(override, expected, write_config, capsys) -> None:
     from medsynth.cli import main
 
@@ -123,7 +157,12 @@ def test_pipeline_samples_a_trained_model_with_every_score_sampler(write_config,
 
     from medsynth.cli import main
 
-    config = write_config({"stages": ["prepare", "train", "sample"], "sample": {"sampler": "heun", "steps": 3, "num_samples": 2, "batch_size": 2}})
+    config = write_config(
+        {
+            "stages": ["prepare", "train", "sample"],
+            "sample": {"sampler": "heun", "steps": 3, "num_samples": 2, "batch_size": 2},
+        }
+    )
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
     for sampler in ("euler", "pc", "dpmpp_2m"):
         assert main(["sample", str(config), f"sample.sampler={sampler}"]) == 0, capsys.readouterr().err

@@ -24,10 +24,22 @@ from medsynth.io.volumes import read_dicom_series  # noqa: E402
 
 MODEL_URI = "models:/medsynth-ct@champion"
 PROVENANCE = {
-    "synthetic": True, "generator": "medsynth", "model_uri": MODEL_URI, "model_file": "/home/jdoe/Hospital-X/model.pt",
-    "model_sha256": "3f" * 32, "model_step": 600, "train_run_id": "0a1b2c3d4e5f", "augment_run_id": "9f8e7d6c5b4a",
-    "sampler": "ddim", "steps": 50, "guidance_scale": None, "config_digest": "c0" * 32,
-    "code_version": {"version": "0.1.0", "git_commit": "95d1a31-dirty"}, "modality": "ct", "seed": 1234, "index": 3,
+    "synthetic": True,
+    "generator": "medsynth",
+    "model_uri": MODEL_URI,
+    "model_file": "/home/jdoe/Hospital-X/model.pt",
+    "model_sha256": "3f" * 32,
+    "model_step": 600,
+    "train_run_id": "0a1b2c3d4e5f",
+    "augment_run_id": "9f8e7d6c5b4a",
+    "sampler": "ddim",
+    "steps": 50,
+    "guidance_scale": None,
+    "config_digest": "c0" * 32,
+    "code_version": {"version": "0.1.0", "git_commit": "95d1a31-dirty"},
+    "modality": "ct",
+    "seed": 1234,
+    "index": 3,
 }
 CREATED = datetime.datetime(2025, 3, 4, 5, 6, 7)
 HAS_DCIODVFY = shutil.which("dciodvfy") is not None
@@ -102,7 +114,9 @@ def test_dciodvfy_finds_no_errors(tmp_path, modality, dims, body_part):
     volume = volume[:, :, 2] if dims == 2 else volume
     files = write(volume, tmp_path / "out", modality=modality, body_part=body_part)
     assert len(files) == (1 if dims == 2 else 6)
-    expected = (MR_RESCALE_WARNINGS if modality == "mr" else set()) | ({LATERALITY_WARNING} if body_part is None else set())
+    expected = (MR_RESCALE_WARNINGS if modality == "mr" else set()) | (
+        {LATERALITY_WARNING} if body_part is None else set()
+    )
     for path in files:
         errors, warnings = dciodvfy(path)
         assert errors == [], f"{path.name}: {errors}"
@@ -240,7 +254,9 @@ def test_constant_volume(tmp_path, modality):
 
 
 def test_synthetic_marks_and_provenance(tmp_path):
-    files = write(ct_volume(), tmp_path / "out", series_description="medsynth SYNTHETIC body CT seed 1234", series_number=7)
+    files = write(
+        ct_volume(), tmp_path / "out", series_description="medsynth SYNTHETIC body CT seed 1234", series_number=7
+    )
     for path in files:
         ds = pydicom.dcmread(path)
         assert ds.SeriesDescription == "medsynth SYNTHETIC body CT seed 1234" and ds.SeriesNumber == 7
@@ -253,10 +269,22 @@ def test_synthetic_marks_and_provenance(tmp_path):
         assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
         assert list(ds.SoftwareVersions) == ["version 0.1.0", "git_commit 95d1a31-dirty"]
         for text in (ds.DerivationDescription, ds.ImageComments, equipment.ContributionDescription):
-            for expected in (f"model_uri={MODEL_URI}", "seed=1234", "model_sha256=" + "3f" * 32, "train_run_id=0a1b2c3d4e5f",
-                             "augment_run_id=9f8e7d6c5b4a", "config_digest=" + "c0" * 32, "git_commit=95d1a31-dirty"):
+            for expected in (
+                f"model_uri={MODEL_URI}",
+                "seed=1234",
+                "model_sha256=" + "3f" * 32,
+                "train_run_id=0a1b2c3d4e5f",
+                "augment_run_id=9f8e7d6c5b4a",
+                "config_digest=" + "c0" * 32,
+                "git_commit=95d1a31-dirty",
+            ):
                 assert expected in text, (expected, text)
-        assert (ds.StudyDate, ds.SeriesDate, ds.ContentDate, ds.StudyTime) == ("20250304", "20250304", "20250304", "050607")
+        assert (ds.StudyDate, ds.SeriesDate, ds.ContentDate, ds.StudyTime) == (
+            "20250304",
+            "20250304",
+            "20250304",
+            "050607",
+        )
     raw = b"".join(p.read_bytes() for p in files)
     assert b"jdoe" not in raw and b"Hospital-X" not in raw  # provenance paths are not written
 
@@ -272,16 +300,29 @@ def test_no_identifier_of_a_training_scan_reaches_the_files(tmp_path):
     """Even a volume copied voxel for voxel from a training scan carries none of its identity."""
     train_files = write_ct_series(tmp_path / "train", ct_volume(seed=5).round(), spacing=(0.8, 0.8, 2.5))
     identity = {
-        "PatientBirthDate": "19610417", "PatientSex": "F", "InstitutionName": "St Elsewhere Hospital",
-        "ReferringPhysicianName": "House^Gregory", "AccessionNumber": "ACC778899", "StudyID": "ST4242",
-        "OperatorsName": "Op^Erator", "StationName": "CT-ROOM-7", "OtherPatientIDs": "MRN-00991",
+        "PatientBirthDate": "19610417",
+        "PatientSex": "F",
+        "InstitutionName": "St Elsewhere Hospital",
+        "ReferringPhysicianName": "House^Gregory",
+        "AccessionNumber": "ACC778899",
+        "StudyID": "ST4242",
+        "OperatorsName": "Op^Erator",
+        "StationName": "CT-ROOM-7",
+        "OtherPatientIDs": "MRN-00991",
     }
     patch_files(train_files, **identity)
     (train,) = read_dicom_series(tmp_path / "train")
     headers = [pydicom.dcmread(p) for p in train_files]
-    secrets = {FAKE_PATIENT_NAME, FAKE_PATIENT_ID, *identity.values(), headers[0].StudyDate,
-               headers[0].StudyInstanceUID, headers[0].SeriesInstanceUID, headers[0].FrameOfReferenceUID,
-               *(h.SOPInstanceUID for h in headers)}
+    secrets = {
+        FAKE_PATIENT_NAME,
+        FAKE_PATIENT_ID,
+        *identity.values(),
+        headers[0].StudyDate,
+        headers[0].StudyInstanceUID,
+        headers[0].SeriesInstanceUID,
+        headers[0].FrameOfReferenceUID,
+        *(h.SOPInstanceUID for h in headers),
+    }
     secrets.discard("F")
 
     files = write(train.array, tmp_path / "out", affine=train.affine, patient_key=None)
@@ -294,8 +335,15 @@ def test_no_identifier_of_a_training_scan_reaches_the_files(tmp_path):
         assert str(ds.PatientName).startswith("SYNTHETIC^") and len(str(ds.PatientName)) == len("SYNTHETIC^") + 10
         assert ds.PatientID.startswith("MEDSYNTH-") and len(ds.PatientID) == len("MEDSYNTH-") + 10
         assert ds.PatientBirthDate == "" and ds.PatientSex == "O" and ds.ReferringPhysicianName == ""
-        for keyword in ("InstitutionName", "InstitutionAddress", "OperatorsName", "PerformingPhysicianName",
-                        "StationName", "OtherPatientIDs", "DeviceSerialNumber"):
+        for keyword in (
+            "InstitutionName",
+            "InstitutionAddress",
+            "OperatorsName",
+            "PerformingPhysicianName",
+            "StationName",
+            "OtherPatientIDs",
+            "DeviceSerialNumber",
+        ):
             assert keyword not in ds, keyword
         assert not any(element.tag.is_private for element in ds)
 
@@ -303,7 +351,9 @@ def test_no_identifier_of_a_training_scan_reaches_the_files(tmp_path):
 def test_uids(tmp_path):
     one = [pydicom.dcmread(p) for p in write(ct_volume(seed=1), tmp_path / "one")]
     two = [pydicom.dcmread(p) for p in write(ct_volume(seed=2), tmp_path / "two")]  # same provenance and patient
-    other_seed = [pydicom.dcmread(p) for p in write(ct_volume(seed=1), tmp_path / "three", provenance=PROVENANCE | {"seed": 99})]
+    other_seed = [
+        pydicom.dcmread(p) for p in write(ct_volume(seed=1), tmp_path / "three", provenance=PROVENANCE | {"seed": 99})
+    ]
 
     def uids(series):
         keys = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")

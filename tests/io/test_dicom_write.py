@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,17 +42,33 @@ _MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # module: (typ
     "General Image": ((), ("InstanceNumber",)),
     "Image Plane": (("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"), ("SliceThickness",)),
     "Image Pixel": (
-        ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
-         "HighBit", "PixelRepresentation", "PixelData"),
+        (
+            "SamplesPerPixel",
+            "PhotometricInterpretation",
+            "Rows",
+            "Columns",
+            "BitsAllocated",
+            "BitsStored",
+            "HighBit",
+            "PixelRepresentation",
+            "PixelData",
+        ),
         (),
     ),
     "SOP Common": (("SOPClassUID", "SOPInstanceUID"), ()),
 }
 _IMAGE_PIXEL_1 = ("ImageType", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit")
 _IODS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {  # SOP class: modality, module, 1, 2
-    CTImageStorage: ("CT", "CT Image", _IMAGE_PIXEL_1 + ("RescaleIntercept", "RescaleSlope"), ("KVP", "AcquisitionNumber")),
+    CTImageStorage: (
+        "CT",
+        "CT Image",
+        _IMAGE_PIXEL_1 + ("RescaleIntercept", "RescaleSlope"),
+        ("KVP", "AcquisitionNumber"),
+    ),
     MRImageStorage: (
-        "MR", "MR Image", _IMAGE_PIXEL_1 + ("ScanningSequence", "SequenceVariant"),
+        "MR",
+        "MR Image",
+        _IMAGE_PIXEL_1 + ("ScanningSequence", "SequenceVariant"),
         ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"),
     ),
 }
@@ -86,7 +101,10 @@ def check_series_iod(files: Iterable[str | Path]) -> list[str]:
         modules[module] = (iod_1, iod_2)
         # General Series: Patient Position is 2C, required for CT/MR Image unless an orientation code is given.
         if "PatientOrientationCodeSequence" not in ds:
-            modules["General Series"] = (modules["General Series"][0], modules["General Series"][1] + ("PatientPosition",))
+            modules["General Series"] = (
+                modules["General Series"][0],
+                modules["General Series"][1] + ("PatientPosition",),
+            )
         if sop_class == MRImageStorage:
             scanning, variant = _values(ds, "ScanningSequence"), _values(ds, "SequenceVariant")
             extra = () if ("EP" in scanning and "SK" not in variant) else ("RepetitionTime",)
@@ -104,7 +122,11 @@ def check_series_iod(files: Iterable[str | Path]) -> list[str]:
         if ds.get("Modality") != modality:
             problems.append(f"{where}: Modality {ds.get('Modality')!r}; expected {modality}")
         image_type = _values(ds, "ImageType")
-        if len(image_type) < 2 or image_type[0] not in ("ORIGINAL", "DERIVED") or image_type[1] not in ("PRIMARY", "SECONDARY"):
+        if (
+            len(image_type) < 2
+            or image_type[0] not in ("ORIGINAL", "DERIVED")
+            or image_type[1] not in ("PRIMARY", "SECONDARY")
+        ):
             problems.append(f"{where}: ImageType {image_type}; expected ORIGINAL|DERIVED \\ PRIMARY|SECONDARY")
         if ds.get("SamplesPerPixel") != 1 or ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
             problems.append(f"{where}: expected one sample per pixel, MONOCHROME1 or MONOCHROME2")
@@ -114,7 +136,9 @@ def check_series_iod(files: Iterable[str | Path]) -> list[str]:
         if "PixelData" in ds and len(ds.PixelData) != int(ds.Rows) * int(ds.Columns) * 2:
             problems.append(f"{where}: PixelData holds {len(ds.PixelData)} bytes; expected Rows x Columns x 2")
         meta = ds.file_meta
-        if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID") or meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID"):
+        if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID") or meta.get(
+            "MediaStorageSOPInstanceUID"
+        ) != ds.get("SOPInstanceUID"):
             problems.append(f"{where}: file meta SOP class/instance differ from the dataset's")
         series_uids.add(str(ds.get("SeriesInstanceUID")))
         sop_uids.append(str(ds.get("SOPInstanceUID")))
@@ -149,13 +173,27 @@ def patch_files(files: Iterable[Path], *, remove: Iterable[str] = (), **values) 
 
 
 TYPE_2_SOURCE = {  # the type 2 attributes the factory leaves out, as a scanner would write them
-    "PatientBirthDate": "", "PatientSex": "O", "StudyTime": "120000", "ReferringPhysicianName": "",
-    "StudyID": "1", "AccessionNumber": "", "PositionReferenceIndicator": "", "Manufacturer": "Synthetic",
-    "PatientPosition": "HFS", "AcquisitionNumber": 1,
+    "PatientBirthDate": "",
+    "PatientSex": "O",
+    "StudyTime": "120000",
+    "ReferringPhysicianName": "",
+    "StudyID": "1",
+    "AccessionNumber": "",
+    "PositionReferenceIndicator": "",
+    "Manufacturer": "Synthetic",
+    "PatientPosition": "HFS",
+    "AcquisitionNumber": 1,
 }
 MR_SOURCE = {
-    "SOPClassUID": MRImageStorage, "Modality": "MR", "ScanningSequence": "SE", "SequenceVariant": "NONE",
-    "ScanOptions": "", "MRAcquisitionType": "2D", "RepetitionTime": "500", "EchoTime": "15", "EchoTrainLength": 1,
+    "SOPClassUID": MRImageStorage,
+    "Modality": "MR",
+    "ScanningSequence": "SE",
+    "SequenceVariant": "NONE",
+    "ScanOptions": "",
+    "MRAcquisitionType": "2D",
+    "RepetitionTime": "500",
+    "EchoTime": "15",
+    "EchoTrainLength": 1,
 }
 
 
@@ -169,13 +207,20 @@ def ct_source(folder: Path, hu: np.ndarray, **kwargs) -> Volume:
 def mr_source(folder: Path, values: np.ndarray) -> Volume:
     """An MR Image series without rescale tags: the stored values are the values."""
     write_ct_series(folder, values, slope=1.0, intercept=0.0, modality="MR")
-    patch_files(sorted(folder.iterdir()), remove=("RescaleSlope", "RescaleIntercept", "RescaleType"), **TYPE_2_SOURCE, **MR_SOURCE)
+    patch_files(
+        sorted(folder.iterdir()),
+        remove=("RescaleSlope", "RescaleIntercept", "RescaleType"),
+        **TYPE_2_SOURCE,
+        **MR_SOURCE,
+    )
     (volume,) = read_dicom_series(folder)
     return volume
 
 
 def derive(volume: Volume, out: Path, array: np.ndarray | None = None, **kwargs) -> tuple[list[Path], Volume]:
-    files = write_derived_series(out, volume.array if array is None else array, volume.files, derivation=DERIVATION, **kwargs)
+    files = write_derived_series(
+        out, volume.array if array is None else array, volume.files, derivation=DERIVATION, **kwargs
+    )
     (derived,) = read_dicom_series(out)
     return files, derived
 
@@ -200,7 +245,11 @@ def test_round_trip_identical_array_is_exact(tmp_path, slope):
     assert derived.modality == "ct"
     for new, old in zip(files, source.files):  # the source rescale is kept, as text
         new, old = pydicom.dcmread(new), pydicom.dcmread(old)
-        assert (new.RescaleSlope, new.RescaleIntercept, new.RescaleType) == (old.RescaleSlope, old.RescaleIntercept, "HU")
+        assert (new.RescaleSlope, new.RescaleIntercept, new.RescaleType) == (
+            old.RescaleSlope,
+            old.RescaleIntercept,
+            "HU",
+        )
 
 
 @pytest.mark.parametrize("slope", [1.0, 0.5])
@@ -321,8 +370,17 @@ def test_derived_tags(tmp_path):
         assert new.SeriesInstanceUID != old.SeriesInstanceUID and new.SOPInstanceUID != old.SOPInstanceUID
         assert new.file_meta.MediaStorageSOPInstanceUID == new.SOPInstanceUID
         assert new.SOPClassUID == old.SOPClassUID
-        for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID", "Manufacturer",
-                        "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "StudyDate"):
+        for keyword in (
+            "PatientID",
+            "PatientName",
+            "StudyInstanceUID",
+            "FrameOfReferenceUID",
+            "Manufacturer",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+            "SliceThickness",
+            "StudyDate",
+        ):
             assert new.get(keyword) == old.get(keyword), keyword
         assert new.PatientID == FAKE_PATIENT_ID
         assert (new.SeriesNumber, new.SeriesDescription) == (1003, "Abdomen 1.0 B30f (denoised)")
@@ -331,7 +389,12 @@ def test_derived_tags(tmp_path):
         assert not any(element.tag.is_private for element in new)
         for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue", "IconImageSequence"):
             assert keyword not in new, keyword
-        assert (new.BitsAllocated, new.BitsStored, new.HighBit, new.PhotometricInterpretation) == (16, 16, 15, "MONOCHROME2")
+        assert (new.BitsAllocated, new.BitsStored, new.HighBit, new.PhotometricInterpretation) == (
+            16,
+            16,
+            15,
+            "MONOCHROME2",
+        )
         new_uids.append(new.SOPInstanceUID)
     assert len(set(new_uids)) == len(new_uids)
     assert len({pydicom.dcmread(f).SeriesInstanceUID for f in files}) == 1
@@ -351,7 +414,12 @@ def test_description_and_number_overrides_and_long_default(tmp_path):
 
 def test_lossy_history_is_kept(tmp_path):
     source = ct_source(tmp_path / "src", hu_volume(seed=8))
-    patch_files(map(Path, source.files), LossyImageCompression="01", LossyImageCompressionRatio="8", LossyImageCompressionMethod="ISO_10918_1")
+    patch_files(
+        map(Path, source.files),
+        LossyImageCompression="01",
+        LossyImageCompressionRatio="8",
+        LossyImageCompressionMethod="ISO_10918_1",
+    )
     files, _ = derive(source, tmp_path / "out")
     ds = pydicom.dcmread(files[0])
     assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
@@ -375,7 +443,9 @@ def test_iod_check_passes_on_derived_series_and_catches_a_bare_source(tmp_path):
     assert ds["KVP"].is_empty and ds["Manufacturer"].is_empty and ds["PatientBirthDate"].is_empty
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools, apt install dicom3tools) not installed")
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools, apt install dicom3tools) not installed"
+)
 @pytest.mark.parametrize("kind", ["ct", "mr"])
 def test_dciodvfy_accepts_the_derived_series(kind, tmp_path):
     """The DICOM standard's IOD checker from dicom3tools finds no error in a derived series."""

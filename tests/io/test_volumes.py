@@ -224,9 +224,7 @@ def test_dicom_slices_ordered_by_position_not_instance_number(tmp_path):
     np.testing.assert_allclose(volume.affine, expected, atol=1e-9)
 
 
-@pytest.mark.parametrize(
-    "orientation", [AXIAL, (0, 1, 0, 0, 0, -1), None], ids=["axial", "sagittal", "oblique"]
-)
+@pytest.mark.parametrize("orientation", [AXIAL, (0, 1, 0, 0, 0, -1), None], ids=["axial", "sagittal", "oblique"])
 def test_dicom_every_voxel_sits_where_its_file_says(tmp_path, orientation):
     """Independent of the affine formula: map voxel (i, j, k) back to LPS and to its file's pixel."""
     orientation = oblique_orientation() if orientation is None else orientation
@@ -406,9 +404,7 @@ def test_dicom_inconsistent_size_within_series(tmp_path):
 def test_dicom_inconsistent_orientation_within_series(tmp_path):
     uid = pydicom.uid.generate_uid()
     write_ct_series(tmp_path, hu_volume(shape=(4, 4, 2)), series_uid=uid)
-    write_ct_series(
-        tmp_path / "more", hu_volume(shape=(4, 4, 1)), series_uid=uid, orientation=oblique_orientation()
-    )
+    write_ct_series(tmp_path / "more", hu_volume(shape=(4, 4, 1)), series_uid=uid, orientation=oblique_orientation())
     with pytest.raises(MedsynthError, match="ImageOrientationPatient .* differs"):
         read_dicom_series(tmp_path)
 

@@ -66,7 +66,9 @@ def direct_kid_mmd(a: np.ndarray, b: np.ndarray) -> float:
     kernel = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
     kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
     m, n = len(a), len(b)
-    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1)) - 2 * kab.mean())
+    return float(
+        (kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1)) - 2 * kab.mean()
+    )
 
 
 def direct_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
@@ -127,7 +129,10 @@ def test_precision_recall_equal_a_direct_computation(k: int) -> None:
     real, fake = rng.normal(size=(30, 3)), rng.normal(size=(25, 3)) * 1.3 + 0.4
     assert precision_recall(real, fake, k=k) == direct_precision_recall(real, fake, k)
     # 1D by hand, k = 1: real radii 1, 1, 1, 8; fake radii 1, 1, 3.5, 15.
-    assert precision_recall(np.array([[0.0], [1.0], [2.0], [10.0]]), np.array([[0.5], [1.5], [5.0], [20.0]]), k=1) == (0.75, 1.0)
+    assert precision_recall(np.array([[0.0], [1.0], [2.0], [10.0]]), np.array([[0.5], [1.5], [5.0], [20.0]]), k=1) == (
+        0.75,
+        1.0,
+    )
 
 
 def test_kernel_mmd_equals_a_direct_computation() -> None:
@@ -200,7 +205,9 @@ def test_training_is_deterministic(brains: dict[str, np.ndarray]) -> None:
         assert torch.equal(value, again.network.state_dict()[name]), name
     assert first.identity == again.identity
     assert first.identity["weights_sha256"] != other.identity["weights_sha256"]
-    assert not torch.equal(first.network.state_dict()["trunk.0.conv.weight"], other.network.state_dict()["trunk.0.conv.weight"])
+    assert not torch.equal(
+        first.network.state_dict()["trunk.0.conv.weight"], other.network.state_dict()["trunk.0.conv.weight"]
+    )
     real, fake = brains["test"][:8], brains["test"][8:16]
     assert feature_fidelity(real, fake, first, spatial_dims=2) == feature_fidelity(real, fake, again, spatial_dims=2)
 
@@ -249,7 +256,9 @@ def test_volumes_are_scored_on_three_planes() -> None:
 # --- the network file -------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip_gives_identical_features(tmp_path, brains: dict[str, np.ndarray], brain_network: FeatureNetwork) -> None:
+def test_save_load_round_trip_gives_identical_features(
+    tmp_path, brains: dict[str, np.ndarray], brain_network: FeatureNetwork
+) -> None:
     path = save_feature_network(brain_network, tmp_path / "features.pt")
     loaded = load_feature_network(path)
     assert loaded.identity == brain_network.identity
@@ -322,7 +331,10 @@ def test_resnet_weights_from_a_local_file(tmp_path, resnet_dims: int) -> None:
         with pytest.raises(ValueError, match="3D feature network cannot embed 2D"):
             network.embed(volumes[..., 6], spatial_dims=2)
     loaded = load_feature_network(save_feature_network(network, tmp_path / "features.pt"))
-    assert np.array_equal(loaded.embed(volumes, spatial_dims=3, slices_per_plane=2), network.embed(volumes, spatial_dims=3, slices_per_plane=2))
+    assert np.array_equal(
+        loaded.embed(volumes, spatial_dims=3, slices_per_plane=2),
+        network.embed(volumes, spatial_dims=3, slices_per_plane=2),
+    )
 
 
 def test_resnet_weights_missing_or_wrong(tmp_path) -> None:

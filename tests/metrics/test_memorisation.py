@@ -23,7 +23,9 @@ THRESHOLD = 0.5
 COPY_NOISE = 0.005
 
 
-def cases(n_cases: int, slices: int, shape: tuple[int, ...], *, seed: int, step: float = 0.05) -> tuple[np.ndarray, list[str]]:
+def cases(
+    n_cases: int, slices: int, shape: tuple[int, ...], *, seed: int, step: float = 0.05
+) -> tuple[np.ndarray, list[str]]:
     """``n_cases`` cases of ``slices`` near-identical scans each: images ``(n, 1, *shape)`` and group ids.
 
     A case is a smooth random texture plus three Gaussian blobs; its slices move the blobs by ``step``
@@ -118,9 +120,9 @@ def test_reference_distance_comes_from_another_group():
     assert ungrouped.summary()["audit/image/real_nn_median"] < 0.25 * result.summary()["audit/image/real_nn_median"]
     # ... and copies look several times less like copies
     copies = copies_of(train)
-    assert np.median(ratios(memorisation_audit(copies, train, [str(i) for i in range(len(train))], threshold=THRESHOLD))) > (
-        3 * np.median(ratios(memorisation_audit(copies, train, groups, threshold=THRESHOLD)))
-    )
+    assert np.median(
+        ratios(memorisation_audit(copies, train, [str(i) for i in range(len(train))], threshold=THRESHOLD))
+    ) > (3 * np.median(ratios(memorisation_audit(copies, train, groups, threshold=THRESHOLD))))
 
 
 # --- feature space and the any / all rule ------------------------------------------------------------
@@ -156,7 +158,9 @@ def test_feature_space_and_rules():
     # rule "image": feature space is measured and reported, only image space flags
     image_rule = memorisation_audit(fresh, train, groups, rule="image", **kwargs)
     assert image_rule.flagged() == [] and all(scan["flagged_in"] == ["feature"] for scan in image_rule.per_scan)
-    image_rule = memorisation_audit(copies_of(train), train, groups, rule="image", **(kwargs | {"synthetic_features": fresh_features}))
+    image_rule = memorisation_audit(
+        copies_of(train), train, groups, rule="image", **(kwargs | {"synthetic_features": fresh_features})
+    )
     assert image_rule.flagged() == list(range(len(train)))
 
     # copies in both spaces: flagged under either rule
@@ -195,7 +199,9 @@ def test_nearest_matches_brute_force(chunk):
     np.testing.assert_array_equal(index, expected_index)
     np.testing.assert_allclose(distance, expected_distance, rtol=1e-12)
 
-    index, distance = nearest(queries, references, exclude=mask, query_groups=query_groups, reference_groups=reference_groups, chunk=chunk)
+    index, distance = nearest(
+        queries, references, exclude=mask, query_groups=query_groups, reference_groups=reference_groups, chunk=chunk
+    )
     expected_index, expected_distance = brute_nearest(queries, references, mask | group_mask)
     np.testing.assert_array_equal(index, expected_index)
     np.testing.assert_allclose(distance, expected_distance, rtol=1e-12)
@@ -274,9 +280,17 @@ def _error_cases():
         pytest.param(dict(train_groups=groups[:-1]), "one entry per scan", id="group-count"),
         pytest.param(dict(synthetic_features=features), "given together", id="features-one-set"),
         pytest.param(dict(train_features=features), "given together", id="features-other-set"),
-        pytest.param(dict(synthetic_features=features[:-1], train_features=features), "one row per synthetic", id="feature-rows"),
-        pytest.param(dict(synthetic_features=features, train_features=features[:, :3]), "differ in width", id="feature-width"),
-        pytest.param(dict(synthetic_features=features, train_features=np.full_like(features, np.nan)), "train_features contains NaN", id="feature-nan"),
+        pytest.param(
+            dict(synthetic_features=features[:-1], train_features=features), "one row per synthetic", id="feature-rows"
+        ),
+        pytest.param(
+            dict(synthetic_features=features, train_features=features[:, :3]), "differ in width", id="feature-width"
+        ),
+        pytest.param(
+            dict(synthetic_features=features, train_features=np.full_like(features, np.nan)),
+            "train_features contains NaN",
+            id="feature-nan",
+        ),
         pytest.param(dict(threshold=0.0), "threshold must be", id="threshold-zero"),
         pytest.param(dict(threshold=-1.0), "threshold must be", id="threshold-negative"),
         pytest.param(dict(threshold=float("nan")), "threshold must be", id="threshold-nan"),
@@ -314,7 +328,9 @@ def test_figure_is_written(tmp_path, shape, n_cases, slices, n_fresh):
 def test_json_and_summary():
     train, groups = cases(4, 2, (8, 8), seed=0)
     features = np.random.default_rng(0).normal(size=(len(train), 3))
-    result = memorisation_audit(copies_of(train), train, groups, threshold=0.3, synthetic_features=features, train_features=features)
+    result = memorisation_audit(
+        copies_of(train), train, groups, threshold=0.3, synthetic_features=features, train_features=features
+    )
     summary = result.summary()
     for space in ("image", "feature"):
         for key in ("min_ratio", "median_ratio", "real_nn_median"):

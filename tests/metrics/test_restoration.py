@@ -43,7 +43,9 @@ def test_known_squared_error_gives_the_exact_psnr(shape: tuple[int, ...]) -> Non
     assert scores["psnr"] == pytest.approx(10 * np.log10(4.0 / mse), abs=1e-9)
     assert scores["psnr_fg"] == pytest.approx(10 * np.log10(4.0 / 0.05**2), abs=1e-9)
     # The same as scikit-image with the same data range.
-    assert scores["psnr"] == pytest.approx(peak_signal_noise_ratio(reference, reference + error, data_range=2.0), abs=1e-9)
+    assert scores["psnr"] == pytest.approx(
+        peak_signal_noise_ratio(reference, reference + error, data_range=2.0), abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -53,9 +55,14 @@ def test_whole_image_ssim_is_the_mean_of_the_ssim_map_and_an_all_ones_mask_match
     scores = restoration_metrics(estimate, reference, data_range=2.6, mask=np.ones(shape, dtype=bool))
     unmasked = restoration_metrics(estimate, reference, data_range=2.6)  # MONAI's SSIMMetric
     k = ssim_kernel(shape)
-    ssim_map, _ = compute_ssim_and_cs(torch.as_tensor(estimate)[None, None], torch.as_tensor(reference)[None, None],
-                                      spatial_dims=len(shape), kernel_size=(k,) * len(shape), kernel_sigma=(1.5,) * len(shape),
-                                      data_range=2.6)
+    ssim_map, _ = compute_ssim_and_cs(
+        torch.as_tensor(estimate)[None, None],
+        torch.as_tensor(reference)[None, None],
+        spatial_dims=len(shape),
+        kernel_size=(k,) * len(shape),
+        kernel_sigma=(1.5,) * len(shape),
+        data_range=2.6,
+    )
     # The map covers the valid (unpadded) region only.
     assert ssim_map.shape[2:] == tuple(n - k + 1 for n in shape)
     assert unmasked["ssim"] == pytest.approx(float(ssim_map.mean()), abs=1e-6)
@@ -89,7 +96,10 @@ def test_more_noise_scores_lower(shape: tuple[int, ...]) -> None:
     reference = _reference(shape)
     noise = np.random.default_rng(2).standard_normal(shape)
     mask = reference > 0
-    runs = [restoration_metrics(reference + level * noise, reference, data_range=2.6, mask=mask) for level in (0.02, 0.1, 0.3)]
+    runs = [
+        restoration_metrics(reference + level * noise, reference, data_range=2.6, mask=mask)
+        for level in (0.02, 0.1, 0.3)
+    ]
     for key in ("psnr", "ssim", "psnr_fg", "ssim_fg"):
         values = [run[key] for run in runs]
         assert values[0] > values[1] > values[2], key

@@ -41,7 +41,9 @@ def disks(n: int, shape: tuple[int, ...], *, seed: int, num_labels: int = 2) -> 
     rng = np.random.default_rng(seed)
     maps = np.zeros((n, 1, *shape), dtype=np.int64)
     for i in range(n):
-        maps[i, 0][_distance(shape, rng.uniform(3, np.array(shape) - 4)) < rng.uniform(2.0, 3.5)] = 1 + i % (num_labels - 1)
+        maps[i, 0][_distance(shape, rng.uniform(3, np.array(shape) - 4)) < rng.uniform(2.0, 3.5)] = 1 + i % (
+            num_labels - 1
+        )
     images = np.where(maps > 0, 0.6, -0.7) + 0.1 * rng.standard_normal(maps.shape)
     return images.astype(np.float32), maps
 
@@ -56,9 +58,24 @@ def shuffled_classes(classes: np.ndarray) -> np.ndarray:
 
 
 def experiment(task: str, real, synthetic, test, **kwargs) -> dict:
-    settings = {"spatial_dims": real[0].ndim - 2, "num_classes": 2, "ratio": 1.0, "seeds": (0, 1, 2), "steps": 30, **kwargs}
-    return utility_experiment(task, real_images=real[0], real_targets=real[1], synthetic_images=synthetic[0], synthetic_targets=synthetic[1],
-                              test_images=test[0], test_targets=test[1], **settings)
+    settings = {
+        "spatial_dims": real[0].ndim - 2,
+        "num_classes": 2,
+        "ratio": 1.0,
+        "seeds": (0, 1, 2),
+        "steps": 30,
+        **kwargs,
+    }
+    return utility_experiment(
+        task,
+        real_images=real[0],
+        real_targets=real[1],
+        synthetic_images=synthetic[0],
+        synthetic_targets=synthetic[1],
+        test_images=test[0],
+        test_targets=test[1],
+        **settings,
+    )
 
 
 def summary(result: dict) -> dict[str, str]:
@@ -114,8 +131,10 @@ def test_segmentation_good_and_mismatched_synthetic_maps() -> None:
 @pytest.fixture(scope="module")
 def tiny_results() -> dict[str, dict]:
     """Two identical calls per task (few steps, two seeds)."""
-    data = {"classification": (blobs(8, (16, 16), seed=0), blobs(5, (16, 16), seed=1), blobs(8, (16, 16), seed=2)),
-            "segmentation": (disks(8, (16, 16), seed=0), disks(5, (16, 16), seed=1), disks(8, (16, 16), seed=2))}
+    data = {
+        "classification": (blobs(8, (16, 16), seed=0), blobs(5, (16, 16), seed=1), blobs(8, (16, 16), seed=2)),
+        "segmentation": (disks(8, (16, 16), seed=0), disks(5, (16, 16), seed=1), disks(8, (16, 16), seed=2)),
+    }
     out = {}
     for task, (real, synthetic, test) in data.items():
         state = torch.get_rng_state()
@@ -138,7 +157,11 @@ def test_result_layout_rows_and_metrics(tiny_results: dict, task: str) -> None:
     assert result["task"] == task and result["metric"] == metric
     assert tuple(result["regimes"]) == REGIMES
     counts = {r: (v["n_real"], v["n_synthetic"]) for r, v in result["regimes"].items()}
-    assert counts == {"real": (8, 0), "real+synthetic": (8, 4), "synthetic": (0, 5)}  # round(0.5 * 8) = 4 of 5 synthetic
+    assert counts == {
+        "real": (8, 0),
+        "real+synthetic": (8, 4),
+        "synthetic": (0, 5),
+    }  # round(0.5 * 8) = 4 of 5 synthetic
     for summary_ in result["regimes"].values():
         assert [run["seed"] for run in summary_["per_seed"]] == [0, 1]
         assert set(summary_["mean"]) == set(summary_["std"]) == names
@@ -147,18 +170,35 @@ def test_result_layout_rows_and_metrics(tiny_results: dict, task: str) -> None:
         assert summary_["std"][metric] == pytest.approx(np.std(values, ddof=1))
         assert all(0.0 <= v <= 1.0 for v in values)
     settings = result["settings"]
-    assert settings["steps"] == 3 and settings["seeds"] == [0, 1] and settings["batch_size"] == 16 and settings["lr"] == 2e-3
+    assert (
+        settings["steps"] == 3
+        and settings["seeds"] == [0, 1]
+        and settings["batch_size"] == 16
+        and settings["lr"] == 2e-3
+    )
     assert settings["network"]["name"] and settings["network"]["parameters"] > 0
 
     assert len(result["rows"]) == len(REGIMES) * (2 + 2)
-    assert [(row["regime"], row["seed"]) for row in result["rows"][:4]] == [("real", 0), ("real", 1), ("real", "mean"), ("real", "std")]
+    assert [(row["regime"], row["seed"]) for row in result["rows"][:4]] == [
+        ("real", 0),
+        ("real", 1),
+        ("real", "mean"),
+        ("real", "std"),
+    ]
     assert all(names <= set(row) and {"n_real", "n_synthetic"} <= set(row) for row in result["rows"])
 
     flat = utility_metrics(result)
-    expected = {f"utility/{r}/{m}_{s}" for r in ("real", "real_plus_synthetic", "synthetic") for m in names for s in ("mean", "std")}
+    expected = {
+        f"utility/{r}/{m}_{s}"
+        for r in ("real", "real_plus_synthetic", "synthetic")
+        for m in names
+        for s in ("mean", "std")
+    }
     expected |= {f"utility/gain/{m}" for m in names}
     assert set(flat) == expected
-    assert flat[f"utility/gain/{metric}"] == pytest.approx(result["regimes"]["real+synthetic"]["mean"][metric] - result["regimes"]["real"]["mean"][metric])
+    assert flat[f"utility/gain/{metric}"] == pytest.approx(
+        result["regimes"]["real+synthetic"]["mean"][metric] - result["regimes"]["real"]["mean"][metric]
+    )
     assert all(isinstance(v, float) and math.isfinite(v) for v in flat.values())
     json.dumps(result, allow_nan=False)  # strict JSON: the pipeline writes it to utility.json
 
@@ -171,9 +211,15 @@ def test_figure_is_written(tiny_results: dict, task: str, tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["utility.png"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("ratio, n_real, n_synthetic, expected", [(0.5, 6, 10, 3), (1.0, 6, 4, 4), (0.0, 6, 4, 0), (0.34, 6, 10, 2)])
+@pytest.mark.parametrize(
+    "ratio, n_real, n_synthetic, expected", [(0.5, 6, 10, 3), (1.0, 6, 4, 4), (0.0, 6, 4, 0), (0.34, 6, 10, 2)]
+)
 def test_synthetic_count_in_real_plus_synthetic(ratio: float, n_real: int, n_synthetic: int, expected: int) -> None:
-    real, test, synthetic = blobs(n_real, (16, 16), seed=0), blobs(4, (16, 16), seed=1), blobs(n_synthetic, (16, 16), seed=2)
+    real, test, synthetic = (
+        blobs(n_real, (16, 16), seed=0),
+        blobs(4, (16, 16), seed=1),
+        blobs(n_synthetic, (16, 16), seed=2),
+    )
     result = experiment("classification", real, synthetic, test, ratio=ratio, seeds=(0,), steps=1)
     assert result["regimes"]["real+synthetic"]["n_synthetic"] == expected
     assert result["regimes"]["real+synthetic"]["n_real"] == n_real
@@ -186,10 +232,16 @@ def test_synthetic_count_in_real_plus_synthetic(ratio: float, n_real: int, n_syn
 
 
 def test_unlabelled_cases_are_left_out() -> None:
-    (images, classes), test, synthetic = blobs(8, (16, 16), seed=0), blobs(4, (16, 16), seed=1), blobs(8, (16, 16), seed=2)
+    (images, classes), test, synthetic = (
+        blobs(8, (16, 16), seed=0),
+        blobs(4, (16, 16), seed=1),
+        blobs(8, (16, 16), seed=2),
+    )
     classes = classes.copy()
     classes[:2] = -1
-    result = experiment("classification", (images, classes), (synthetic[0], np.r_[-1, synthetic[1][1:]]), test, seeds=(0,), steps=1)
+    result = experiment(
+        "classification", (images, classes), (synthetic[0], np.r_[-1, synthetic[1][1:]]), test, seeds=(0,), steps=1
+    )
     assert result["regimes"]["real"]["n_real"] == 6
     assert result["regimes"]["real+synthetic"]["n_synthetic"] == 6  # round(1.0 * 6) of the 7 labelled synthetic cases
     assert result["regimes"]["synthetic"]["n_synthetic"] == 7
@@ -201,7 +253,9 @@ def test_label_absent_from_held_out_maps_is_none() -> None:
     result = experiment("segmentation", real, synthetic, test, num_classes=3, seeds=(0, 1), steps=1)
     summary_ = result["regimes"]["real"]
     assert summary_["per_seed"][0]["dice_label_2"] is None and summary_["mean"]["dice_label_2"] is None
-    assert summary_["mean"]["dice"] == pytest.approx(summary_["mean"]["dice_label_1"])  # the mean is over the labels that occur
+    assert summary_["mean"]["dice"] == pytest.approx(
+        summary_["mean"]["dice_label_1"]
+    )  # the mean is over the labels that occur
     assert not any("dice_label_2" in k for k in utility_metrics(result))
     json.dumps(result, allow_nan=False)
 
@@ -223,10 +277,16 @@ def test_3d_smoke(task: str) -> None:
     real, synthetic, test = make(4, (12, 12, 12), seed=0), make(4, (12, 12, 12), seed=1), make(4, (12, 12, 12), seed=2)
     num_classes = 2 if task == "classification" else 3
     lines: list[str] = []
-    result = experiment(task, real, synthetic, test, num_classes=num_classes, seeds=(0, 1), steps=2, batch_size=4, progress=lines.append)
+    result = experiment(
+        task, real, synthetic, test, num_classes=num_classes, seeds=(0, 1), steps=2, batch_size=4, progress=lines.append
+    )
     assert len(lines) == len(REGIMES) * 2 and all(line.startswith(f"{task}, ") for line in lines)
     assert result["settings"]["image_shape"] == [1, 12, 12, 12] and result["settings"]["spatial_dims"] == 3
-    names = {"accuracy", "balanced_accuracy", "auc"} if task == "classification" else {"dice", "dice_label_1", "dice_label_2"}
+    names = (
+        {"accuracy", "balanced_accuracy", "auc"}
+        if task == "classification"
+        else {"dice", "dice_label_1", "dice_label_2"}
+    )
     for summary_ in result["regimes"].values():
         assert set(summary_["mean"]) == names and len(summary_["per_seed"]) == 2
     assert "utility/gain/" + result["metric"] in utility_metrics(result)
@@ -239,15 +299,35 @@ def test_3d_smoke(task: str) -> None:
 
 def _cls_inputs(**changes) -> dict:
     (rx, ry), (sx, sy), (tx, ty) = blobs(6, (16, 16), seed=0), blobs(4, (16, 16), seed=1), blobs(4, (16, 16), seed=2)
-    inputs = {"real_images": rx, "real_targets": ry, "synthetic_images": sx, "synthetic_targets": sy, "test_images": tx, "test_targets": ty,
-              "spatial_dims": 2, "num_classes": 2, "ratio": 1.0, "steps": 1}
+    inputs = {
+        "real_images": rx,
+        "real_targets": ry,
+        "synthetic_images": sx,
+        "synthetic_targets": sy,
+        "test_images": tx,
+        "test_targets": ty,
+        "spatial_dims": 2,
+        "num_classes": 2,
+        "ratio": 1.0,
+        "steps": 1,
+    }
     return {**inputs, **changes}
 
 
 def _seg_inputs(**changes) -> dict:
     (rx, ry), (sx, sy), (tx, ty) = disks(4, (16, 16), seed=0), disks(4, (16, 16), seed=1), disks(4, (16, 16), seed=2)
-    inputs = {"real_images": rx, "real_targets": ry, "synthetic_images": sx, "synthetic_targets": sy, "test_images": tx, "test_targets": ty,
-              "spatial_dims": 2, "num_classes": 2, "ratio": 1.0, "steps": 1}
+    inputs = {
+        "real_images": rx,
+        "real_targets": ry,
+        "synthetic_images": sx,
+        "synthetic_targets": sy,
+        "test_images": tx,
+        "test_targets": ty,
+        "spatial_dims": 2,
+        "num_classes": 2,
+        "ratio": 1.0,
+        "steps": 1,
+    }
     return {**inputs, **changes}
 
 
@@ -260,24 +340,81 @@ def _with_nan(images: np.ndarray) -> np.ndarray:
 ERRORS = [
     pytest.param("classification", _cls_inputs(seeds=()), "at least one seed", id="no-seeds"),
     pytest.param("classification", _cls_inputs(seeds=(1, 1)), "distinct", id="repeated-seed"),
-    pytest.param("classification", _cls_inputs(synthetic_images=np.zeros((0, 1, 16, 16), np.float32), synthetic_targets=np.zeros(0, int)),
-                 "synthetic_images is empty", id="empty-synthetic"),
-    pytest.param("classification", _cls_inputs(real_targets=np.full(6, -1)), "real_targets has no labelled cases", id="no-labelled-real"),
-    pytest.param("classification", _cls_inputs(real_targets=np.zeros(6, int)), "at least two classes", id="one-real-class"),
-    pytest.param("classification", _cls_inputs(num_classes=1, real_targets=np.zeros(6, int)), "num_classes must be at least 2", id="one-class"),
-    pytest.param("classification", _cls_inputs(test_targets=np.array([0, 1, 2, 0])), r"class 2; allowed: 0..1", id="class-out-of-range"),
+    pytest.param(
+        "classification",
+        _cls_inputs(synthetic_images=np.zeros((0, 1, 16, 16), np.float32), synthetic_targets=np.zeros(0, int)),
+        "synthetic_images is empty",
+        id="empty-synthetic",
+    ),
+    pytest.param(
+        "classification",
+        _cls_inputs(real_targets=np.full(6, -1)),
+        "real_targets has no labelled cases",
+        id="no-labelled-real",
+    ),
+    pytest.param(
+        "classification", _cls_inputs(real_targets=np.zeros(6, int)), "at least two classes", id="one-real-class"
+    ),
+    pytest.param(
+        "classification",
+        _cls_inputs(num_classes=1, real_targets=np.zeros(6, int)),
+        "num_classes must be at least 2",
+        id="one-class",
+    ),
+    pytest.param(
+        "classification",
+        _cls_inputs(test_targets=np.array([0, 1, 2, 0])),
+        r"class 2; allowed: 0..1",
+        id="class-out-of-range",
+    ),
     pytest.param("classification", _cls_inputs(real_targets=np.zeros(5, int)), r"shape \(6,\)", id="targets-length"),
-    pytest.param("classification", _cls_inputs(synthetic_images=np.zeros((4, 1, 8, 8), np.float32)), r"synthetic_images have \(C, \*spatial\)", id="shape"),
-    pytest.param("classification", _cls_inputs(test_images=np.zeros((4, 2, 16, 16), np.float32)), r"test_images have \(C, \*spatial\)", id="channels"),
+    pytest.param(
+        "classification",
+        _cls_inputs(synthetic_images=np.zeros((4, 1, 8, 8), np.float32)),
+        r"synthetic_images have \(C, \*spatial\)",
+        id="shape",
+    ),
+    pytest.param(
+        "classification",
+        _cls_inputs(test_images=np.zeros((4, 2, 16, 16), np.float32)),
+        r"test_images have \(C, \*spatial\)",
+        id="channels",
+    ),
     pytest.param("classification", _cls_inputs(spatial_dims=3), "3 spatial axes", id="spatial-dims"),
-    pytest.param("classification", _cls_inputs(real_images=_with_nan(blobs(6, (16, 16), seed=0)[0])), "real_images contains NaN", id="nan"),
+    pytest.param(
+        "classification",
+        _cls_inputs(real_images=_with_nan(blobs(6, (16, 16), seed=0)[0])),
+        "real_images contains NaN",
+        id="nan",
+    ),
     pytest.param("classification", _cls_inputs(ratio=-1.0), "ratio", id="negative-ratio"),
-    pytest.param("segmentation", _seg_inputs(real_targets=disks(4, (16, 16), seed=0, num_labels=3)[1]), r"label 2; allowed: 0..1", id="label-out-of-range"),
-    pytest.param("segmentation", _seg_inputs(synthetic_targets=np.zeros((4, 1, 8, 8), int)), "label maps of shape", id="map-shape"),
-    pytest.param("segmentation", _seg_inputs(real_targets=np.full((4, 1, 16, 16), 0.5)), "integer labels", id="float-labels"),
-    pytest.param("segmentation", _seg_inputs(test_targets=np.zeros((4, 1, 16, 16), int)), "no foreground", id="no-test-foreground"),
-    pytest.param("segmentation", _seg_inputs(**{k: v[..., :14] for k, v in _seg_inputs().items() if k.endswith(("images", "targets"))}),
-                 "divisible by 4", id="odd-size"),
+    pytest.param(
+        "segmentation",
+        _seg_inputs(real_targets=disks(4, (16, 16), seed=0, num_labels=3)[1]),
+        r"label 2; allowed: 0..1",
+        id="label-out-of-range",
+    ),
+    pytest.param(
+        "segmentation",
+        _seg_inputs(synthetic_targets=np.zeros((4, 1, 8, 8), int)),
+        "label maps of shape",
+        id="map-shape",
+    ),
+    pytest.param(
+        "segmentation", _seg_inputs(real_targets=np.full((4, 1, 16, 16), 0.5)), "integer labels", id="float-labels"
+    ),
+    pytest.param(
+        "segmentation",
+        _seg_inputs(test_targets=np.zeros((4, 1, 16, 16), int)),
+        "no foreground",
+        id="no-test-foreground",
+    ),
+    pytest.param(
+        "segmentation",
+        _seg_inputs(**{k: v[..., :14] for k, v in _seg_inputs().items() if k.endswith(("images", "targets"))}),
+        "divisible by 4",
+        id="odd-size",
+    ),
     pytest.param("detection", _cls_inputs(), "task must be one of", id="task"),
 ]
 

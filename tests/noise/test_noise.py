@@ -66,8 +66,10 @@ def test_low_dose_ct_projection_domain(shape) -> None:
     # Quantum noise grows like 1/sqrt(dose) (more with electronic noise and photon starvation).
     assert levels[0.25] / levels[1.0] == pytest.approx(2.0, rel=0.25)
     assert levels[0.1] > levels[0.25] > levels[1.0]
-    assert np.array_equal(low_dose_ct(phantom.image, dose_fraction=0.25, seed=1, spacing_mm=3.0),
-                          low_dose_ct(phantom.image, dose_fraction=0.25, seed=1, spacing_mm=3.0))
+    assert np.array_equal(
+        low_dose_ct(phantom.image, dose_fraction=0.25, seed=1, spacing_mm=3.0),
+        low_dose_ct(phantom.image, dose_fraction=0.25, seed=1, spacing_mm=3.0),
+    )
 
 
 def test_ct_sigma_estimate_sees_fbp_noise() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from dicom_factory import write_ct_series
+
 from medsynth.cli import main
 
 
@@ -40,11 +40,17 @@ def head_volume(seed: int, shape=(24, 24, 12)) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     radius = np.sqrt((grid**2).sum(0))
-    return (np.where(radius < 0.8, 600.0, 0.0) + np.where(radius < 0.5, 300.0, 0.0) + rng.normal(0, 5, shape)).clip(0).astype(np.float32)
+    return (
+        (np.where(radius < 0.8, 600.0, 0.0) + np.where(radius < 0.5, 300.0, 0.0) + rng.normal(0, 5, shape))
+        .clip(0)
+        .astype(np.float32)
+    )
 
 
 def folder_config(write_config, folder: Path, **data) -> Path:
-    return write_config({"data": {"source": "folder", "folder": str(folder), "modality": data.pop("modality", "mr"), **data}})
+    return write_config(
+        {"data": {"source": "folder", "folder": str(folder), "modality": data.pop("modality", "mr"), **data}}
+    )
 
 
 @pytest.mark.parametrize(

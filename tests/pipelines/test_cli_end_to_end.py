@@ -9,11 +9,11 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-from mlflow import MlflowClient
-
 from conftest import TINY_3D
-from medsynth.cli import main
+from mlflow import MlflowClient
 from monai.data import load_decathlon_datalist
+
+from medsynth.cli import main
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -48,7 +48,12 @@ def test_quick_pipeline_2d_outputs_cache_and_mlflow(write_config, tmp_path: Path
     synthetic = [m for m in merged if m["synthetic"]]
     assert len(synthetic) == 4 and all(Path(m["image"]).is_file() for m in merged)  # 8 real cases x 0.5
     sidecar = json.loads((out / "augment" / synthetic[0]["provenance"]).read_text())
-    assert sidecar["synthetic"] is True and sidecar["seed"] == 100000 and sidecar["train_run_id"] and sidecar["config_digest"]
+    assert (
+        sidecar["synthetic"] is True
+        and sidecar["seed"] == 100000
+        and sidecar["train_run_id"]
+        and sidecar["config_digest"]
+    )
 
     # MLflow: one parent run, nested stage runs with tags, params, metrics, artifacts, model alias.
     client = MlflowClient()
@@ -59,7 +64,11 @@ def test_quick_pipeline_2d_outputs_cache_and_mlflow(write_config, tmp_path: Path
     assert set(stages) == {"prepare", "train", "sample", "evaluate", "augment"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
     train_run = stages["train"]
-    assert train_run.data.params["train.max_steps"] == "4" and "train/loss" in train_run.data.metrics and "val/loss" in train_run.data.metrics
+    assert (
+        train_run.data.params["train.max_steps"] == "4"
+        and "train/loss" in train_run.data.metrics
+        and "val/loss" in train_run.data.metrics
+    )
     assert train_run.inputs.dataset_inputs and train_run.inputs.dataset_inputs[0].dataset.digest
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"loss_curve.png", "config.yaml"} <= artifacts
@@ -81,7 +90,12 @@ def test_quick_pipeline_2d_outputs_cache_and_mlflow(write_config, tmp_path: Path
     # A changed sample section reruns sample and what reads it, not prepare/train.
     code, err = run_cli(["run", str(config), "sample.seed=5"], capsys)
     assert code == 0
-    assert "prepare: unchanged" in err and "train: unchanged" in err and "sample: running" in err and "evaluate: running" in err
+    assert (
+        "prepare: unchanged" in err
+        and "train: unchanged" in err
+        and "sample: running" in err
+        and "evaluate: running" in err
+    )
     # --force reruns a single stage.
     code, err = run_cli(["prepare", str(config), "--force"], capsys)
     assert code == 0 and "prepare: running" in err
@@ -110,7 +124,9 @@ def test_single_stage_needs_its_inputs(write_config, capsys) -> None:
 def test_same_config_and_seed_give_identical_outputs(write_config, tmp_path: Path, capsys) -> None:
     digests = []
     for name in ("first", "second"):
-        config = write_config({"output_dir": str(tmp_path / name), "stages": ["prepare", "train", "sample"]}, name=f"{name}.yaml")
+        config = write_config(
+            {"output_dir": str(tmp_path / name), "stages": ["prepare", "train", "sample"]}, name=f"{name}.yaml"
+        )
         assert main(["run", str(config)]) == 0
         outputs = {}
         for stage in ("prepare", "train", "sample"):
@@ -118,6 +134,11 @@ def test_same_config_and_seed_give_identical_outputs(write_config, tmp_path: Pat
             outputs.update({f"{stage}/{k}": v["sha256"] for k, v in manifest.items()})
         digests.append(outputs)
     capsys.readouterr()
-    for key in ("prepare/cache/train_images.npy", "prepare/images/phantom_0000.nii.gz", "train/model.pt", "sample/samples.npy",
-                "sample/images/sample_0000.nii.gz"):
+    for key in (
+        "prepare/cache/train_images.npy",
+        "prepare/images/phantom_0000.nii.gz",
+        "train/model.pt",
+        "sample/samples.npy",
+        "sample/images/sample_0000.nii.gz",
+    ):
         assert digests[0][key] == digests[1][key], key

@@ -14,8 +14,18 @@ from mlflow import MlflowClient
 from medsynth.cli import main
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["prepare", "--help"], ["train", "--help"], ["sample", "--help"],
-                                  ["evaluate", "--help"], ["augment", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["prepare", "--help"],
+        ["train", "--help"],
+        ["sample", "--help"],
+        ["evaluate", "--help"],
+        ["augment", "--help"],
+    ],
+)
 def test_help_everywhere(args: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -36,8 +46,12 @@ def test_unknown_command_exits_2(capsys) -> None:
 
 def test_failing_stage_run_ends_failed_with_the_error(write_config, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
-    config = write_config({"data": {"source": "folder", "folder": str(tmp_path / "empty"), "modality": "mr"},
-                           "tracking": {"experiment": "medsynth-failures"}})
+    config = write_config(
+        {
+            "data": {"source": "folder", "folder": str(tmp_path / "empty"), "modality": "mr"},
+            "tracking": {"experiment": "medsynth-failures"},
+        }
+    )
     assert main(["run", str(config), "--stages", "prepare"]) == 2
     client = MlflowClient()
     experiment = client.get_experiment_by_name("medsynth-failures")
@@ -51,8 +65,14 @@ def test_failing_stage_run_ends_failed_with_the_error(write_config, tmp_path: Pa
 
 @pytest.mark.slow
 def test_rectified_flow_trains_and_samples(write_config, tmp_path: Path, capsys) -> None:
-    config = write_config({"diffusion": {"scheduler": "rflow"}, "sample": {"sampler": "rflow", "steps": 4},
-                           "stages": ["prepare", "train", "sample"], "tracking": {"log_model": False}})
+    config = write_config(
+        {
+            "diffusion": {"scheduler": "rflow"},
+            "sample": {"sampler": "rflow", "steps": 4},
+            "stages": ["prepare", "train", "sample"],
+            "tracking": {"log_model": False},
+        }
+    )
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
     samples = np.load(tmp_path / "out" / "sample" / "samples.npy")
     assert samples.shape == (4, 1, 16, 16) and np.isfinite(samples).all()

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import one_line_exit_2
+
 from medsynth.cli import main
 
-CFG = {"data": {"phantom": {"count": 16, "lesion_size": 3.0}}, "model": {"num_classes": 2},
-       "train": {"label_dropout": 0.2}, "sample": {"sampler": "heun", "steps": 4, "guidance_scale": 2.0},
-       "evaluate": {"classifier_steps": 20}}
+CFG = {
+    "data": {"phantom": {"count": 16, "lesion_size": 3.0}},
+    "model": {"num_classes": 2},
+    "train": {"label_dropout": 0.2},
+    "sample": {"sampler": "heun", "steps": 4, "guidance_scale": 2.0},
+    "evaluate": {"classifier_steps": 20},
+}
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -34,7 +38,12 @@ def test_class_conditional_pipeline_records_classes_and_checks_them(write_config
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     check = metrics["class_check"]
     assert check["requested"] == [0, 1, 0, 1] and len(check["predicted"]) == 4
-    for key in ("eval/class/agreement", "eval/class/real_accuracy", "eval/class/0/agreement", "eval/class/1/diversity_ms_ssim"):
+    for key in (
+        "eval/class/agreement",
+        "eval/class/real_accuracy",
+        "eval/class/0/agreement",
+        "eval/class/1/diversity_ms_ssim",
+    ):
         assert 0.0 <= metrics["metrics"][key] <= 1.0, key
     # augment: a balanced synthetic set, each case with its class in the datalist and the sidecar
     datalist = json.loads((out / "augment" / "datalist_augmented.json").read_text())
@@ -49,38 +58,63 @@ def test_class_conditional_pipeline_records_classes_and_checks_them(write_config
     assert json.loads((out / "sample" / "samples.json").read_text())["classes"] == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["sample.guidance_scale=3"], "sample.guidance_scale needs a class-conditional model"),
-    (["sample.class_label=1"], "sample.class_label needs a class-conditional model"),
-    (["model.num_classes=2", "sample.class_label=2"], "outside the model's classes 0..1"),
-    (["model.num_classes=2", "sample.class_label=[]"], "empty list"),
-    (["model.num_classes=2", "sample.guidance_scale=-1"], "sample.guidance_scale"),
-    (["train.label_dropout=1.0"], "train.label_dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["sample.guidance_scale=3"], "sample.guidance_scale needs a class-conditional model"),
+        (["sample.class_label=1"], "sample.class_label needs a class-conditional model"),
+        (["model.num_classes=2", "sample.class_label=2"], "outside the model's classes 0..1"),
+        (["model.num_classes=2", "sample.class_label=[]"], "empty list"),
+        (["model.num_classes=2", "sample.guidance_scale=-1"], "sample.guidance_scale"),
+        (["train.label_dropout=1.0"], "train.label_dropout"),
+    ],
+)
 def test_bad_guidance_settings_are_one_line_exit_2(write_config, tmp_path: Path, capsys, overrides, expected) -> None:
     code, err = run_cli(["run", str(write_config()), *overrides], capsys)
     one_line_exit_2(code, err, expected)
     assert not (tmp_path / "out").exists()
 
 
-def test_class_conditional_model_on_data_without_classes_is_one_line_exit_2(write_config, tmp_path: Path, capsys) -> None:
+def test_class_conditional_model_on_data_without_classes_is_one_line_exit_2(
+    write_config, tmp_path: Path, capsys
+) -> None:
     import nibabel as nib
 
     folder = tmp_path / "scans"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):
-        nib.save(nib.Nifti1Image(rng.uniform(0, 100, (16, 16, 4)).astype(np.float32), np.eye(4)), folder / f"scan{i}.nii.gz")
-    config = write_config({"data": {"source": "folder", "folder": str(folder), "modality": "mr", "val_fraction": 0.25},
-                           "model": {"num_classes": 2}})
+        nib.save(
+            nib.Nifti1Image(rng.uniform(0, 100, (16, 16, 4)).astype(np.float32), np.eye(4)), folder / f"scan{i}.nii.gz"
+        )
+    config = write_config(
+        {
+            "data": {"source": "folder", "folder": str(folder), "modality": "mr", "val_fraction": 0.25},
+            "model": {"num_classes": 2},
+        }
+    )
     code, err = run_cli(["run", str(config), "--stages", "prepare,train"], capsys)
     one_line_exit_2(code, err, "images without a class label", "model.num_classes=2")
     assert not (tmp_path / "out" / "train").exists() and not list((tmp_path / "out").glob(".train*"))
 
 
-LATENT = {"stages": ["prepare", "autoencoder", "train", "sample", "evaluate"], "diffusion": {"space": "latent"},
-          "autoencoder": {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8, "batch_size": 4, "max_steps": 4, "adv_start": 2,
-                          "disc_channels": 8, "disc_layers": 2, "val_images": 2, "val_every": 2, "log_every": 2}}
+LATENT = {
+    "stages": ["prepare", "autoencoder", "train", "sample", "evaluate"],
+    "diffusion": {"space": "latent"},
+    "autoencoder": {
+        "channels": [8, 16],
+        "latent_channels": 2,
+        "norm_num_groups": 8,
+        "batch_size": 4,
+        "max_steps": 4,
+        "adv_start": 2,
+        "disc_channels": 8,
+        "disc_layers": 2,
+        "val_images": 2,
+        "val_every": 2,
+        "log_every": 2,
+    },
+}
 
 
 def test_latent_pipeline_trains_autoencoder_then_diffusion_on_latents(write_config, tmp_path: Path, capsys) -> None:
@@ -117,22 +151,40 @@ def test_latent_pipeline_trains_autoencoder_then_diffusion_on_latents(write_conf
 def test_latent_3d_samples_decode_with_a_sliding_window(write_config, tmp_path: Path, capsys) -> None:
     from conftest import TINY_3D
 
-    config = write_config({**LATENT, "stages": ["prepare", "autoencoder", "train", "sample"],
-                           "autoencoder": {**LATENT["autoencoder"], "batch_size": 2, "patch_size": [8, 8, 8], "disc_layers": 1, "decode_roi": [4, 4, 4]},
-                           "sample": {"sampler": "dpmpp_2m", "steps": 3, "num_samples": 2, "batch_size": 2}}, base=TINY_3D)
+    config = write_config(
+        {
+            **LATENT,
+            "stages": ["prepare", "autoencoder", "train", "sample"],
+            "autoencoder": {
+                **LATENT["autoencoder"],
+                "batch_size": 2,
+                "patch_size": [8, 8, 8],
+                "disc_layers": 1,
+                "decode_roi": [4, 4, 4],
+            },
+            "sample": {"sampler": "dpmpp_2m", "steps": 3, "num_samples": 2, "batch_size": 2},
+        },
+        base=TINY_3D,
+    )
     code, err = run_cli(["run", str(config)], capsys)
     assert code == 0, err
     samples = np.load(tmp_path / "out" / "sample" / "samples.npy")
     assert samples.shape == (2, 1, 16, 16, 16) and np.isfinite(samples).all()
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["diffusion.space=latent", "data.image_size=[18, 18]", "data.phantom.shape=[18, 18]"], "divisible by the autoencoder's downsampling 4"),
-    (["diffusion.space=latent", "stages=[prepare, train, denoise]"], "stage denoise needs a pixel-space model"),
-    (["autoencoder.perceptual_weight=0.1"], "perceptual_weights"),
-    (["autoencoder.patch_size=[6, 6]"], "autoencoder.patch_size"),
-    (["autoencoder.decode_roi=[4, 4, 4]"], "autoencoder.decode_roi"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["diffusion.space=latent", "data.image_size=[18, 18]", "data.phantom.shape=[18, 18]"],
+            "divisible by the autoencoder's downsampling 4",
+        ),
+        (["diffusion.space=latent", "stages=[prepare, train, denoise]"], "stage denoise needs a pixel-space model"),
+        (["autoencoder.perceptual_weight=0.1"], "perceptual_weights"),
+        (["autoencoder.patch_size=[6, 6]"], "autoencoder.patch_size"),
+        (["autoencoder.decode_roi=[4, 4, 4]"], "autoencoder.decode_roi"),
+    ],
+)
 def test_bad_latent_settings_are_one_line_exit_2(write_config, tmp_path: Path, capsys, overrides, expected) -> None:
     code, err = run_cli(["run", str(write_config()), *overrides], capsys)
     one_line_exit_2(code, err, expected)
@@ -145,8 +197,10 @@ def test_latent_model_needs_the_autoencoder_stage_first(write_config, tmp_path: 
     one_line_exit_2(code, err, "needs the outputs of stage 'autoencoder'")
 
 
-CONTROL = {"stages": ["prepare", "train", "controlnet", "sample", "evaluate", "augment", "utility"],
-           "controlnet": {"conditioning_channels": [8], "max_steps": 4, "batch_size": 4, "log_every": 2}}
+CONTROL = {
+    "stages": ["prepare", "train", "controlnet", "sample", "evaluate", "augment", "utility"],
+    "controlnet": {"conditioning_channels": [8], "max_steps": 4, "batch_size": 4, "log_every": 2},
+}
 
 
 def test_controlnet_pipeline_generates_paired_images_and_labels(write_config, tmp_path: Path, capsys) -> None:
@@ -163,7 +217,12 @@ def test_controlnet_pipeline_generates_paired_images_and_labels(write_config, tm
     label_file = nib.load(out / "sample" / "labels" / "sample_0000.nii.gz")
     assert np.array_equal(np.asarray(label_file.dataobj), maps[0, 0])
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["metrics"]
-    for key in ("eval/label/dice", "eval/label/dice_real", "eval/label/dice_shuffled", "eval/label/mean_abs_difference"):
+    for key in (
+        "eval/label/dice",
+        "eval/label/dice_real",
+        "eval/label/dice_shuffled",
+        "eval/label/mean_abs_difference",
+    ):
         assert np.isfinite(metrics[key]), key
     datalist = json.loads((out / "augment" / "datalist_augmented.json").read_text())
     synthetic = [e for e in datalist["training"] if e.get("synthetic")]

@@ -24,16 +24,23 @@ DENOISE = {
 
 @pytest.mark.parametrize("modality", ["mr", "ct"])
 def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, capsys) -> None:
-    extra = dict(DENOISE, name=f"tiny-denoise-{modality}", tracking={"experiment": f"medsynth-tests-denoise-{modality}"})
+    extra = dict(
+        DENOISE, name=f"tiny-denoise-{modality}", tracking={"experiment": f"medsynth-tests-denoise-{modality}"}
+    )
     if modality == "ct":
         # 16-pixel CT phantoms hold too little uniform soft tissue to estimate the noise from: the oracle level.
-        extra = extra | {"data": {"phantom": {"kind": "body_ct", "noise": 0.0}}, "denoise": DENOISE["denoise"] | {"levels": [0.25, 0.1], "sigma": "oracle"}}
+        extra = extra | {
+            "data": {"phantom": {"kind": "body_ct", "noise": 0.0}},
+            "denoise": DENOISE["denoise"] | {"levels": [0.25, 0.1], "sigma": "oracle"},
+        }
     if modality == "mr":
         # Your own noisy scans too: a datalist with one NIfTI file (relative path), denoised by every method.
         own = tmp_path / "own"
         own.mkdir()
         rng = np.random.default_rng(0)
-        scan = np.abs(np.pad(np.full((12, 12), 100.0), 2) + rng.normal(0, 5, (16, 16)) + 1j * rng.normal(0, 5, (16, 16))).astype(np.float32)
+        scan = np.abs(
+            np.pad(np.full((12, 12), 100.0), 2) + rng.normal(0, 5, (16, 16)) + 1j * rng.normal(0, 5, (16, 16))
+        ).astype(np.float32)
         nib.save(nib.Nifti1Image(scan, np.diag([13.75, 13.75, 1.0, 1.0])), own / "noisy scan.nii.gz")
         (own / "list.json").write_text(json.dumps({"testing": [{"image": "noisy scan.nii.gz"}]}))
         extra = extra | {"denoise": DENOISE["denoise"] | {"datalist": str(own / "list.json")}}
@@ -48,12 +55,16 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
         image = nib.load(out / "denoise" / entry["methods"][method]["file"]).get_fdata()
         assert image.shape == (16, 16) and np.isfinite(image).all()
         # MR: estimated from the image (sigma: auto); CT: the simulated level (oracle)
-        assert entry["methods"][method]["sigma"] > 0 and (modality == "mr" or entry["methods"][method]["sigma"] == entry["true_sigma"])
+        assert entry["methods"][method]["sigma"] > 0 and (
+            modality == "mr" or entry["methods"][method]["sigma"] == entry["true_sigma"]
+        )
     assert entry["true_sigma"] > 0
 
     metrics = json.loads((out / "evaluate" / "denoise_metrics.json").read_text())
     rows = metrics["table"]
-    assert {(r["level"], r["method"]) for r in rows} == {(lv, m) for lv in record["levels"] for m in ("noisy", "diffusion", "tv", "wavelet")}
+    assert {(r["level"], r["method"]) for r in rows} == {
+        (lv, m) for lv in record["levels"] for m in ("noisy", "diffusion", "tv", "wavelet")
+    }
     assert all(np.isfinite([r["psnr"], r["ssim"], r["psnr_fg"], r["ssim_fg"]]).all() for r in rows)
     # A baseline must beat the noisy input at the strongest noise (a check that the scoring is the right way round).
     strongest = record["levels"][-1] if modality == "mr" else min(record["levels"])
@@ -62,7 +73,11 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
     for name in ("psnr_vs_noise.png", "denoise_comparison.png"):
         assert (out / "evaluate" / name).stat().st_size > 1000
 
-    run = mlflow.search_runs(experiment_names=[f"medsynth-tests-denoise-{modality}"], filter_string="tags.`medsynth.stage` = 'evaluate'", output_format="list")[0]
+    run = mlflow.search_runs(
+        experiment_names=[f"medsynth-tests-denoise-{modality}"],
+        filter_string="tags.`medsynth.stage` = 'evaluate'",
+        output_format="list",
+    )[0]
     assert any(k.startswith("denoise/diffusion/") for k in run.data.metrics)
     assert any(k.startswith("denoise/gain_over_best_classical/") for k in run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -123,11 +138,18 @@ def test_evaluate_needs_sample_or_denoise_outputs(write_config, capsys) -> None:
         ('{"testing": ["missing.nii.gz"]}', "missing.nii.gz not found"),
     ],
 )
-def test_bad_denoise_datalist_is_one_line_and_writes_nothing(content, expected, write_config, tmp_path: Path, capsys) -> None:
+def test_bad_denoise_datalist_is_one_line_and_writes_nothing(
+    content, expected, write_config, tmp_path: Path, capsys
+) -> None:
     listing = tmp_path / "list.json"
     if content is not None:
         listing.write_text(content)
-    config = write_config({"stages": ["prepare", "train", "denoise"], "denoise": {"methods": ["tv"], "num_images": 1, "datalist": str(listing)}})
+    config = write_config(
+        {
+            "stages": ["prepare", "train", "denoise"],
+            "denoise": {"methods": ["tv"], "num_images": 1, "datalist": str(listing)},
+        }
+    )
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "list.json" in err

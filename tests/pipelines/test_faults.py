@@ -30,7 +30,7 @@ from PIL import Image
 
 from medsynth.cli import main
 from medsynth.io.atomic import file_digest, folder_lock
-from medsynth.training.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
+from medsynth.io.state import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "train", "sample", "augment"]
@@ -56,8 +56,14 @@ def env() -> dict[str, str]:
 
 
 def launch(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medsynth", "run", str(config)], env=env(), cwd=config.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medsynth", "run", str(config)],
+        env=env(),
+        cwd=config.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 300) -> None:
@@ -134,12 +140,20 @@ def differences(a, b, path: str = "") -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_training_sampling_and_export_then_rerun(write_config, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_kill_9_during_training_sampling_and_export_then_rerun(
+    write_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
     rng = random.Random(20240611)
     for key, value in ONE_THREAD.items():
         monkeypatch.setenv(key, value)
-    reference_config = write_config(FAULT_CONFIG | {"output_dir": str(tmp_path / "reference"), "tracking": {"log_model": False,
-                                    "experiment": "faults-reference"}}, name="reference.yaml")
+    reference_config = write_config(
+        FAULT_CONFIG
+        | {
+            "output_dir": str(tmp_path / "reference"),
+            "tracking": {"log_model": False, "experiment": "faults-reference"},
+        },
+        name="reference.yaml",
+    )
     assert main(["run", str(reference_config)]) == 0  # uninterrupted (in this process: the imports are paid already)
     config = write_config(FAULT_CONFIG | {"tracking": {"log_model": False, "experiment": "faults-killed"}})
     out = tmp_path / "out"
@@ -184,13 +198,19 @@ def test_kill_9_during_training_sampling_and_export_then_rerun(write_config, tmp
 
     # Same trained state as the uninterrupted run: weights, EMA, optimiser, LR schedule, torch RNG, step.
     ref = tmp_path / "reference"
-    assert not differences(load_state(out / "train" / "model.pt", expected_format=MODEL_FORMAT),
-                           load_state(ref / "train" / "model.pt", expected_format=MODEL_FORMAT))
+    assert not differences(
+        load_state(out / "train" / "model.pt", expected_format=MODEL_FORMAT),
+        load_state(ref / "train" / "model.pt", expected_format=MODEL_FORMAT),
+    )
     resumed = load_state(out / "train" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)
     assert resumed["step"] == 16 and len(resumed["history"]) == 8
-    assert not differences(resumed, load_state(ref / "train" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT))
+    assert not differences(
+        resumed, load_state(ref / "train" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)
+    )
     assert np.array_equal(np.load(out / "sample" / "samples.npy"), np.load(ref / "sample" / "samples.npy"))
-    assert np.array_equal(np.load(out / "augment" / "synthetic_images.npy"), np.load(ref / "augment" / "synthetic_images.npy"))
+    assert np.array_equal(
+        np.load(out / "augment" / "synthetic_images.npy"), np.load(ref / "augment" / "synthetic_images.npy")
+    )
     assert len(list((out / "augment" / "dicom").iterdir())) == 16
 
     # MLflow: the killed runs were continued, not duplicated; none is left RUNNING.
@@ -208,11 +228,18 @@ def test_kill_9_during_training_sampling_and_export_then_rerun(write_config, tmp
 
 
 @pytest.mark.slow
-def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(write_config, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(
+    write_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
     for key, value in ONE_THREAD.items():
         monkeypatch.setenv(key, value)
-    config = write_config({"stages": ["prepare", "train"], "train": {"max_steps": 16, "checkpoint_every": 2},
-                           "tracking": {"log_model": False, "experiment": "faults-changed"}})
+    config = write_config(
+        {
+            "stages": ["prepare", "train"],
+            "train": {"max_steps": 16, "checkpoint_every": 2},
+            "tracking": {"log_model": False, "experiment": "faults-changed"},
+        }
+    )
     out = tmp_path / "out"
     process = launch(config)
     kill_when(process, lambda: (out / ".train.partial" / "checkpoints" / "last.pt").is_file(), 0.0)
@@ -225,16 +252,27 @@ def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(write_confi
     runs = client.search_runs([client.get_experiment_by_name("faults-changed").experiment_id])
     statuses = Counter((r.data.tags.get("medsynth.stage"), r.info.status) for r in runs)
     # killed: parent, prepare (done), train; the rerun: parent, train (prepare is unchanged)
-    assert statuses == Counter({(None, "KILLED"): 1, ("prepare", "FINISHED"): 1, ("train", "KILLED"): 1, (None, "FINISHED"): 1,
-                                ("train", "FINISHED"): 1}), statuses
+    assert statuses == Counter(
+        {
+            (None, "KILLED"): 1,
+            ("prepare", "FINISHED"): 1,
+            ("train", "KILLED"): 1,
+            (None, "FINISHED"): 1,
+            ("train", "FINISHED"): 1,
+        }
+    ), statuses
     assert not list(out.glob(".*"))
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
     folder = tmp_path / "out"
-    holder = ("import os, sys; sys.path.insert(0, sys.argv[2]); from medsynth.io.atomic import folder_lock\n"
-              "with folder_lock(sys.argv[1]):\n    os.kill(os.getpid(), 9)")
-    done = subprocess.run([sys.executable, "-c", holder, str(folder), str(ROOT)], capture_output=True, timeout=60, check=False)
+    holder = (
+        "import os, sys; sys.path.insert(0, sys.argv[2]); from medsynth.io.atomic import folder_lock\n"
+        "with folder_lock(sys.argv[1]):\n    os.kill(os.getpid(), 9)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", holder, str(folder), str(ROOT)], capture_output=True, timeout=60, check=False
+    )
     assert done.returncode == -signal.SIGKILL
     assert (folder / ".medsynth.lock").read_text().strip().isdigit()  # its lock file stays, stale
     with folder_lock(folder) as path:
@@ -245,9 +283,13 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
 def test_cached_rerun_is_fast_and_imports_neither_torch_nor_mlflow(write_config, tmp_path: Path) -> None:
     config = write_config({"stages": ["prepare"], "tracking": {"experiment": "faults-cached"}})
     assert main(["run", str(config)]) == 0
-    probe = ("import sys, time; start = time.perf_counter(); from medsynth.cli import main; code = main(['run', sys.argv[1]]); "
-             "print(code, time.perf_counter() - start, 'torch' in sys.modules, 'mlflow' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe, str(config)], env=env(), capture_output=True, text=True, timeout=60, check=False)
+    probe = (
+        "import sys, time; start = time.perf_counter(); from medsynth.cli import main; code = main(['run', sys.argv[1]]); "
+        "print(code, time.perf_counter() - start, 'torch' in sys.modules, 'mlflow' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(config)], env=env(), capture_output=True, text=True, timeout=60, check=False
+    )
     code, seconds, torch_loaded, mlflow_loaded = done.stdout.splitlines()[-1].split()
     assert (code, torch_loaded, mlflow_loaded) == ("0", "False", "False"), done.stdout + done.stderr
     assert float(seconds) < 1.0, seconds

@@ -127,7 +127,9 @@ def series_pieces(folder: Path, pieces: list[dict]) -> Path:
     for n, kwargs in enumerate(pieces):
         staging = folder.parent / f".staging{n}"
         shape = kwargs.pop("shape", (16, 16, 3))
-        for path in write_ct_series(staging, scan(n, shape) - 1000.0, series_uid="1.2.826.0.1.3680043.8.498.1", **kwargs):
+        for path in write_ct_series(
+            staging, scan(n, shape) - 1000.0, series_uid="1.2.826.0.1.3680043.8.498.1", **kwargs
+        ):
             folder.mkdir(parents=True, exist_ok=True)
             path.rename(folder / f"piece{n}_{path.name}")
         staging.rmdir()
@@ -142,6 +144,7 @@ def _nifti_case(make_bad: Callable[[Path], Path], expected: str, **settings) -> 
         data = nifti_folder(folder)
         bad = make_bad(data)
         return prepare_args(folder, data, **settings), [bad.name, expected]
+
     return build
 
 
@@ -151,6 +154,7 @@ def _truncated(name: str, keep: int | None = None) -> Callable[[Path], Path]:
         blob = path.read_bytes()
         path.write_bytes(blob[: keep if keep is not None else len(blob) // 2])
         return path
+
     return make
 
 
@@ -158,6 +162,7 @@ def _write(name: str, blob: bytes) -> Callable[[Path], Path]:
     def make(data: Path) -> Path:
         (data / name).write_bytes(blob)
         return data / name
+
     return make
 
 
@@ -190,21 +195,41 @@ NIFTI_CASES = [
     pytest.param(_nifti_case(_truncated("half.nii"), "truncated"), id="nifti-truncated-nii"),
     pytest.param(_nifti_case(_truncated("half.nii.gz"), "truncated"), id="nifti-truncated-nii-gz"),
     pytest.param(_nifti_case(_truncated("stub.nii", keep=200), "NIfTI"), id="nifti-truncated-inside-header"),
-    pytest.param(_nifti_case(_write("noise.nii.gz", np.random.default_rng(0).bytes(3000)), "corrupt"), id="gzip-corrupt"),
-    pytest.param(_nifti_case(lambda d: header_only(d / "huge.nii", (32767, 32767, 32767)), "at most"), id="nifti1-header-claims-32767-cubed"),
-    pytest.param(_nifti_case(lambda d: header_only(d / "huge.nii.gz", (100000, 100000, 100000), nifti2=True), "at most"),
-                 id="nifti2-gz-header-claims-100000-cubed"),
+    pytest.param(
+        _nifti_case(_write("noise.nii.gz", np.random.default_rng(0).bytes(3000)), "corrupt"), id="gzip-corrupt"
+    ),
+    pytest.param(
+        _nifti_case(lambda d: header_only(d / "huge.nii", (32767, 32767, 32767)), "at most"),
+        id="nifti1-header-claims-32767-cubed",
+    ),
+    pytest.param(
+        _nifti_case(lambda d: header_only(d / "huge.nii.gz", (100000, 100000, 100000), nifti2=True), "at most"),
+        id="nifti2-gz-header-claims-100000-cubed",
+    ),
     pytest.param(_nifti_case(_write("empty.nii", b""), "Empty file"), id="nifti-empty-0-bytes"),
     pytest.param(_nifti_case(_write("empty.nii.gz", b""), "Empty file"), id="nifti-gz-empty-0-bytes"),
     pytest.param(_nifti_case(_write("notes.nii", b"subject notes\n" * 40), "corrupt"), id="nifti-name-text-content"),
-    pytest.param(_nifti_case(_array("dwi.nii.gz", np.zeros((20, 20, 8, 3), np.float32)), "2D or 3D image"), id="nifti-4d"),
+    pytest.param(
+        _nifti_case(_array("dwi.nii.gz", np.zeros((20, 20, 8, 3), np.float32)), "2D or 3D image"), id="nifti-4d"
+    ),
     pytest.param(_nifti_case(_array("profile.nii.gz", np.ones(30, np.float32)), "2D or 3D image"), id="nifti-1d"),
-    pytest.param(_nifti_case(_array("slice.nii.gz", np.ones((20, 20), np.float32)), "3D volume for spatial_dims 3",
-                             spatial_dims=3, image_size=[16, 16, 8]), id="nifti-2d-in-3d-config"),
-    pytest.param(_nifti_case(lambda d: header_only(d / "hollow.nii", (20, 0, 8)), "empty dimension"), id="nifti-zero-length-axis"),
+    pytest.param(
+        _nifti_case(
+            _array("slice.nii.gz", np.ones((20, 20), np.float32)),
+            "3D volume for spatial_dims 3",
+            spatial_dims=3,
+            image_size=[16, 16, 8],
+        ),
+        id="nifti-2d-in-3d-config",
+    ),
+    pytest.param(
+        _nifti_case(lambda d: header_only(d / "hollow.nii", (20, 0, 8)), "empty dimension"), id="nifti-zero-length-axis"
+    ),
     pytest.param(_nifti_case(_array("nan.nii.gz", _with_value(np.nan)), "NaN/Inf"), id="nifti-nan-voxel"),
     pytest.param(_nifti_case(_array("inf.nii.gz", _with_value(np.inf)), "NaN/Inf"), id="nifti-inf-voxel"),
-    pytest.param(_nifti_case(_array("complex.nii.gz", scan(3).astype(np.complex64)), "real-valued"), id="nifti-complex-dtype"),
+    pytest.param(
+        _nifti_case(_array("complex.nii.gz", scan(3).astype(np.complex64)), "real-valued"), id="nifti-complex-dtype"
+    ),
     pytest.param(_nifti_case(_array("rgb.nii.gz", _RGB), "real-valued"), id="nifti-rgb-dtype"),
     pytest.param(_nifti_case(_degenerate_affine, "affine"), id="nifti-degenerate-affine"),
     pytest.param(_nifti_case(_broken_link, "broken symbolic link"), id="nifti-broken-symlink"),
@@ -219,17 +244,20 @@ def _dicom_case(make_bad: Callable[[Path], Path], expected: str) -> Case:
         data = dicom_folder(folder)
         bad = make_bad(data)
         return dicom_prepare_args(folder, data), [bad.name, expected]
+
     return build
 
 
 def _cut_slice(keep: int | bytes | None) -> Callable[[Path], Path]:
     """Cut one slice short: after ``keep`` bytes, inside the element whose tag bytes are ``keep``, or 100 bytes early."""
+
     def make(data: Path) -> Path:
         path = one_series(data / "damaged")[2]
         blob = path.read_bytes()
         end = keep if isinstance(keep, int) else blob.index(keep) + 3 if isinstance(keep, bytes) else len(blob) - 100
         path.write_bytes(blob[:end])
         return path
+
     return make
 
 
@@ -241,6 +269,7 @@ def _edit_slices(edit: Callable[[pydicom.Dataset], None], which: slice = slice(0
             edit(ds)
             ds.save_as(path)
         return paths[which][0] if which != slice(None) else data / "damaged"
+
     return make
 
 
@@ -249,6 +278,7 @@ def _junk_dcm(blob: bytes) -> Callable[[Path], Path]:
         one_series(data / "damaged")
         (data / "damaged" / "IM0007.dcm").write_bytes(blob)
         return data / "damaged" / "IM0007.dcm"
+
     return make
 
 
@@ -259,6 +289,7 @@ def _huge(ds: pydicom.Dataset) -> None:
 def _mixed(pieces: list[dict]) -> Callable[[Path], Path]:
     def make(data: Path) -> Path:
         return series_pieces(data / "mixed", pieces)  # the error names a slice in this folder
+
     return make
 
 
@@ -273,14 +304,26 @@ DICOM_CASES = [
     pytest.param(_dicom_case(_cut_slice(170), "truncated DICOM file"), id="dicom-truncated-in-sop-class-uid"),
     pytest.param(_dicom_case(_cut_slice(b"\x28\x00\x10\x00"), "without Rows/Columns"), id="dicom-truncated-at-rows"),
     pytest.param(_dicom_case(_cut_slice(None), "pixel data"), id="dicom-truncated-pixel-data"),
-    pytest.param(_dicom_case(_junk_dcm(np.random.default_rng(1).bytes(2000)), "not a DICOM file"), id="dicom-random-bytes-dcm-name"),
+    pytest.param(
+        _dicom_case(_junk_dcm(np.random.default_rng(1).bytes(2000)), "not a DICOM file"),
+        id="dicom-random-bytes-dcm-name",
+    ),
     pytest.param(_dicom_case(_junk_dcm(b""), "not a DICOM file"), id="dicom-empty-0-bytes"),
-    pytest.param(_dicom_case(_edit_slices(lambda ds: ds.__delattr__("PixelData")), "no 'Pixel Data'"), id="dicom-image-without-pixel-data"),
+    pytest.param(
+        _dicom_case(_edit_slices(lambda ds: ds.__delattr__("PixelData")), "no 'Pixel Data'"),
+        id="dicom-image-without-pixel-data",
+    ),
     pytest.param(_non_image_only, id="dicom-only-a-non-image-object"),
-    pytest.param(_dicom_case(_mixed([{}, {"shape": (20, 20, 3), "origin": (0.0, 0.0, 200.0)}]), "(Rows, Columns)"),
-                 id="dicom-one-series-two-sizes"),
-    pytest.param(_dicom_case(_mixed([{}, {"orientation": (0, 1, 0, 0, 0, -1), "origin": (0.0, 0.0, 300.0)}]), "ImageOrientationPatient"),
-                 id="dicom-one-series-two-orientations"),
+    pytest.param(
+        _dicom_case(_mixed([{}, {"shape": (20, 20, 3), "origin": (0.0, 0.0, 200.0)}]), "(Rows, Columns)"),
+        id="dicom-one-series-two-sizes",
+    ),
+    pytest.param(
+        _dicom_case(
+            _mixed([{}, {"orientation": (0, 1, 0, 0, 0, -1), "origin": (0.0, 0.0, 300.0)}]), "ImageOrientationPatient"
+        ),
+        id="dicom-one-series-two-orientations",
+    ),
     pytest.param(_dicom_case(_edit_slices(_huge, slice(None)), "at most"), id="dicom-rows-columns-65535"),
 ]
 
@@ -289,6 +332,7 @@ def _denoise_input(make: Callable[[Path], Path], expected: str) -> Case:
     def build(folder: Path) -> tuple[list[str], list[str]]:
         series = make(folder / "scan")
         return ["denoise", str(folder / "scan"), str(folder / "out"), "--method", "tv"], [series.name, expected]
+
     return build
 
 
@@ -304,8 +348,12 @@ def _series_and_structures(folder: Path) -> Path:
 
 
 DICOM_CASES += [
-    pytest.param(_denoise_input(_two_series, "holds 2 DICOM series; expected exactly one"), id="denoise-folder-two-series"),
-    pytest.param(_denoise_input(_series_and_structures, "non-image DICOM object"), id="denoise-folder-series-plus-rtstruct"),
+    pytest.param(
+        _denoise_input(_two_series, "holds 2 DICOM series; expected exactly one"), id="denoise-folder-two-series"
+    ),
+    pytest.param(
+        _denoise_input(_series_and_structures, "non-image DICOM object"), id="denoise-folder-series-plus-rtstruct"
+    ),
 ]
 
 
@@ -318,39 +366,72 @@ def _yaml(text: str | bytes, expected: list[str], *overrides: str) -> Case:
         body = text.replace("OUT", str(folder / "out")) if isinstance(text, str) else text
         path.write_bytes(body.encode() if isinstance(body, str) else body)
         return ["run", str(path), *overrides], [str(path), *expected]
+
     return build
 
 
 def _override(*overrides: str, expected: list[str]) -> Case:
     def build(folder: Path) -> tuple[list[str], list[str]]:
         return ["run", str(write_config(folder)), *overrides], expected
+
     return build
 
 
 CONFIG_CASES = [
-    pytest.param(_yaml("output_dir: OUT\ntrain:\n  max_steps: abc\n", ["train.max_steps", "integer"]), id="yaml-string-for-int"),
-    pytest.param(_yaml("output_dir: OUT\ntrain:\n  lr: [0.1, 0.2]\n", ["train.lr", "number"]), id="yaml-list-for-float"),
-    pytest.param(_yaml("output_dir: OUT\ntrain:\n  max_steps: true\n", ["train.max_steps", "not a boolean"]), id="yaml-bool-for-int"),
+    pytest.param(
+        _yaml("output_dir: OUT\ntrain:\n  max_steps: abc\n", ["train.max_steps", "integer"]), id="yaml-string-for-int"
+    ),
+    pytest.param(
+        _yaml("output_dir: OUT\ntrain:\n  lr: [0.1, 0.2]\n", ["train.lr", "number"]), id="yaml-list-for-float"
+    ),
+    pytest.param(
+        _yaml("output_dir: OUT\ntrain:\n  max_steps: true\n", ["train.max_steps", "not a boolean"]),
+        id="yaml-bool-for-int",
+    ),
     pytest.param(_yaml("output_dir: OUT\ntrain:\n  lr: .inf\n", ["train.lr", "finite"]), id="yaml-inf-for-float"),
-    pytest.param(_yaml("output_dir: OUT\ndata:\n  phantom:\n    fov_mm: .nan\n", ["data.phantom.fov_mm", "finite"]), id="yaml-nan-for-float"),
-    pytest.param(_yaml("output_dir: OUT\ntrain:\n  epochs: 3\n", ["unknown key 'train.epochs'", "allowed here"]), id="yaml-unknown-key"),
-    pytest.param(_yaml("output_dir: OUT\nmax_steps: 3\n", ["unknown key 'max_steps'", "train"]), id="yaml-key-at-wrong-level"),
+    pytest.param(
+        _yaml("output_dir: OUT\ndata:\n  phantom:\n    fov_mm: .nan\n", ["data.phantom.fov_mm", "finite"]),
+        id="yaml-nan-for-float",
+    ),
+    pytest.param(
+        _yaml("output_dir: OUT\ntrain:\n  epochs: 3\n", ["unknown key 'train.epochs'", "allowed here"]),
+        id="yaml-unknown-key",
+    ),
+    pytest.param(
+        _yaml("output_dir: OUT\nmax_steps: 3\n", ["unknown key 'max_steps'", "train"]), id="yaml-key-at-wrong-level"
+    ),
     pytest.param(_yaml("output_dir: OUT\ntrain: 5\n", ["key 'train'", "dictionary"]), id="yaml-value-for-a-section"),
-    pytest.param(_yaml("output_dir: OUT\ndata:\n  phantom: [brain_mri]\n", ["data.phantom", "dictionary"]), id="yaml-list-for-a-section"),
+    pytest.param(
+        _yaml("output_dir: OUT\ndata:\n  phantom: [brain_mri]\n", ["data.phantom", "dictionary"]),
+        id="yaml-list-for-a-section",
+    ),
     pytest.param(_yaml("output_dir: OUT\ntrain: [1, 2\n", ["malformed YAML", "line"]), id="yaml-syntax-error"),
     pytest.param(_yaml("train:\n\tmax_steps: 3\n", ["malformed YAML", "line 2"]), id="yaml-tab-indent"),
     pytest.param(_yaml("", ["empty config file"]), id="yaml-empty-file"),
     pytest.param(_yaml("# only a comment\n", ["empty config file"]), id="yaml-only-comments"),
     pytest.param(_yaml("- prepare\n- train\n", ["mapping", "list"]), id="yaml-top-level-list"),
-    pytest.param(_yaml("output_dir: OUT\ntrain:\n  max_steps: 3\ntrain:\n  lr: 0.1\n", ["key 'train' given twice", "line 4"]),
-                 id="yaml-duplicate-key"),
+    pytest.param(
+        _yaml("output_dir: OUT\ntrain:\n  max_steps: 3\ntrain:\n  lr: 0.1\n", ["key 'train' given twice", "line 4"]),
+        id="yaml-duplicate-key",
+    ),
     pytest.param(_yaml(b"\xff\xfe\x00garbage\x80\x81", ["not a UTF-8 text file"]), id="yaml-not-utf8"),
-    pytest.param(_yaml("output_dir: !!python/object/apply:os.system ['touch PICKLE_RAN']\n", ["malformed YAML", "python/object"]),
-                 id="yaml-python-tag-not-executed"),
-    pytest.param(_override("train.max_steps=abc", expected=["train.max_steps", "integer", "'abc'"]), id="override-string-for-int"),
+    pytest.param(
+        _yaml(
+            "output_dir: !!python/object/apply:os.system ['touch PICKLE_RAN']\n", ["malformed YAML", "python/object"]
+        ),
+        id="yaml-python-tag-not-executed",
+    ),
+    pytest.param(
+        _override("train.max_steps=abc", expected=["train.max_steps", "integer", "'abc'"]), id="override-string-for-int"
+    ),
     pytest.param(_override("train.lr=.inf", expected=["train.lr", "finite"]), id="override-inf"),
-    pytest.param(_override("train.max_steps", expected=["override 'train.max_steps'", "key.sub=value"]), id="override-without-equals"),
-    pytest.param(_override("train.max_steps.deep=1", expected=["train.max_steps", "not a section"]), id="override-into-a-value"),
+    pytest.param(
+        _override("train.max_steps", expected=["override 'train.max_steps'", "key.sub=value"]),
+        id="override-without-equals",
+    ),
+    pytest.param(
+        _override("train.max_steps.deep=1", expected=["train.max_steps", "not a section"]), id="override-into-a-value"
+    ),
     pytest.param(_override("train.epochs=3", expected=["unknown key 'train.epochs'"]), id="override-unknown-key"),
 ]
 
@@ -360,6 +441,7 @@ CONFIG_CASES = [
 
 def _datalist(entry: str, expected: str) -> Case:
     """A denoise datalist entry that climbs out of the datalist's folder: refused before any stage runs."""
+
     def build(folder: Path) -> tuple[list[str], list[str]]:
         lists = folder / "lists"
         lists.mkdir(parents=True)
@@ -367,8 +449,12 @@ def _datalist(entry: str, expected: str) -> Case:
         (folder / "private" / "notes.txt").write_text("not a scan")
         datalist = lists / "datalist.json"
         datalist.write_text(json.dumps({"testing": [{"image": entry}]}))
-        config = write_config(folder, {"stages": ["prepare", "train", "denoise"], "denoise": {"datalist": str(datalist), "methods": ["tv"]}})
+        config = write_config(
+            folder,
+            {"stages": ["prepare", "train", "denoise"], "denoise": {"datalist": str(datalist), "methods": ["tv"]}},
+        )
         return ["run", str(config)], [str(datalist), "entry 0", expected]
+
     return build
 
 
@@ -385,8 +471,19 @@ def _denoise_checkpoint(raw: bool) -> Case:
     def build(folder: Path) -> tuple[list[str], list[str]]:
         source = save_nifti(folder / "scan.nii.gz", scan(4))
         checkpoint = pickle_checkpoint(folder / "weights" / "model.pt", raw=raw)
-        return (["denoise", str(source), str(folder / "denoised.nii.gz"), "--checkpoint", str(checkpoint), "--modality", "mr"],
-                [str(checkpoint), "pickled Python objects", "refused"])
+        return (
+            [
+                "denoise",
+                str(source),
+                str(folder / "denoised.nii.gz"),
+                "--checkpoint",
+                str(checkpoint),
+                "--modality",
+                "mr",
+            ],
+            [str(checkpoint), "pickled Python objects", "refused"],
+        )
+
     return build
 
 
@@ -408,18 +505,35 @@ def _with_prepared(build: Case) -> Callable[[Path, Path], tuple[list[str], list[
     def with_outputs(folder: Path, prepared: Path) -> tuple[list[str], list[str]]:
         shutil.copytree(prepared, folder / "out")
         return build(folder)
+
     return with_outputs
 
 
 def _resume(folder: Path) -> tuple[list[str], list[str]]:
     checkpoint = pickle_checkpoint(folder / "out" / ".train.partial" / "checkpoints" / "last.pt")
-    return ["train", str(write_config(folder)), "train.resume=true"], [str(checkpoint), "pickled Python objects", "refused"]
+    return ["train", str(write_config(folder)), "train.resume=true"], [
+        str(checkpoint),
+        "pickled Python objects",
+        "refused",
+    ]
 
 
 def _perceptual(folder: Path) -> tuple[list[str], list[str]]:
     weights = pickle_checkpoint(folder / "weights" / "medicalnet.pt", raw=True)
-    config = write_config(folder, {"diffusion": {"space": "latent"}, "autoencoder": {
-        "channels": [8, 8], "norm_num_groups": 8, "max_steps": 1, "adv_weight": 0.0, "perceptual_weight": 0.1, "perceptual_weights": str(weights)}})
+    config = write_config(
+        folder,
+        {
+            "diffusion": {"space": "latent"},
+            "autoencoder": {
+                "channels": [8, 8],
+                "norm_num_groups": 8,
+                "max_steps": 1,
+                "adv_weight": 0.0,
+                "perceptual_weight": 0.1,
+                "perceptual_weights": str(weights),
+            },
+        },
+    )
     return ["autoencoder", str(config)], [str(weights), "weights file"]
 
 
@@ -469,7 +583,11 @@ def drive(folder: Path, build: Callable[..., tuple[list[str], list[str]]], capsy
         warnings.simplefilter("always")
         code = main(argv)
     # pytest hides warnings from stderr; a user sees every one not filtered by default (deprecations are).
-    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    shown = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
     assert_refused(folder, code, "\n".join([capsys.readouterr().err, *shown]), expected, before)
 
 
@@ -479,27 +597,46 @@ def test_malformed_input_is_refused_in_one_line(build: Case, tmp_path: Path, cap
 
 
 @pytest.mark.parametrize("build", PREPARED_PICKLE_CASES)
-def test_pickle_payload_beside_prepared_outputs_is_refused(build: Case, prepared: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_pickle_payload_beside_prepared_outputs_is_refused(
+    build: Case, prepared: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     drive(tmp_path, _with_prepared(build), capsys, monkeypatch, prepared)
 
 
 # --- the same through a real process: stderr as a user sees it ---------------------------------------
 
 
-@pytest.mark.parametrize("build", [
-    pytest.param(_nifti_case(lambda d: header_only(d / "huge.nii.gz", (100000, 100000, 100000), nifti2=True), "at most"),
-                 id="subprocess-nifti-header-claims-100000-cubed"),
-    pytest.param(_denoise_checkpoint(raw=True), id="subprocess-pickle-as-denoise-checkpoint"),
-    pytest.param(_yaml("", ["empty config file"]), id="subprocess-yaml-empty-file"),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(
+            _nifti_case(lambda d: header_only(d / "huge.nii.gz", (100000, 100000, 100000), nifti2=True), "at most"),
+            id="subprocess-nifti-header-claims-100000-cubed",
+        ),
+        pytest.param(_denoise_checkpoint(raw=True), id="subprocess-pickle-as-denoise-checkpoint"),
+        pytest.param(_yaml("", ["empty config file"]), id="subprocess-yaml-empty-file"),
+    ],
+)
 def test_malformed_input_through_python_dash_m(build: Case, tmp_path: Path) -> None:
     argv, expected = build(tmp_path)
     before = snapshot(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # A memory cap: were the header's size trusted, the allocation would fail instead of the check.
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
-    done = subprocess.run([sys.executable, "-c", limit + "import sys; from medsynth.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
-                          check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            limit + "import sys; from medsynth.cli import main; sys.exit(main(sys.argv[1:]))",
+            *argv,
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_refused(tmp_path, done.returncode, done.stderr, expected, before)
 
 
@@ -513,10 +650,21 @@ def test_names_from_a_datalist_stay_inside_the_output_folder(tmp_path: Path) -> 
     one_series(outside / "Doe^Jane")
     datalist = tmp_path / "lists" / "datalist.json"
     datalist.parent.mkdir()
-    datalist.write_text(json.dumps({"testing": ["../elsewhere/..hidden..nii.gz", {"image": "../elsewhere/a b;rm -rf ~.nii.gz"},
-                                                "../elsewhere/Doe^Jane"]}))
+    datalist.write_text(
+        json.dumps(
+            {
+                "testing": [
+                    "../elsewhere/..hidden..nii.gz",
+                    {"image": "../elsewhere/a b;rm -rf ~.nii.gz"},
+                    "../elsewhere/Doe^Jane",
+                ]
+            }
+        )
+    )
     names = [name for name, _ in read_datalist(datalist, "testing")]
     assert len(set(names)) == 3
     for name in names:
-        assert "/" not in name and "\\" not in name and not name.startswith(".") and " " not in name and "Doe" not in name, name
+        assert (
+            "/" not in name and "\\" not in name and not name.startswith(".") and " " not in name and "Doe" not in name
+        ), name
         assert (tmp_path / "out" / name).resolve().parent == (tmp_path / "out").resolve()

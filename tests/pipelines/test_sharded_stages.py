@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from medsynth.cli import main
-from medsynth.training.distributed import DistContext, map_sharded, shard
+from medsynth.runtime import DistContext, map_sharded, shard
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_PROCESS = DistContext(0, 1, 0, torch.device("cpu"))
@@ -69,7 +69,7 @@ def test_map_sharded_checks_its_arguments() -> None:
 
 GATHER_SCRIPT = """
 import json
-from medsynth.training.distributed import map_sharded, setup, teardown
+from medsynth.runtime import map_sharded, setup, teardown
 
 ctx = setup("cpu")
 computed = []
@@ -142,7 +142,12 @@ def test_torchrun_sharded_stages_match_one_process(write_config, tmp_path: Path,
         "sample": {"num_samples": 5, "batch_size": 2},
         # 2 levels x 3 held-out cases = 6 items, and 3 scans of your own
         "data": {"phantom": {"count": 15}},
-        "denoise": {"methods": ["diffusion", "tv"], "num_images": 3, "levels": [0.05, 0.1], "datalist": str(_own_scans(tmp_path / "own"))},
+        "denoise": {
+            "methods": ["diffusion", "tv"],
+            "num_images": 3,
+            "levels": [0.05, 0.1],
+            "datalist": str(_own_scans(tmp_path / "own")),
+        },
         "augment": {"num_samples": 3, "audit": {"features": False}},
     }
     one = write_config(extra | {"output_dir": str(tmp_path / "one")}, name="one.yaml")
@@ -178,7 +183,9 @@ def test_torchrun_sharded_stages_match_one_process(write_config, tmp_path: Path,
 
     # sample: 5 images in seed order, the same record
     samples = np.load(two_out / "sample" / "samples.npy")
-    assert samples.shape == (5, 1, 16, 16) and np.allclose(samples, np.load(one_out / "sample" / "samples.npy"), atol=1e-5)
+    assert samples.shape == (5, 1, 16, 16) and np.allclose(
+        samples, np.load(one_out / "sample" / "samples.npy"), atol=1e-5
+    )
     assert len({samples[i].tobytes() for i in range(5)}) == 5
     record_one, record_two = (json.loads((o / "sample" / "samples.json").read_text()) for o in (one_out, two_out))
     assert record_two["seeds"] == [1000 + i for i in range(5)]
@@ -186,7 +193,9 @@ def test_torchrun_sharded_stages_match_one_process(write_config, tmp_path: Path,
 
     # denoise: every (level, case) entry and every scan of the datalist once, in order, with their sidecars
     den_one, den_two = (json.loads((o / "denoise" / "denoise.json").read_text()) for o in (one_out, two_out))
-    assert [(e["level_index"], e["case_id"]) for e in den_two["entries"]] == [(e["level_index"], e["case_id"]) for e in den_one["entries"]]
+    assert [(e["level_index"], e["case_id"]) for e in den_two["entries"]] == [
+        (e["level_index"], e["case_id"]) for e in den_one["entries"]
+    ]
     assert len(den_two["entries"]) == 6 and [s["name"] for s in den_two["scans"]] == ["scan_0", "scan_1", "scan_2"]
     for e1, e2 in zip(den_one["entries"], den_two["entries"]):
         assert e1["true_sigma"] == pytest.approx(e2["true_sigma"])
@@ -198,15 +207,21 @@ def test_torchrun_sharded_stages_match_one_process(write_config, tmp_path: Path,
         for method, written in scan["outputs"].items():
             sidecar = (two_out / "denoise" / written["output"]).with_name(f"{method}.json")
             provenance = json.loads(sidecar.read_text())
-            assert provenance["output"] == str(two_out / "denoise" / written["output"])  # the final path, not a work folder
+            assert provenance["output"] == str(
+                two_out / "denoise" / written["output"]
+            )  # the final path, not a work folder
             other = json.loads((one_out / "denoise" / written["output"]).with_name(f"{method}.json").read_text())
-            assert _without(provenance, "output", "checkpoint", "denoise") == _without(other, "output", "checkpoint", "denoise")
+            assert _without(provenance, "output", "checkpoint", "denoise") == _without(
+                other, "output", "checkpoint", "denoise"
+            )
             assert _without(provenance["denoise"], "model_file") == _without(other["denoise"], "model_file")
 
     # augment: the audit on rank 0 saw all 3 cases; same datalist, same provenance up to run-specific fields
     aug_one, aug_two = (o / "augment" for o in (one_out, two_out))
     assert np.allclose(np.load(aug_one / "synthetic_images.npy"), np.load(aug_two / "synthetic_images.npy"), atol=1e-5)
-    assert json.loads((aug_one / "datalist_augmented.json").read_text()) == json.loads((aug_two / "datalist_augmented.json").read_text())
+    assert json.loads((aug_one / "datalist_augmented.json").read_text()) == json.loads(
+        (aug_two / "datalist_augmented.json").read_text()
+    )
     assert len(json.loads((aug_two / "audit.json").read_text())["per_scan"]) == 3
     for i in range(3):
         p1, p2 = (json.loads((a / "synthetic" / f"synthetic_{i:04d}.json").read_text()) for a in (aug_one, aug_two))

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from medsynth.cli import main
 from medsynth.io.atomic import file_digest
-from medsynth.training.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
+from medsynth.io.state import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
 
 ROOT = Path(__file__).resolve().parents[2]
 # One torch thread per medsynth process (see tests/pipelines/test_faults.py).
@@ -43,14 +43,30 @@ class Server:
         self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = folder / "server.log"
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                   "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         # No background job runner: it is not needed here and starts a dozen more processes.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_until_up(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -62,7 +78,9 @@ class Server:
                         return
             except OSError:
                 pass
-            assert time.monotonic() < deadline, f"mlflow server did not answer in {timeout} s: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"mlflow server did not answer in {timeout} s: {self.log.read_text()[-3000:]}"
+            )
             time.sleep(0.25)
 
     def kill(self) -> None:
@@ -83,14 +101,26 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def run_medsynth(config: Path, uri: str, **extra_env: str) -> subprocess.Popen:
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, **extra_env}
-    return subprocess.Popen([sys.executable, "-m", "medsynth", "run", str(config)], env=env, cwd=config.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medsynth", "run", str(config)],
+        env=env,
+        cwd=config.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
-def test_pipeline_logs_runs_params_metrics_artifacts_and_model_to_a_team_server(team_server: Server, write_config, tmp_path: Path) -> None:
-    config = write_config({"stages": ["prepare", "train", "sample"],
-                           "tracking": {"experiment": "team", "registered_model": "team-model", "model_alias": "current"}})
+def test_pipeline_logs_runs_params_metrics_artifacts_and_model_to_a_team_server(
+    team_server: Server, write_config, tmp_path: Path
+) -> None:
+    config = write_config(
+        {
+            "stages": ["prepare", "train", "sample"],
+            "tracking": {"experiment": "team", "registered_model": "team-model", "model_alias": "current"},
+        }
+    )
     process = run_medsynth(config, team_server.uri)
     _, err = process.communicate(timeout=400)
     assert process.returncode == 0, err[-3000:]
@@ -104,16 +134,26 @@ def test_pipeline_logs_runs_params_metrics_artifacts_and_model_to_a_team_server(
     parent = stages.pop(None)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
-    assert parent.data.params["train.max_steps"] == "4" and parent.data.tags["medsynth.stages"] == "prepare,train,sample"
+    assert (
+        parent.data.params["train.max_steps"] == "4" and parent.data.tags["medsynth.stages"] == "prepare,train,sample"
+    )
     train = stages["train"]
-    assert train.data.params["model.channels"] == "[8, 8]" and "train/loss" in train.data.metrics and "val/loss" in train.data.metrics
+    assert (
+        train.data.params["model.channels"] == "[8, 8]"
+        and "train/loss" in train.data.metrics
+        and "val/loss" in train.data.metrics
+    )
     assert train.inputs.dataset_inputs  # mlflow.log_input
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"loss_curve.png", "config.yaml", "manifest.json", "medsynth"} <= artifacts
     assert "grid.png" in {a.path for a in client.list_artifacts(stages["sample"].info.run_id)}
     # The artifacts live in the server's artifact store, byte for byte.
-    served = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="medsynth/model.pt", dst_path=str(tmp_path / "dl"),
-                                                 tracking_uri=team_server.uri)
+    served = mlflow.artifacts.download_artifacts(
+        run_id=train.info.run_id,
+        artifact_path="medsynth/model.pt",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=team_server.uri,
+    )
     assert file_digest(served) == file_digest(tmp_path / "out" / "train" / "model.pt")
     assert list((team_server.folder / "artifacts").rglob("loss_curve.png"))
     # The registered model and its alias point at the training run.
@@ -139,8 +179,14 @@ def test_unreachable_server_is_refused_at_start_in_seconds(write_config, tmp_pat
     finally:
         mlflow.set_tracking_uri(before)  # MLflow keeps the last URI (and exports it) process-wide
     seconds = time.perf_counter() - started
-    one_line_exit_2(code, capsys.readouterr().err, f"MLflow tracking server {dead}", "not reachable", "MLFLOW_TRACKING_URI",
-                    "start it")
+    one_line_exit_2(
+        code,
+        capsys.readouterr().err,
+        f"MLflow tracking server {dead}",
+        "not reachable",
+        "MLFLOW_TRACKING_URI",
+        "start it",
+    )
     assert seconds < 15, seconds
     assert not (tmp_path / "never").exists()  # nothing written, not even the output folder
 
@@ -148,11 +194,18 @@ def test_unreachable_server_is_refused_at_start_in_seconds(write_config, tmp_pat
 @pytest.mark.slow
 def test_server_lost_during_training_costs_no_training(team_server: Server, write_config, tmp_path: Path) -> None:
     """Last in this module: it kills the module's server."""
-    config = write_config({"stages": ["prepare", "train", "sample"], "train": {"max_steps": 24, "checkpoint_every": 4, "log_every": 1},
-                           "tracking": {"experiment": "team-lost", "registered_model": "team-lost-model"}})
+    config = write_config(
+        {
+            "stages": ["prepare", "train", "sample"],
+            "train": {"max_steps": 24, "checkpoint_every": 4, "log_every": 1},
+            "tracking": {"experiment": "team-lost", "registered_model": "team-lost-model"},
+        }
+    )
     out = tmp_path / "out"
     # MLflow's own client settings: fail a request to a dead server at once (its defaults retry for minutes).
-    process = run_medsynth(config, team_server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    process = run_medsynth(
+        config, team_server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"
+    )
     deadline = time.monotonic() + 300
     while not (out / ".train.partial" / "checkpoints" / "last.pt").is_file():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
@@ -162,7 +215,9 @@ def test_server_lost_during_training_costs_no_training(team_server: Server, writ
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err
     warnings = [line for line in err.splitlines() if line.startswith("warning: MLflow tracking")]
-    assert len(warnings) == 1 and team_server.uri in warnings[0] and "goes on without tracking" in warnings[0], err[-3000:]
+    assert len(warnings) == 1 and team_server.uri in warnings[0] and "goes on without tracking" in warnings[0], err[
+        -3000:
+    ]
     assert "train: done" in out_text and "sample: done" in out_text
     # Every step trained and checkpointed; the model file is complete; later stages ran on it.
     checkpoint = load_state(out / "train" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)

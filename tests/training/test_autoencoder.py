@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, TINY_3D, Interrupt, deep_update
 from monai.networks.nets import PatchDiscriminator, resnet10
 
-from conftest import TINY, TINY_3D, Interrupt, deep_update
 from medsynth.config import Config
 from medsynth.errors import MedsynthError
+from medsynth.io.state import load_state
 from medsynth.models.autoencoder import (
     AUTOENCODER_FORMAT,
     STATE_KEYS,
@@ -26,6 +27,7 @@ from medsynth.models.autoencoder import (
     load_autoencoder,
     perceptual_loss,
 )
+from medsynth.runtime import DistContext
 from medsynth.training.autoencoder import (
     AUTOENCODER_CHECKPOINT_FORMAT,
     discriminator_output_side,
@@ -34,13 +36,25 @@ from medsynth.training.autoencoder import (
     reconstruction_metrics,
     train_autoencoder,
 )
-from medsynth.training.checkpoint import load_state
-from medsynth.training.distributed import DistContext
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-TINY_AE = {"channels": [8, 16], "attention_levels": [False, False], "latent_channels": 2, "norm_num_groups": 8, "disc_channels": 8,
-           "disc_layers": 2, "batch_size": 8, "max_steps": 6, "lr": 1e-2, "adv_weight": 0.01, "adv_start": 3, "log_every": 1,
-           "val_every": 3, "val_images": 4, "checkpoint_every": 2}
+TINY_AE = {
+    "channels": [8, 16],
+    "attention_levels": [False, False],
+    "latent_channels": 2,
+    "norm_num_groups": 8,
+    "disc_channels": 8,
+    "disc_layers": 2,
+    "batch_size": 8,
+    "max_steps": 6,
+    "lr": 1e-2,
+    "adv_weight": 0.01,
+    "adv_start": 3,
+    "log_every": 1,
+    "val_every": 3,
+    "val_images": 4,
+    "checkpoint_every": 2,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +88,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     """One 40-step 2D run shared by the tests of its outcome (about 2 s)."""
     images = blobs(40)
     config = ae_config(max_steps=40, adv_start=20, log_every=5, val_every=20, val_images=8)
-    result = train_autoencoder(config, images[:32], images[32:], tmp_path_factory.mktemp("ae"), CPU, intensity={"modality": "mr"})
+    result = train_autoencoder(
+        config, images[:32], images[32:], tmp_path_factory.mktemp("ae"), CPU, intensity={"modality": "mr"}
+    )
     return config, images, result
 
 
@@ -110,7 +126,9 @@ def test_adversarial_terms_start_at_adv_start(trained) -> None:
 
 def test_no_discriminator_without_adversarial_weight(tmp_path: Path) -> None:
     images = blobs(10)
-    result = train_autoencoder(ae_config(adv_weight=0.0, max_steps=4, adv_start=0), images[:8], images[8:], tmp_path, CPU)
+    result = train_autoencoder(
+        ae_config(adv_weight=0.0, max_steps=4, adv_start=0), images[:8], images[8:], tmp_path, CPU
+    )
     assert all("train/gen_adv" not in h for h in result.history)
     assert "discriminator" not in load_state(result.checkpoint_path, expected_format=AUTOENCODER_CHECKPOINT_FORMAT)
 
@@ -118,7 +136,9 @@ def test_no_discriminator_without_adversarial_weight(tmp_path: Path) -> None:
 def test_model_file_scale_factor_and_encoding(trained) -> None:
     config, images, result = trained
     state = load_state(result.model_path, expected_format=AUTOENCODER_FORMAT)
-    assert set(STATE_KEYS) <= set(state) and state["image_size"] == [16, 16] and state["intensity"] == {"modality": "mr"}
+    assert (
+        set(STATE_KEYS) <= set(state) and state["image_size"] == [16, 16] and state["intensity"] == {"modality": "mr"}
+    )
     assert state["kwargs"]["channels"] == [8, 16] and state["step"] == 40
     ae = load_autoencoder(result.model_path)
     assert ae.downsample == 2 and ae.latent_channels == 2 and ae.scale_factor == pytest.approx(result.scale_factor)
@@ -126,8 +146,12 @@ def test_model_file_scale_factor_and_encoding(trained) -> None:
     latents = encode(ae, images[:32], batch_size=5, device="cpu")
     assert latents.shape == (32, 2, 8, 8) and latents.dtype == np.float32
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)  # scaled to unit std on the training images
-    assert np.array_equal(latents, encode(ae, torch.as_tensor(images[:32]), batch_size=5, device="cpu"))  # deterministic (posterior mean)
-    assert np.allclose(latents, encode(ae, images[:32], batch_size=32, device="cpu"), atol=1e-5)  # batching changes float rounding only
+    assert np.array_equal(
+        latents, encode(ae, torch.as_tensor(images[:32]), batch_size=5, device="cpu")
+    )  # deterministic (posterior mean)
+    assert np.allclose(
+        latents, encode(ae, images[:32], batch_size=32, device="cpu"), atol=1e-5
+    )  # batching changes float rounding only
     decoded = decode(ae, torch.as_tensor(latents[:4]), roi_size=None, device="cpu")
     assert decoded.shape == (4, 1, 16, 16)
     assert float((decoded - torch.as_tensor(images[:4])).abs().mean()) < 0.35  # measured 0.22 after 40 steps
@@ -162,13 +186,20 @@ def test_sliding_window_decode(trained) -> None:
 
 
 @pytest.mark.parametrize(("interrupt_at", "patch_size"), [(3, None), (4, [8, 8])])
-def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path, interrupt_at: int, patch_size) -> None:
+def test_interrupted_then_resumed_run_ends_with_identical_weights(
+    tmp_path: Path, interrupt_at: int, patch_size
+) -> None:
     images = blobs(12)
     extra = {"patch_size": patch_size, "disc_layers": 1} if patch_size else {}
     straight = train_autoencoder(ae_config(**extra), images[:10], images[10:], tmp_path / "a", CPU)
     with pytest.raises(KeyboardInterrupt):
-        train_autoencoder(ae_config(**extra), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at))
-    assert load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=AUTOENCODER_CHECKPOINT_FORMAT)["step"] == interrupt_at
+        train_autoencoder(
+            ae_config(**extra), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at)
+        )
+    assert (
+        load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=AUTOENCODER_CHECKPOINT_FORMAT)["step"]
+        == interrupt_at
+    )
     resumed = train_autoencoder(ae_config(resume=True, **extra), images[:10], images[10:], tmp_path / "b", CPU)
     assert resumed.resumed_from == interrupt_at
 
@@ -192,7 +223,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
     with pytest.raises(MedsynthError, match="different autoencoder config"):
         train_autoencoder(other, images[:8], images[8:], tmp_path, CPU)
     # cadence keys may change on resume
-    train_autoencoder(ae_config(max_steps=2, resume=True, log_every=2, val_images=1), images[:8], images[8:], tmp_path, CPU)
+    train_autoencoder(
+        ae_config(max_steps=2, resume=True, log_every=2, val_images=1), images[:8], images[8:], tmp_path, CPU
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +235,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
 
 def test_patch_training_encodes_whole_images(tmp_path: Path) -> None:
     images = blobs(10)
-    result = train_autoencoder(ae_config(patch_size=[8, 8], disc_layers=1, max_steps=4, adv_start=2), images[:8], images[8:], tmp_path, CPU)
+    result = train_autoencoder(
+        ae_config(patch_size=[8, 8], disc_layers=1, max_steps=4, adv_start=2), images[:8], images[8:], tmp_path, CPU
+    )
     assert any("train/gen_adv" in h for h in result.history)
     ae = load_autoencoder(result.model_path)
     assert ae.image_size == [16, 16]
@@ -240,7 +275,9 @@ def test_3d_training_encode_decode(tmp_path: Path) -> None:
 def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     images = blobs(10, side=18)  # 18 is not a multiple of the 3-level autoencoder's downsampling 4
     with pytest.raises(MedsynthError, match="not divisible"):
-        train_autoencoder(ae_config(channels=[8, 8, 8], attention_levels=[False] * 3), images[:8], images[8:], tmp_path, CPU)
+        train_autoencoder(
+            ae_config(channels=[8, 8, 8], attention_levels=[False] * 3), images[:8], images[8:], tmp_path, CPU
+        )
     with pytest.raises(MedsynthError, match="non-empty"):
         train_autoencoder(ae_config(), images[:8, 0], images[8:], tmp_path, CPU)
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, Interrupt, deep_update
+
 from medsynth.config import Config, ControlNetConfig
 from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import file_digest
+from medsynth.io.state import load_state
 from medsynth.models.controlnet import (
     CONTROLNET_FORMAT,
     TrainedControlNet,
@@ -26,9 +27,8 @@ from medsynth.models.controlnet import (
     one_hot_labels,
 )
 from medsynth.models.loading import TrainedModel, load_trained_model
-from medsynth.training.checkpoint import load_state
+from medsynth.runtime import DistContext
 from medsynth.training.controlnet import CONTROLNET_CHECKPOINT_FORMAT, controlnet_validation_loss, train_controlnet
-from medsynth.training.distributed import DistContext
 from medsynth.training.trainer import train_diffusion
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -50,11 +50,27 @@ def labelled(n: int, spatial: tuple[int, ...], seed: int = 0) -> tuple[np.ndarra
 
 
 def config_for(base: dict = TINY, **controlnet) -> Config:
-    return Config.model_validate(deep_update(base, {"controlnet": {"conditioning_channels": [8], "batch_size": 4, "max_steps": 6, "lr": 1e-3,
-                                                                   "log_every": 1, "checkpoint_every": 2, **controlnet}}))
+    return Config.model_validate(
+        deep_update(
+            base,
+            {
+                "controlnet": {
+                    "conditioning_channels": [8],
+                    "batch_size": 4,
+                    "max_steps": 6,
+                    "lr": 1e-3,
+                    "log_every": 1,
+                    "checkpoint_every": 2,
+                    **controlnet,
+                }
+            },
+        )
+    )
 
 
-def train_base(directory: Path, images: np.ndarray, extra: dict | None = None, classes: np.ndarray | None = None) -> TrainedModel:
+def train_base(
+    directory: Path, images: np.ndarray, extra: dict | None = None, classes: np.ndarray | None = None
+) -> TrainedModel:
     config = Config.model_validate(deep_update(TINY, {"train": {"max_steps": 4, "lr": 2e-3}, **(extra or {})}))
     kwargs = {} if classes is None else {"train_classes": classes[:-4], "val_classes": classes[-4:]}
     result = train_diffusion(config, images[:-4], images[-4:], directory, CPU, **kwargs)
@@ -63,12 +79,25 @@ def train_base(directory: Path, images: np.ndarray, extra: dict | None = None, c
 
 def run(config: Config, base: TrainedModel, data: tuple[np.ndarray, np.ndarray], directory: Path, **kwargs):
     images, labels = data
-    return train_controlnet(config, base, images[:-4], labels[:-4], images[-4:], labels[-4:], directory, CPU, num_labels=NUM_LABELS,
-                            base_sha256=file_digest(base.path), **kwargs)
+    return train_controlnet(
+        config,
+        base,
+        images[:-4],
+        labels[:-4],
+        images[-4:],
+        labels[-4:],
+        directory,
+        CPU,
+        num_labels=NUM_LABELS,
+        base_sha256=file_digest(base.path),
+        **kwargs,
+    )
 
 
 def in_memory(network, base: TrainedModel) -> TrainedControlNet:
-    return TrainedControlNet(network.eval(), NUM_LABELS, base.spatial_dims, base.image_size, 0, Path("<memory>"), {}, "")
+    return TrainedControlNet(
+        network.eval(), NUM_LABELS, base.spatial_dims, base.image_size, 0, Path("<memory>"), {}, ""
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +122,12 @@ def base2d(tmp_path_factory: pytest.TempPathFactory, data2d) -> TrainedModel:
 
 @pytest.fixture(scope="module")
 def trained2d(tmp_path_factory: pytest.TempPathFactory, base2d, data2d):
-    result = run(config_for(max_steps=60, lr=2e-2, checkpoint_every=60, log_every=10), base2d, data2d, tmp_path_factory.mktemp("controlnet"))
+    result = run(
+        config_for(max_steps=60, lr=2e-2, checkpoint_every=60, log_every=10),
+        base2d,
+        data2d,
+        tmp_path_factory.mktemp("controlnet"),
+    )
     return result, load_controlnet(result.model_path)
 
 
@@ -130,13 +164,20 @@ def test_training_uses_the_label_maps_and_lowers_the_loss(trained2d, base2d: Tra
     result, controlnet = trained2d
     images, labels = (torch.as_tensor(a[:16]) for a in data2d)
     fresh = build_controlnet(base2d, NUM_LABELS, ControlNetConfig(conditioning_channels=[8])).eval()
-    loss = {name: controlnet_validation_loss(base2d, net, images, maps, num_labels=NUM_LABELS, seed=0)
-            for name, net, maps in (("fresh", fresh, labels), ("trained", controlnet.network, labels),
-                                    ("wrong maps", controlnet.network, labels.roll(1, 0)))}
+    loss = {
+        name: controlnet_validation_loss(base2d, net, images, maps, num_labels=NUM_LABELS, seed=0)
+        for name, net, maps in (
+            ("fresh", fresh, labels),
+            ("trained", controlnet.network, labels),
+            ("wrong maps", controlnet.network, labels.roll(1, 0)),
+        )
+    }
     assert loss["trained"] < 0.97 * loss["fresh"], loss
     assert loss["trained"] < 0.95 * loss["wrong maps"], loss
     val_images, val_labels = (torch.as_tensor(a[-4:]) for a in data2d)
-    val_loss = controlnet_validation_loss(base2d, controlnet.network, val_images, val_labels, num_labels=NUM_LABELS, seed=0)
+    val_loss = controlnet_validation_loss(
+        base2d, controlnet.network, val_images, val_labels, num_labels=NUM_LABELS, seed=0
+    )
     assert result.history[-1]["controlnet/val_loss"] == pytest.approx(val_loss, rel=1e-5)
     assert {"controlnet/loss", "controlnet/lr", "controlnet/images_per_s"} <= set(result.history[0])
     labels = labels[:4]
@@ -145,7 +186,9 @@ def test_training_uses_the_label_maps_and_lowers_the_loss(trained2d, base2d: Tra
     with torch.no_grad():
         plain = base2d.network(x, timesteps=t)
         steered = controlnet_wrapper(controlnet, labels)(base2d.network, slice(0, 4))(x, timesteps=t)
-        off = controlnet_wrapper(controlnet, labels, conditioning_scale=0.0)(base2d.network, slice(0, 4))(x, timesteps=t)
+        off = controlnet_wrapper(controlnet, labels, conditioning_scale=0.0)(base2d.network, slice(0, 4))(
+            x, timesteps=t
+        )
     assert not torch.allclose(steered, plain, atol=1e-3)
     assert torch.equal(off, plain)
 
@@ -153,9 +196,17 @@ def test_training_uses_the_label_maps_and_lowers_the_loss(trained2d, base2d: Tra
 def test_controlnet_file_holds_ema_weights_and_how_to_rebuild_them(trained2d, base2d: TrainedModel) -> None:
     result, controlnet = trained2d
     state = load_state(result.model_path, expected_format=CONTROLNET_FORMAT)
-    assert state["num_labels"] == NUM_LABELS and state["image_size"] == [16, 16] and state["spatial_dims"] == 2 and state["step"] == 60
+    assert (
+        state["num_labels"] == NUM_LABELS
+        and state["image_size"] == [16, 16]
+        and state["spatial_dims"] == 2
+        and state["step"] == 60
+    )
     assert state["base_sha256"] == file_digest(base2d.path) == controlnet.base_sha256
-    assert state["kwargs"]["conditioning_embedding_num_channels"] == [8] and state["kwargs"]["conditioning_embedding_in_channels"] == NUM_LABELS
+    assert (
+        state["kwargs"]["conditioning_embedding_num_channels"] == [8]
+        and state["kwargs"]["conditioning_embedding_in_channels"] == NUM_LABELS
+    )
     checkpoint = load_state(result.checkpoint_path, expected_format=CONTROLNET_CHECKPOINT_FORMAT)
     assert all(torch.equal(v, checkpoint["ema"]["shadow"][k]) for k, v in state["state_dict"].items())
     assert not controlnet.network.training and not any(p.requires_grad for p in controlnet.network.parameters())
@@ -165,7 +216,10 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path
     straight = run(config_for(), base2d, data2d, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         run(config_for(), base2d, data2d, tmp_path / "b", step_callback=Interrupt(3))
-    assert load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CONTROLNET_CHECKPOINT_FORMAT)["step"] == 3
+    assert (
+        load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CONTROLNET_CHECKPOINT_FORMAT)["step"]
+        == 3
+    )
     resumed = run(config_for(resume=True), base2d, data2d, tmp_path / "b")
     assert resumed.resumed_from == 3
 
@@ -199,11 +253,22 @@ def test_divergence_is_one_line_naming_the_learning_rate(tmp_path: Path, base2d:
 def test_generate_with_the_controlnet_wrapper(trained2d, base2d: TrainedModel, data2d, sampler: str) -> None:
     _, controlnet = trained2d
     scheduler = build_sampling_scheduler(base2d.diffusion, sampler=sampler, steps=3, spatial_dims=2)
-    common = {"sampler": sampler, "image_shape": (1, 16, 16), "seeds": [0, 1, 2], "batch_size": 2, "device": torch.device("cpu")}
+    common = {
+        "sampler": sampler,
+        "image_shape": (1, 16, 16),
+        "seeds": [0, 1, 2],
+        "batch_size": 2,
+        "device": torch.device("cpu"),
+    }
     maps = data2d[1][:3]
     plain = generate(base2d.network, scheduler, **common)
     steered = generate(base2d.network, scheduler, network_wrapper=controlnet_wrapper(controlnet, maps), **common)
-    off = generate(base2d.network, scheduler, network_wrapper=controlnet_wrapper(controlnet, maps, conditioning_scale=0.0), **common)
+    off = generate(
+        base2d.network,
+        scheduler,
+        network_wrapper=controlnet_wrapper(controlnet, maps, conditioning_scale=0.0),
+        **common,
+    )
     assert steered.shape == (3, 1, 16, 16) and torch.isfinite(steered).all()
     assert not torch.allclose(steered, plain, atol=1e-4)
     assert torch.equal(off, plain)
@@ -224,11 +289,23 @@ def test_class_conditional_base_under_guidance(tmp_path: Path, data2d) -> None:
         return lambda x, **kwargs: seen.append(len(x)) or inner(x, **kwargs)
 
     scheduler = build_sampling_scheduler(base.diffusion, sampler="ddim", steps=2, spatial_dims=2)
-    common = {"sampler": "ddim", "image_shape": (1, 16, 16), "seeds": [0, 1], "batch_size": 2, "device": torch.device("cpu"),
-              "class_labels": [0, 1], "guidance_scale": 2.0}
+    common = {
+        "sampler": "ddim",
+        "image_shape": (1, 16, 16),
+        "seeds": [0, 1],
+        "batch_size": 2,
+        "device": torch.device("cpu"),
+        "class_labels": [0, 1],
+        "guidance_scale": 2.0,
+    }
     steered = generate(base.network, scheduler, network_wrapper=spy, **common)
     assert seen == [4, 4] and torch.isfinite(steered).all()
-    off = generate(base.network, scheduler, network_wrapper=controlnet_wrapper(controlnet, labels[:2], conditioning_scale=0.0), **common)
+    off = generate(
+        base.network,
+        scheduler,
+        network_wrapper=controlnet_wrapper(controlnet, labels[:2], conditioning_scale=0.0),
+        **common,
+    )
     assert torch.equal(off, generate(base.network, scheduler, **common))
 
 
@@ -237,14 +314,17 @@ def test_class_conditional_base_under_guidance(tmp_path: Path, data2d) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("maps", "message"), [
-    (np.zeros((2, 1, 16, 8), dtype=np.int64), r"shape \(2, 1, 16, 8\); expected \(N, 1, 16, 16\)"),
-    (np.zeros((2, 2, 16, 16), dtype=np.int64), r"shape \(2, 2, 16, 16\)"),
-    (np.zeros((2, 16, 16), dtype=np.int64), r"shape \(2, 16, 16\)"),
-    (np.full((2, 1, 16, 16), 0.5, dtype=np.float32), "non-integer values"),
-    (np.full((2, 1, 16, 16), 3, dtype=np.int64), r"label values \[3\] are outside 0..2"),
-    (np.full((2, 1, 16, 16), -1, dtype=np.int64), r"label values \[-1\] are outside 0..2"),
-])
+@pytest.mark.parametrize(
+    ("maps", "message"),
+    [
+        (np.zeros((2, 1, 16, 8), dtype=np.int64), r"shape \(2, 1, 16, 8\); expected \(N, 1, 16, 16\)"),
+        (np.zeros((2, 2, 16, 16), dtype=np.int64), r"shape \(2, 2, 16, 16\)"),
+        (np.zeros((2, 16, 16), dtype=np.int64), r"shape \(2, 16, 16\)"),
+        (np.full((2, 1, 16, 16), 0.5, dtype=np.float32), "non-integer values"),
+        (np.full((2, 1, 16, 16), 3, dtype=np.int64), r"label values \[3\] are outside 0..2"),
+        (np.full((2, 1, 16, 16), -1, dtype=np.int64), r"label values \[-1\] are outside 0..2"),
+    ],
+)
 def test_bad_label_maps_are_one_line_naming_the_source(maps: np.ndarray, message: str) -> None:
     with pytest.raises(MedsynthError, match=f"^labels.nii.gz: .*{message}") as info:
         check_label_maps(maps, [16, 16], NUM_LABELS, "labels.nii.gz")
@@ -281,13 +361,28 @@ def test_load_controlnet_refuses_missing_and_garbage_files(tmp_path: Path) -> No
 
 def test_3d_controlnet_trains_and_samples(tmp_path: Path) -> None:
     data = labelled(8, (8, 8, 8))
-    base_config = deep_update(TINY, {"data": {"spatial_dims": 3, "image_size": [8, 8, 8], "phantom": {"shape": [16, 16, 16]}},
-                                     "train": {"batch_size": 2, "val_images": 2}})
-    base = train_base(tmp_path / "base", data[0], {"data": base_config["data"], "train": {"max_steps": 2, "batch_size": 2}})
+    base_config = deep_update(
+        TINY,
+        {
+            "data": {"spatial_dims": 3, "image_size": [8, 8, 8], "phantom": {"shape": [16, 16, 16]}},
+            "train": {"batch_size": 2, "val_images": 2},
+        },
+    )
+    base = train_base(
+        tmp_path / "base", data[0], {"data": base_config["data"], "train": {"max_steps": 2, "batch_size": 2}}
+    )
     result = run(config_for(base_config, max_steps=2, batch_size=2), base, data, tmp_path / "controlnet")
     controlnet = load_controlnet(result.model_path)
     assert controlnet.spatial_dims == 3 and controlnet.image_size == [8, 8, 8]
     scheduler = build_sampling_scheduler(base.diffusion, sampler="ddim", steps=2, spatial_dims=3)
-    samples = generate(base.network, scheduler, sampler="ddim", image_shape=(1, 8, 8, 8), seeds=[0, 1], batch_size=2, device=torch.device("cpu"),
-                       network_wrapper=controlnet_wrapper(controlnet, data[1][:2]))
+    samples = generate(
+        base.network,
+        scheduler,
+        sampler="ddim",
+        image_shape=(1, 8, 8, 8),
+        seeds=[0, 1],
+        batch_size=2,
+        device=torch.device("cpu"),
+        network_wrapper=controlnet_wrapper(controlnet, data[1][:2]),
+    )
     assert samples.shape == (2, 1, 8, 8, 8) and torch.isfinite(samples).all()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medsynth.cli import main
-from medsynth.training.checkpoint import MODEL_FORMAT, load_state
+from medsynth.io.state import MODEL_FORMAT, load_state
 
 
 @pytest.mark.slow
@@ -19,7 +19,17 @@ def test_torchrun_two_cpu_processes_match_one_process(write_config, tmp_path: Pa
     config = write_config({"train": {"max_steps": 3, "batch_size": 4}, "tracking": {"log_model": False}})
     assert main(["prepare", str(config)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medsynth", "train", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "medsynth",
+        "train",
+        str(config),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("train: done") == 1  # rank 0 alone reports
@@ -41,7 +51,17 @@ def test_torchrun_two_cpu_processes_match_one_process(write_config, tmp_path: Pa
 def test_torchrun_whole_pipeline(write_config, tmp_path: Path) -> None:
     config = write_config({"train": {"max_steps": 2}})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medsynth", "run", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "medsynth",
+        "run",
+        str(config),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("prepare", "train", "sample", "evaluate", "augment"):

@@ -7,19 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, Interrupt, deep_update
+
 from medsynth.config import Config
 from medsynth.errors import MedsynthError
-from medsynth.training.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
-from medsynth.training.distributed import DistContext
+from medsynth.io.state import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
+from medsynth.runtime import DistContext
 from medsynth.training.trainer import batch_indices, lr_factor, train_diffusion
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def tiny_config(**train) -> Config:
-    return Config.model_validate(deep_update(TINY, {"train": {"max_steps": 6, "checkpoint_every": 2, "log_every": 1, "val_every": 3, **train}}))
+    return Config.model_validate(
+        deep_update(TINY, {"train": {"max_steps": 6, "checkpoint_every": 2, "log_every": 1, "val_every": 3, **train}})
+    )
 
 
 def data(spatial=(16, 16), n=12) -> np.ndarray:
@@ -31,8 +33,13 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path
     images = data()
     straight = train_diffusion(tiny_config(), images[:10], images[10:], tmp_path / "a", CPU)
     with pytest.raises(KeyboardInterrupt):
-        train_diffusion(tiny_config(), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at))
-    assert load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)["step"] == interrupt_at
+        train_diffusion(
+            tiny_config(), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at)
+        )
+    assert (
+        load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)["step"]
+        == interrupt_at
+    )
     resumed = train_diffusion(tiny_config(resume=True), images[:10], images[10:], tmp_path / "b", CPU)
     assert resumed.resumed_from == interrupt_at
 
@@ -44,7 +51,9 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path
     for key, value in a["ema"]["shadow"].items():
         assert torch.equal(value, b["ema"]["shadow"][key]), key
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
-    assert [h["train/loss"] for h in a["history"]][interrupt_at:] == [h["train/loss"] for h in b["history"]][interrupt_at:]
+    assert [h["train/loss"] for h in a["history"]][interrupt_at:] == [h["train/loss"] for h in b["history"]][
+        interrupt_at:
+    ]
 
 
 def test_same_seed_same_weights_different_seed_differs(tmp_path: Path) -> None:
@@ -68,8 +77,15 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
 
 
 def test_3d_training_step_and_model_file(tmp_path: Path) -> None:
-    config = Config.model_validate(deep_update(TINY, {"data": {"spatial_dims": 3, "image_size": [16, 16, 16], "phantom": {"shape": [16, 16, 16]}},
-                                                      "train": {"max_steps": 1, "batch_size": 2, "val_images": 2}}))
+    config = Config.model_validate(
+        deep_update(
+            TINY,
+            {
+                "data": {"spatial_dims": 3, "image_size": [16, 16, 16], "phantom": {"shape": [16, 16, 16]}},
+                "train": {"max_steps": 1, "batch_size": 2, "val_images": 2},
+            },
+        )
+    )
     images = data((16, 16, 16), 4)
     result = train_diffusion(config, images[:3], images[3:], tmp_path, CPU)
     state = load_state(result.model_path, expected_format=MODEL_FORMAT)
@@ -119,7 +135,11 @@ def test_gradient_checkpointing_gives_identical_weights(tmp_path: Path, attentio
     for name, flag in (("plain", False), ("checkpointed", True)):
         config = tiny_config(max_steps=3, gradient_checkpointing=flag)
         if attention:
-            config = Config.model_validate(deep_update(config.model_dump(), {"model": {"attention_levels": [False, True], "use_flash_attention": True}}))
+            config = Config.model_validate(
+                deep_update(
+                    config.model_dump(), {"model": {"attention_levels": [False, True], "use_flash_attention": True}}
+                )
+            )
         result = train_diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
         states.append(load_state(result.model_path, expected_format=MODEL_FORMAT)["state_dict"])
     assert states[0].keys() == states[1].keys()

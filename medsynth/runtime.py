@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from medsynth.errors import MedsynthError
+
 T = TypeVar("T")
 
 
@@ -46,6 +48,14 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA only (the project's device convention); fp32 on CPU."""
+    if precision == "bf16" and device.type != "cuda":
+        raise MedsynthError("train.precision 'bf16' needs CUDA; use 'auto' or 'fp32' on CPU")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
+
 
 def setup(requested_device: str = "auto") -> DistContext:
     """Join the process group when launched by ``torchrun``; a single process otherwise.
@@ -61,7 +71,11 @@ def setup(requested_device: str = "auto") -> DistContext:
     if device.type == "cpu":
         # OMP_NUM_THREADS when the user (or torchrun) set it, else the machine's cores shared out
         threads = os.environ.get("OMP_NUM_THREADS", "")
-        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(
+            int(threads)
+            if threads.isdigit() and int(threads) > 0
+            else max(1, (os.cpu_count() or 1) // max(1, local_world))
+        )
     else:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -127,7 +141,9 @@ def gather_to_main(obj: T, ctx: DistContext) -> list[T] | None:
     return received
 
 
-def map_sharded(compute: Callable[[list[int]], Sequence[T]], count: int, ctx: DistContext, *, chunk: int = 1) -> Iterator[list[tuple[int, T]]]:
+def map_sharded(
+    compute: Callable[[list[int]], Sequence[T]], count: int, ctx: DistContext, *, chunk: int = 1
+) -> Iterator[list[tuple[int, T]]]:
     """Compute items ``0..count-1`` split across the ranks (:func:`shard`), ``chunk`` items per rank per round.
 
     ``compute(indices)`` returns one result per index. After each round rank 0 gathers the round's
@@ -149,4 +165,6 @@ def map_sharded(compute: Callable[[list[int]], Sequence[T]], count: int, ctx: Di
         if len(results) != len(part):
             raise ValueError(f"compute returned {len(results)} results for {len(part)} items")
         gathered = gather_to_main(list(zip(part, results)), ctx)
-        yield [] if gathered is None else sorted((pair for pairs in gathered for pair in pairs), key=lambda pair: pair[0])
+        yield (
+            [] if gathered is None else sorted((pair for pairs in gathered for pair in pairs), key=lambda pair: pair[0])
+        )

@@ -58,8 +58,10 @@ def _load_failure(exc: BaseException) -> str:
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         detail = f"; it references {found.group(1)}" if found is not None else ""
-        return (f"it holds pickled Python objects, not only tensors and plain values{detail}; refused: medsynth loads weights only "
-                "and never unpickles code")
+        return (
+            f"it holds pickled Python objects, not only tensors and plain values{detail}; refused: medsynth loads weights only "
+            "and never unpickles code"
+        )
     return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
 
 
@@ -100,7 +102,13 @@ def rng_states() -> dict[str, Any]:
 
 def _numpy_global_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.as_tensor(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "kind": kind,
+        "keys": torch.as_tensor(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -109,7 +117,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     numpy_state = states["numpy"]
     np.random.set_state(
-        (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached"],
+        )
     )
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
