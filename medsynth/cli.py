@@ -22,20 +22,9 @@ import sys
 from collections.abc import Sequence
 
 from medsynth import __version__
-from medsynth.config import STAGES
+from medsynth.stages import BY_NAME, STAGE_NAMES
 from medsynth.errors import MedsynthError
 
-STAGE_HELP = {
-    "prepare": "phantoms or your NIfTI/DICOM folder -> datalist.json + cached model inputs",
-    "autoencoder": "train the AutoencoderKL of latent diffusion (L1 + KL + patch adversarial); works under torchrun",
-    "train": "train the diffusion model on images or latents (checkpoints, EMA, MLflow model); works under torchrun",
-    "controlnet": "train a ControlNet on the trained model: label map -> image; works under torchrun",
-    "sample": "draw synthetic scans (NIfTI + grid.png) with DDPM, DDIM, RFlow or a score-based sampler",
-    "evaluate": "score samples against held-out images (FID, precision/recall, MMD, diversity, memorisation audit; moves the best "
-    "alias) and denoised scans (PSNR, SSIM)",
-    "augment": "write audited synthetic training cases (NIfTI, optionally DICOM) with provenance and a merged datalist",
-    "utility": "train a small MONAI model on real / real + synthetic / synthetic data and score it on held-out real data",
-}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -162,15 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the stages the config lists (unchanged ones are skipped)",
-        description="Run the pipeline: " + " -> ".join(STAGES) + ". One parent MLflow run, one nested run per stage.",
+        description="Run the pipeline: " + " -> ".join(STAGE_NAMES) + ". One parent MLflow run, one nested run per stage.",
     )
     add_common(run)
-    run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    for stage in STAGES:
+    run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_NAMES)}")
+    for stage in STAGE_NAMES:
         if stage == "denoise":
             add_denoise_parser(commands)
             continue
-        add_common(commands.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage].capitalize() + "."))
+        text = BY_NAME[stage].help
+        add_common(commands.add_parser(stage, help=text, description=text[0].upper() + text[1:] + "."))
     return parser
 
 
@@ -178,10 +168,10 @@ def _stages(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STAGES]
+    unknown = [s for s in names if s not in STAGE_NAMES]
     if unknown or not names:
         raise MedsynthError(
-            f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} (allowed: {', '.join(STAGES)})"
+            f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} (allowed: {', '.join(STAGE_NAMES)})"
         )
     return names
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -25,18 +25,12 @@ from pydantic import (
 )
 
 from medsynth.errors import MedsynthError
+from medsynth.stages import DEFAULT_STAGES, STAGE_NAMES
 
-STAGES = ("prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility")
 # Samplers: the MONAI-scheduler ones, and the score-based ones that read any model over sigma.
 SCORE_SAMPLER_NAMES = ("euler", "heun", "pc", "dpmpp_2m")
 SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"]
-
-# What ``stages`` means when a config does not say: the synthesis pipeline.
-DEFAULT_STAGES = ("prepare", "train", "sample", "evaluate", "augment")
-StageName = Literal[
-    "prepare", "autoencoder", "train", "controlnet", "sample", "denoise", "evaluate", "augment", "utility"
-]
-DENOISE_METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]  # the stage registry, medsynth/stages.py
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -60,6 +54,55 @@ class StrictModel(BaseModel):
             expected = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
             raise ValueError(f"expected {expected or str(annotation).replace('typing.', '')}, not a boolean")
         return value
+
+
+# Whether a key changes results is marked once, here, on its field: ``Field(..., json_schema_extra=KNOB)``
+# marks a key that changes how the work is done (memory, speed, resume, reporting cadence) but not what it
+# makes. Every other key changes results. The stage cache key and the resume identity of every trainer
+# are both derived from these marks (:func:`result_view`), so they cannot disagree.
+KNOB: dict[str, Any] = {"result": False}
+
+
+def changes_result(model: type[BaseModel], name: str) -> bool:
+    """Whether the field ``name`` of ``model`` changes results (not marked :data:`KNOB`)."""
+    extra = model.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("result") is False)
+
+
+def result_view(config: BaseModel, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON-compatible values of the keys of ``config`` that change results (recursively), less ``exclude``."""
+    plain = to_plain(config)
+    view: dict[str, Any] = {}
+    for name in type(config).model_fields:
+        if name in exclude or not changes_result(type(config), name):
+            continue
+        value = getattr(config, name)
+        view[name] = result_view(value) if isinstance(value, BaseModel) else plain[name]
+    return view
+
+
+def knob_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names of every key marked :data:`KNOB` under ``model`` (for docs and messages)."""
+    keys = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += knob_keys(annotation, f"{prefix}{name}.")
+        elif not changes_result(model, name):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (nested) views, e.g. ``['train.lr']``."""
+    keys = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{name}.")
+        elif a != b:
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +259,9 @@ class AutoencoderConfig(StrictModel):
     """MONAI ``AutoencoderKL`` for latent diffusion (the ``autoencoder`` stage), trained with L1 + KL + a
     patch adversarial loss after a warm-up, and optionally a perceptual loss from a local weights file."""
 
+    # read by the sampling stages (decoding), not by the autoencoder stage: outside its result view
+    SAMPLING_KEYS: ClassVar[tuple[str, ...]] = ("decode_roi", "decode_overlap")
+
     channels: list[int] = Field(
         default_factory=lambda: [32, 64, 64],
         description="Encoder widths; the latent is 2^(len-1) times smaller per side",
@@ -252,11 +298,18 @@ class AutoencoderConfig(StrictModel):
         "fully convolutional); null: whole images",
     )
     grad_clip: float | None = Field(1.0, gt=0.0)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear LR warm-up steps (both networks); null: a tenth of max_steps, at most 50"
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay floor as a fraction of lr")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay of both networks (torch's default)")
     val_images: int = Field(16, ge=1, description="Held-out images for reconstruction PSNR/SSIM and the grid")
-    val_every: int = Field(250, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(250, ge=1)
-    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+    val_every: int = Field(250, ge=1, json_schema_extra=KNOB)
+    log_every: int = Field(10, ge=1, json_schema_extra=KNOB)
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=KNOB)
+    resume: bool = Field(
+        False, description="Continue from the last checkpoint of an interrupted run", json_schema_extra=KNOB
+    )
     decode_roi: list[int] | None = Field(
         None,
         description="Latent window of the sliding-window decoder (bounds memory at large sizes); "
@@ -286,6 +339,9 @@ class AutoencoderConfig(StrictModel):
 class ControlNetConfig(StrictModel):
     """MONAI ``ControlNet`` trained on top of the trained (frozen) diffusion model: label map -> image."""
 
+    # read by the sampling stages (label-map conditioning), not by the controlnet stage: outside its result view
+    SAMPLING_KEYS: ClassVar[tuple[str, ...]] = ("conditioning_scale", "label_maps")
+
     conditioning_channels: list[int] = Field(
         default_factory=lambda: [16],
         description="Widths of the label-map embedding (MONAI's conditioning_embedding_num_channels); "
@@ -294,15 +350,27 @@ class ControlNetConfig(StrictModel):
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear LR warm-up steps; null: a tenth of max_steps, at most 50"
+    )
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Cosine decay floor as a fraction of lr")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+step)/(10+step)) so early EMA is not stale")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    val_images: int = Field(64, ge=1, description="Held-out images used for the final validation loss")
     conditioning_scale: float = Field(1.0, ge=0.0, description="Weight of the ControlNet residuals at sampling")
     label_maps: Path | None = Field(
         None,
         description="Label maps to generate from (sample / augment): a NIfTI file or a folder of them, "
         "each of the model's image size with values 0..labels-1; null: the held-out cases' label maps",
     )
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(250, ge=1)
-    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+    log_every: int = Field(10, ge=1, json_schema_extra=KNOB)
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=KNOB)
+    resume: bool = Field(
+        False, description="Continue from the last checkpoint of an interrupted run", json_schema_extra=KNOB
+    )
 
 
 class DiffusionConfig(StrictModel):
@@ -357,11 +425,13 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+step)/(10+step)) so early EMA is not stale")
-    checkpoint_every: int = Field(250, ge=1)
-    val_every: int = Field(250, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=KNOB)
+    val_every: int = Field(250, ge=1, json_schema_extra=KNOB)
+    log_every: int = Field(10, ge=1, json_schema_extra=KNOB)
     val_images: int = Field(64, ge=1, description="Held-out images used for the validation loss")
-    resume: bool = Field(False, description="Continue from the last checkpoint of an interrupted run")
+    resume: bool = Field(
+        False, description="Continue from the last checkpoint of an interrupted run", json_schema_extra=KNOB
+    )
     channels_last: bool = Field(
         False,
         description="channels-last memory format: measured slower for MONAI's GroupNorm-heavy UNet on a "
@@ -379,6 +449,7 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute block activations in the backward pass: less memory, more time (same weights, tested)",
+        json_schema_extra=KNOB,
     )
     label_dropout: float = Field(
         0.1,

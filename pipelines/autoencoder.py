@@ -51,13 +51,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
 
     result = train_autoencoder(
-        config,
-        train["images"],
-        val["images"],
-        work,
-        ctx.dist,
-        intensity=summary["intensity"],
-        log_metrics=ctx.tracker.log_metrics,
+        config.autoencoder, train["images"], val["images"], ctx.run_settings(), intensity=summary["intensity"]
     )
     if not ctx.dist.is_main:
         return {}

@@ -44,39 +44,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.dist.is_main and config.controlnet.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}")
     result = train_controlnet(
-        config,
-        base,
-        train["images"],
-        train["labels"],
-        val["images"],
-        val["labels"],
-        work,
-        ctx.dist,
-        num_labels=labels,
-        base_sha256=file_digest(model_path),
-        log_metrics=ctx.tracker.log_metrics,
+        config.controlnet, base, train["images"], train["labels"], val["images"], val["labels"], ctx.run_settings(),
+        num_labels=labels, base_sha256=file_digest(model_path),
     )
     if not ctx.dist.is_main:
         return {}
     atomic_write_json(work / "history.json", result.history)
-    loss_curve(
-        [
-            {
-                "step": h["step"],
-                "train/loss": h.get("controlnet/loss"),
-                **({"val/loss": h["controlnet/val_loss"]} if "controlnet/val_loss" in h else {}),
-            }
-            for h in result.history
-        ],
-        work / "loss_curve.png",
-    )
+    loss_curve(result.history, work / "loss_curve.png")
     ctx.tracker.log_artifact(work / "loss_curve.png")
     last = result.history[-1] if result.history else {}
     return {
         "steps": result.steps,
         "num_labels": labels,
-        "final_loss": last.get("controlnet/loss"),
-        "val_loss": last.get("controlnet/val_loss"),
+        "final_loss": last.get("train/loss"),
+        "val_loss": last.get("val/loss"),
         "resumed_from": result.resumed_from,
         "mlflow_run_id": ctx.tracker.run_id or None,
     }

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medsynth.config import STAGES, Config, digest, to_plain
+from medsynth import __version__
+from medsynth.config import Config, differing_keys, digest, result_view
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import (
     atomic_write_json,
@@ -41,6 +42,7 @@ from medsynth.io.atomic import (
     remove_stale_temporaries,
     staged_folder,
 )
+from medsynth.stages import STAGE_NAMES
 from pipelines.specs import SPECS
 from pipelines.stage import (
     StageContext,
@@ -66,7 +68,7 @@ def say(message: str, ctx: DistContext | None = None) -> None:
 
 def selected(config: Config, stages: list[str] | None) -> list[str]:
     """The stages to run, in pipeline order."""
-    return [s for s in STAGES if s in (stages if stages is not None else config.stages)]
+    return [s for s in STAGE_NAMES if s in (stages if stages is not None else config.stages)]
 
 
 def is_current(name: str, config: Config, memo: dict[str, bool] | None = None) -> bool:
@@ -92,7 +94,7 @@ def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]
 
 
 INVOCATION_RECORD = ".medsynth-invocation.json"  # the running command's id and MLflow store, in output_dir
-STAGE_KEY = ".medsynth-stage-key"  # in a training work folder: the cache key its checkpoints were made for
+STAGE_KEY = ".medsynth-stage-key"  # in a training work folder: the cache key (and its parts) its checkpoints were made for
 
 
 def training_work(config: Config, name: str) -> Path:
@@ -161,6 +163,10 @@ def run_pipeline(
         preflight = getattr(importlib.import_module(SPECS[name].module), "preflight", None)
         if preflight is not None:
             preflight(config)
+    # An interrupted training that cannot continue is refused before any MLflow run starts.
+    for name in names:
+        if SPECS[name].trains and not force:
+            check_interrupted(SPECS[name], config)
 
     from medsynth import tracking
 
@@ -224,11 +230,9 @@ class Invocation:
     def __init__(self, config: Config, nested: bool, tracking) -> None:
         self.config, self.tracking = config, tracking
         self.path = Path(config.output_dir) / INVOCATION_RECORD
-        plain = to_plain(config)
-        for section in ("train", "autoencoder", "controlnet"):  # resuming by hand is the same command
-            plain.get(section, {}).pop("resume", None)
+        # the keys that change results: a rerun that only turns a knob (resume, memory, cadence) is the same command
         self.signature = {
-            "config_digest": digest(plain),
+            "config_digest": digest(result_view(config)),
             "tracking_uri": tracking.resolve_tracking_uri(config),
             "experiment": config.tracking.experiment,
             "nested": nested,
@@ -372,7 +376,9 @@ def _run_stage(
     # Training keeps a fixed work folder with its checkpoints so that an interrupted run can resume.
     work = training_work(config, spec.name) if distributed_stage else None
     stage_config, recorded = (
-        _resume_if_interrupted(spec, config, work, key, ctx) if distributed_stage else (config, None)
+        _resume_if_interrupted(spec, config, work, key, key_parts(spec, config, inputs), ctx, force=force)
+        if distributed_stage
+        else (config, None)
     )
     run = (
         tracking.start_run(
@@ -433,34 +439,80 @@ def _run_stage(
     return manifest
 
 
+def key_parts(spec: StageSpec, config: Config, inputs: dict[str, str]) -> dict:
+    """What a stage's cache key digests, by part: its config keys that change results, the seed, its inputs."""
+    return {**spec.sections(config), "seed": config.seed, "medsynth_version": __version__, "inputs": inputs}
+
+
+def _read_stage_key(work: Path) -> tuple[str | None, dict | None]:
+    """The cache key (and its parts) a training work folder's checkpoints were made for; (None, None): unknown."""
+    record = _read_json(work / STAGE_KEY)
+    return (record.get("key"), record.get("parts")) if isinstance(record.get("key"), str) else (None, None)
+
+
+def _interrupted_elsewhere(spec: StageSpec, work: Path, old: dict | None, new: dict) -> MedsynthError:
+    keys = differing_keys(old, new) if isinstance(old, dict) else []
+    inputs = [k.removeprefix("inputs.") for k in keys if k.startswith("inputs.")]
+    named = [k for k in keys if not k.startswith("inputs.")]
+    what = []
+    if named:
+        what.append(f"other values of {', '.join(named[:6])}{' ...' if len(named) > 6 else ''}")
+    if inputs:
+        what.append(f"other outputs of stage {', '.join(inputs)}")
+    return MedsynthError(
+        f"{spec.name}: the interrupted run in {work} was made with {' and '.join(what) or 'another config'}, "
+        "which change the result, so it cannot continue; rerun with --force to start over (or restore the old values)"
+    )
+
+
+def check_interrupted(spec: StageSpec, config: Config) -> None:
+    """Refuse now (one line naming the keys) when the stage's work folder holds the checkpoint of an interrupted
+    run made with other result keys; nothing to say when the stage's inputs are not made yet."""
+    work = training_work(config, spec.name)
+    key_recorded, parts_recorded = _read_stage_key(work)
+    if key_recorded is None or not (work / "checkpoints" / "last.pt").is_file() or getattr(config, spec.name).resume:
+        return
+    try:
+        inputs = upstream_digests(spec, config)
+    except MedsynthError:
+        return
+    if cache_key(spec, config, inputs) != key_recorded:
+        raise _interrupted_elsewhere(spec, work, parts_recorded, key_parts(spec, config, inputs))
+
+
 def _resume_if_interrupted(
-    spec: StageSpec, config: Config, work: Path, key: str, ctx: DistContext
+    spec: StageSpec, config: Config, work: Path, key: str, parts: dict, ctx: DistContext, *, force: bool = False
 ) -> tuple[Config, str | None]:
-    """The config a training stage runs with: ``<stage>.resume`` turned on when its work folder holds
-    the checkpoint of an interrupted run of this very stage config (same cache key), so that rerunning
-    the command after a crash continues where the checkpoint stands. A work folder made for another
-    config is cleared (the trainer would start over anyway). An explicit ``resume=true`` is left to the
-    trainer's own identity check. Every rank decides on the same files before rank 0 changes them.
+    """The config a training stage runs with: ``<stage>.resume`` turned on when its work folder holds the
+    checkpoint of an interrupted run of this very stage config (same cache key: only keys that change results
+    count, so a changed memory or speed knob still continues), so that rerunning the command after a crash
+    continues where the checkpoint stands. A checkpoint made with other result keys is refused with one line
+    naming them; ``force`` clears it and starts over. An explicit ``resume=true`` is left to the trainer's own
+    identity check. Every rank decides on the same files before rank 0 changes them.
 
     Returns:
-        The config, and the stage key the work folder held before (None: none).
+        The config, and the stage key record the work folder held before (None: none).
+
+    Raises:
+        MedsynthError: the work folder holds a checkpoint of another stage config (without ``force``).
     """
     from medsynth.runtime import barrier
 
     section = getattr(config, spec.name)  # training stages are configured by the section of their name
     checkpoint = work / "checkpoints" / "last.pt"
-    recorded = (work / STAGE_KEY).read_text(encoding="utf-8").strip() if (work / STAGE_KEY).is_file() else None
-    resume = section.resume or (checkpoint.is_file() and recorded == key)
+    recorded_key, recorded_parts = _read_stage_key(work)
+    recorded = (work / STAGE_KEY).read_text(encoding="utf-8") if (work / STAGE_KEY).is_file() else None
+    interrupted = checkpoint.is_file() and recorded_key is not None
+    if interrupted and recorded_key != key and not force and not section.resume:
+        raise _interrupted_elsewhere(spec, work, recorded_parts, parts)
+    resume = section.resume or (interrupted and recorded_key == key and not force)
     barrier(ctx)
     if ctx.is_main:
         if resume and not section.resume:
-            say(
-                f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})",
-                ctx,
-            )
+            say(f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})", ctx)
         if not resume and work.exists():
             shutil.rmtree(work)
-        atomic_write_text(work / STAGE_KEY, key)
+        atomic_write_json(work / STAGE_KEY, {"key": key, "parts": parts})
     barrier(ctx)
     if resume and not section.resume:
         return config.model_copy(update={spec.name: section.model_copy(update={"resume": True})}), recorded

@@ -1,24 +1,27 @@
-"""The stage registry: names, the config sections and upstream stages each stage's outputs depend
-on, and the module that runs it. Light on purpose (no torch, MONAI or MLflow imports), so that a
-fully cached pipeline is recognised in well under a second.
+"""What each registered stage's outputs depend on: the config keys it reads and the upstream stages whose
+outputs it reads. The stages themselves (names, modules, help, how they run under ``torchrun``) are
+registered once in :mod:`medsynth.stages`.
 
-Under ``torchrun``: ``trains`` stages run DDP on every rank; ``shards`` stages split their work across
-the ranks and gather it on rank 0; the others run on rank 0 alone (docs/scale_out.md)."""
+A stage reads whole config sections; only the keys that change results enter its cache key
+(:func:`medsynth.config.result_view`: the marks on the schema's fields), the same keys that a trainer's
+resume identity holds. Light on purpose (no torch, MONAI or MLflow imports)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medsynth.config import STAGES, Config, to_plain
+from medsynth.config import Config, result_view
+from medsynth.stages import BY_NAME, STAGE_NAMES
 from pipelines.stage import StageSpec
 
 
 def augment_section(config: Config) -> dict[str, Any]:
     """The augment section with the sampler settings it inherits from ``sample`` filled in."""
-    section = to_plain(config.augment)
+    section = result_view(config.augment)
     section["sampler"] = section["sampler"] or config.sample.sampler
     section["steps"] = section["steps"] or config.sample.steps
     section["eta"] = config.sample.eta
@@ -44,7 +47,7 @@ def model_inputs(config: Config) -> tuple[str, ...]:
 
 def sample_section(config: Config) -> dict[str, Any]:
     section = {
-        "sample": to_plain(config.sample),
+        "sample": result_view(config.sample),
         "decode": {"roi": config.autoencoder.decode_roi, "overlap": config.autoencoder.decode_overlap},
     }
     if "controlnet" in config.stages:
@@ -71,7 +74,7 @@ def controlnet_sampling(config: Config) -> dict[str, Any]:
 def feature_section(config: Config) -> dict[str, Any]:
     """The feature network's settings (and its weights file's signature when it is a file)."""
     features = config.evaluate.features
-    section: dict[str, Any] = {"features": to_plain(features)}
+    section: dict[str, Any] = {"features": result_view(features)}
     if features.network == "file" and features.weights is not None and Path(features.weights).is_file():
         stat = Path(features.weights).stat()
         section["weights_file"] = [str(features.weights), stat.st_size, stat.st_mtime_ns]
@@ -80,7 +83,7 @@ def feature_section(config: Config) -> dict[str, Any]:
 
 def evaluate_section(config: Config) -> dict[str, Any]:
     """evaluate's own section, the feature network, and the audit settings it applies to the samples."""
-    return {"evaluate": to_plain(config.evaluate), "audit": to_plain(config.augment.audit)} | feature_section(config)
+    return {"evaluate": result_view(config.evaluate), "audit": result_view(config.augment.audit)} | feature_section(config)
 
 
 def evaluate_inputs(config: Config) -> tuple[str, ...]:
@@ -122,106 +125,37 @@ def _files_signature(path: str) -> dict[str, Any]:
 def denoise_section(config: Config) -> dict[str, Any]:
     """The denoise section with the noise model it resolves to (``null`` means the modality's own) and,
     with a datalist of your own scans, their files' signature."""
-    section = {"denoise": to_plain(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
+    section = {"denoise": result_view(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
     if config.denoise.datalist:
         section["datalist_files"] = _files_signature(config.denoise.datalist)
     return section
 
 
-SPECS: dict[str, StageSpec] = {
-    spec.name: spec
-    for spec in (
-        StageSpec(
-            "prepare",
-            "pipelines.prepare",
-            lambda c: {"data": to_plain(c.data)},
-            (),
-            "phantoms or your folder -> NIfTI + datalist.json + cached model inputs",
-        ),
-        StageSpec(
-            "autoencoder",
-            "pipelines.autoencoder",
-            lambda c: {
-                "autoencoder": {
-                    k: v
-                    for k, v in to_plain(c.autoencoder).items()
-                    if k not in ("resume", "decode_roi", "decode_overlap")
-                }
-            },
-            ("prepare",),
-            "AutoencoderKL (L1 + KL + patch adversarial) for latent diffusion, with its latent scale factor",
-            trains=True,
-        ),
-        # train.resume and train.gradient_checkpointing change how the result is reached, not the result (tested).
-        StageSpec(
-            "train",
-            "pipelines.train",
-            lambda c: {
-                "model": to_plain(c.model),
-                "diffusion": to_plain(c.diffusion),
-                "train": {k: v for k, v in to_plain(c.train).items() if k not in ("resume", "gradient_checkpointing")},
-            },
-            train_inputs,
-            "DDPM/RFlow training (pixels or latents) with EMA, checkpoints, exact resume, DDP",
-            trains=True,
-        ),
-        StageSpec(
-            "controlnet",
-            "pipelines.controlnet",
-            lambda c: {
-                "controlnet": {
-                    k: v
-                    for k, v in to_plain(c.controlnet).items()
-                    if k not in ("resume", "conditioning_scale", "label_maps")
-                },
-                "train": {
-                    k: to_plain(c.train)[k]
-                    for k in ("ema_decay", "ema_warmup", "weight_decay", "min_lr_ratio", "precision", "val_images")
-                },
-            },
-            ("prepare", "train"),
-            "ControlNet on the trained model: label map -> image",
-            trains=True,
-        ),
-        StageSpec(
-            "sample",
-            "pipelines.sample",
-            sample_section,
-            model_inputs,
-            "DDPM / DDIM / RFlow / score-based sampling to NIfTI + grid (decoded for latent models)",
-            shards=True,
-        ),
-        StageSpec(
-            "denoise",
-            "pipelines.denoise",
-            denoise_section,
-            ("prepare", "train"),
-            "held-out scans with simulated noise, denoised by the diffusion prior and classical baselines",
-            shards=True,
-        ),
-        StageSpec(
-            "evaluate",
-            "pipelines.evaluate",
-            evaluate_section,
-            evaluate_inputs,
-            "samples: FID / precision-recall / MMD on self-trained features, MS-SSIM diversity, memorisation audit, "
-            "best-model alias; denoising: PSNR / SSIM per method and level",
-        ),
-        StageSpec(
-            "augment",
-            "pipelines.augment",
-            augment_section,
-            model_inputs,
-            "audited synthetic cases with provenance (NIfTI, optionally DICOM) + merged datalist",
-            shards=True,
-        ),
-        StageSpec(
-            "utility",
-            "pipelines.utility",
-            lambda c: {"utility": to_plain(c.utility)},
-            ("prepare", "augment"),
-            "downstream model trained on real / real + synthetic / synthetic, scored on held-out real data",
-        ),
-    )
+# For each registered stage: (the config it reads -> its cache-key part, the upstream stages it reads).
+READS: dict[str, tuple[Callable[[Config], dict[str, Any]], tuple[str, ...] | Callable[[Config], tuple[str, ...]]]] = {
+    "prepare": (lambda c: {"data": result_view(c.data)}, ()),
+    "autoencoder": (lambda c: {"autoencoder": result_view(c.autoencoder, exclude=c.autoencoder.SAMPLING_KEYS)}, ("prepare",)),
+    "train": (
+        lambda c: {"model": result_view(c.model), "diffusion": result_view(c.diffusion), "train": result_view(c.train)},
+        train_inputs,
+    ),
+    "controlnet": (
+        lambda c: {"controlnet": result_view(c.controlnet, exclude=c.controlnet.SAMPLING_KEYS)},
+        ("prepare", "train"),
+    ),
+    "sample": (sample_section, model_inputs),
+    "denoise": (denoise_section, ("prepare", "train")),
+    "evaluate": (evaluate_section, evaluate_inputs),
+    "augment": (augment_section, model_inputs),
+    "utility": (lambda c: {"utility": result_view(c.utility)}, ("prepare", "augment")),
 }
-assert tuple(SPECS) == STAGES
+if tuple(READS) != STAGE_NAMES:
+    raise RuntimeError(f"pipelines/specs.py READS covers {tuple(READS)}, the stage registry {STAGE_NAMES}")
+
+SPECS: dict[str, StageSpec] = {
+    name: StageSpec(
+        name, BY_NAME[name].module, sections, inputs, BY_NAME[name].help,
+        trains=BY_NAME[name].trains, shards=BY_NAME[name].shards,
+    )
+    for name, (sections, inputs) in READS.items()
+}

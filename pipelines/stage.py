@@ -22,6 +22,8 @@ from medsynth.io.atomic import atomic_write_json, atomic_write_text, file_digest
 
 if TYPE_CHECKING:
     from medsynth.runtime import DistContext
+    from medsynth.tracking import Tracker
+    from medsynth.training.engine import RunSettings
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -36,12 +38,24 @@ class StageContext:
     config_path: str
     work: Path  # write outputs here; it becomes output_dir/<name> on success (None on ranks > 0 of a sharded stage)
     inputs: dict[str, Path]  # upstream stage name -> its final output folder
-    tracker: Any  # medsynth.tracking.Tracker or NullTracker
+    tracker: Tracker  # MlflowTracker on rank 0, NullTracker elsewhere
     dist: DistContext
     summary: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
 
     def upstream_manifest(self, stage: str) -> dict[str, Any]:
         return read_manifest(self.inputs[stage])
+
+    def run_settings(self) -> RunSettings:
+        """The run settings of this stage's trainer: seed, work folder, process group, metrics to the tracker."""
+        from medsynth.training.engine import RunSettings
+
+        return RunSettings(
+            seed=self.config.seed,
+            work_dir=self.work,
+            dist=self.dist,
+            log_metrics=self.tracker.log_metrics,
+            progress=self.name,
+        )
 
 
 @dataclass(frozen=True)

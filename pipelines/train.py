@@ -18,7 +18,7 @@ from medsynth.errors import MedsynthError
 from medsynth.figures import loss_curve
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json, file_digest
 from medsynth.models.loading import load_trained_model
-from medsynth.training.trainer import train_diffusion
+from medsynth.training.trainer import preprocessing_of, train_diffusion
 from pipelines.stage import StageContext
 
 
@@ -83,14 +83,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if config.diffusion.space == "latent":
         inputs, val_inputs, latent = encode_latents(ctx, inputs, val_inputs)
     result = train_diffusion(
-        config,
+        config.model,
+        config.diffusion,
+        config.train,
         inputs,
         val_inputs,
-        work,
-        ctx.dist,
+        ctx.run_settings(),
+        preprocessing=preprocessing_of(config.data, summary["spacing_mm"]),
         intensity=summary["intensity"],
-        spacing_mm=summary["spacing_mm"],
-        log_metrics=ctx.tracker.log_metrics,
         train_classes=train["classes"] if config.model.num_classes else None,
         val_classes=val["classes"] if config.model.num_classes else None,
         extra_state=latent.get("state"),

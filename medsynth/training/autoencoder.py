@@ -2,19 +2,14 @@
 perceptual loss, and a MONAI ``PatchDiscriminator`` least-squares adversarial loss after a warm-up
 (the recipe of MONAI's generative tutorials; Rombach et al. 2022, Pinaya et al. 2022).
 
-Exact resume, as the diffusion trainer: the data order, the crop offsets and the posterior-sample noise
-are pure functions of ``(seed, step)``, and the checkpoint holds every other piece of state (both
-networks, both optimisers and LR schedules, the global RNG states, the step). An interrupted run resumed
-with ``autoencoder.resume=true`` ends with the same weights as one never interrupted (on CPU).
-
-Launch on several GPUs with ``torchrun --nproc_per_node=N -m medsynth run <config>``; rank 0 alone logs
-and writes. No MLflow here: metrics leave through the ``log_metrics`` callback.
+Run by the one training loop (:func:`medsynth.training.engine.fit`), which owns exact resume, cadence,
+optimisation and progress; the crop offsets and the posterior-sample noise are pure functions of
+``(seed, step)`` like the batches. Launch on several GPUs with ``torchrun --nproc_per_node=N -m medsynth run
+<config>``; rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +21,11 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-from medsynth.config import AutoencoderConfig, Config, digest, to_plain
+from medsynth.config import AutoencoderConfig, result_view, to_plain
 from medsynth.errors import MedsynthError
 from medsynth.figures import sample_grid
-from medsynth.io.state import FORMAT_VERSION, load_state, rng_states, save_state, set_rng_states
+from medsynth.io.state import FORMAT_VERSION, save_state
 from medsynth.metrics.restoration import SSIM_K1, SSIM_K2, SSIM_KERNEL_SIGMA, ssim_kernel
 from medsynth.models.autoencoder import (
     AUTOENCODER_FORMAT,
@@ -45,27 +39,10 @@ from medsynth.models.autoencoder import (
     posterior_means,
 )
 from medsynth.runtime import DistContext, autocast_dtype
-from medsynth.training.trainer import batch_indices, lr_factor, step_generator
+from medsynth.training.engine import Cadence, Optimised, RunSettings, Trainer, default_warmup, fit
 
 AUTOENCODER_CHECKPOINT_FORMAT = "medsynth-autoencoder-checkpoint"
-# The learning-rate shape is local to this stage (not train.warmup_steps / train.min_lr_ratio, which
-# belong to the diffusion model): a short linear warm-up, then cosine decay to 10 % of the peak.
-MAX_WARMUP_STEPS = 50
-MIN_LR_RATIO = 0.1
 SCALE_FACTOR_IMAGES = 256  # training images whose posterior means set the latent scale factor
-# Keys that change neither the trained weights nor the data order: a resume may change them.
-NON_IDENTITY_KEYS = (
-    "resume",
-    "log_every",
-    "val_every",
-    "val_images",
-    "checkpoint_every",
-    "decode_roi",
-    "decode_overlap",
-)
-
-MetricsCallback = Callable[[dict[str, float], int], None] | None
-
 
 @dataclass
 class AutoencoderResult:
@@ -138,21 +115,6 @@ def random_crops(images: torch.Tensor, offsets: np.ndarray, patch_size: list[int
             image[(slice(None), *(slice(o, o + p) for o, p in zip(offset, patch_size)))]
             for image, offset in zip(images, offsets)
         ]
-    )
-
-
-def autoencoder_identity(config: Config, data_shape: tuple[int, ...]) -> str:
-    """What must match for a checkpoint to be resumed: the autoencoder section (less cadence keys), seed, data shape."""
-    section = to_plain(config.autoencoder)
-    for key in NON_IDENTITY_KEYS:
-        section.pop(key)
-    return digest(
-        {
-            "autoencoder": section,
-            "seed": config.seed,
-            "spatial_dims": config.data.spatial_dims,
-            "data_shape": list(data_shape),
-        }
     )
 
 
@@ -239,28 +201,138 @@ def reconstruction_metrics(reconstruction: torch.Tensor, images: torch.Tensor, s
 # ---------------------------------------------------------------------------------------------
 
 
+class AutoencoderTrainer(Trainer):
+    """One step: reconstruct through a posterior sample; L1 + KL (+ perceptual) (+ adversarial generator
+    term) for the autoencoder, least squares on (detached fakes, reals) for the discriminator."""
+
+    checkpoint_format = AUTOENCODER_CHECKPOINT_FORMAT
+
+    def __init__(
+        self, cfg: AutoencoderConfig, train_images: np.ndarray, val_images: np.ndarray, run: RunSettings
+    ) -> None:
+        spatial_dims = self.spatial_dims = train_images.ndim - 2
+        self.cfg, self.run, device = cfg, run, run.dist.device
+        self.device = device
+        self.size = _check_inputs(cfg, train_images, val_images, spatial_dims, run.dist)
+        self.channels = int(train_images.shape[1])
+        self.amp_dtype = autocast_dtype("auto", device)
+        self.adversarial = cfg.adv_weight > 0  # no discriminator at all otherwise
+        self.view = {
+            "autoencoder": result_view(cfg, exclude=AutoencoderConfig.SAMPLING_KEYS),
+            "seed": run.seed,
+            "data_shape": list(train_images.shape),
+        }
+        self.dataset_size = len(train_images)
+
+        # networks, optimisers, schedules (identical on every rank: same seed). No EMA: MONAI's recipe has
+        # none, and an average of a generator trained against a discriminator is not what it was fitted for.
+        torch.manual_seed(run.seed)
+        warmup = default_warmup(cfg.warmup_steps, cfg.max_steps)
+        self.autoencoder = build_autoencoder(cfg, spatial_dims, self.channels).to(device)
+        self.groups = [
+            Optimised(
+                "autoencoder", self.autoencoder, lr=cfg.lr, lr_key="autoencoder.lr", total=cfg.max_steps,
+                warmup=warmup, floor=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
+            )
+        ]
+        self.discriminator = None
+        if self.adversarial:
+            self.discriminator = PatchDiscriminator(
+                spatial_dims=spatial_dims, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels,
+                in_channels=self.channels, out_channels=1,
+            ).to(device)
+            # the discriminator's schedule runs from adv_start; its loss is weighted by adv_weight
+            self.groups.append(
+                Optimised(
+                    "discriminator", self.discriminator, lr=cfg.disc_lr, lr_key="autoencoder.disc_lr",
+                    total=max(1, cfg.max_steps - cfg.adv_start), warmup=warmup, floor=cfg.min_lr_ratio,
+                    grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay, loss="disc", start=cfg.adv_start, scale=cfg.adv_weight,
+                )
+            )
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.features = (
+            PerceptualFeatures(spatial_dims, cfg.perceptual_depth, cfg.perceptual_weights).to(device)
+            if cfg.perceptual_weight > 0
+            else None
+        )
+        generator_net: nn.Module = _Reconstruction(self.autoencoder)
+        disc_net = _DiscriminatorPair(self.discriminator) if self.adversarial else None
+        if run.dist.distributed:
+            generator_net = DistributedDataParallel(generator_net)
+            disc_net = DistributedDataParallel(disc_net) if disc_net is not None else None
+        self.generator_net, self.disc_net = generator_net, disc_net
+        self.data = torch.as_tensor(train_images, dtype=torch.float32)
+        self.val = torch.as_tensor(val_images[: cfg.val_images], dtype=torch.float32)
+        self.latent_side = [s // cfg.downsample for s in self.size]
+
+    def step(self, step: int, index: np.ndarray, shard: slice, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg, device, amp = self.cfg, self.device, self.amp_dtype
+        # the whole global batch (indices, crops, noise) is drawn on every rank, which keeps its share
+        x = self.data[index]
+        if cfg.patch_size is not None:
+            offsets = crop_offsets(self.run.seed, step, len(index), tuple(self.data.shape[2:]), self.size)
+            x = random_crops(x, offsets, self.size)
+        x = x[shard].to(device)
+        noise = torch.randn(
+            (len(index), cfg.latent_channels, *self.latent_side), generator=generator, device=device
+        )[shard]
+        adversarial_now = self.adversarial and step >= cfg.adv_start
+        losses: dict[str, torch.Tensor] = {}
+
+        # 1. reconstruct through a posterior sample; L1 + KL (+ perceptual) (+ adversarial generator term)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            reconstruction, z_mu, z_sigma = self.generator_net(x, noise)
+        reconstruction = reconstruction.float()
+        losses["l1"] = F.l1_loss(reconstruction, x)
+        losses["kl"] = kl_divergence(z_mu.float(), z_sigma.float())
+        loss = losses["l1"] + cfg.kl_weight * losses["kl"]
+        if self.features is not None:
+            losses["perceptual"] = perceptual_loss(self.features, reconstruction, x)
+            loss = loss + cfg.perceptual_weight * losses["perceptual"]
+        if adversarial_now:
+            self.discriminator.requires_grad_(False)  # the generator's loss does not train the discriminator
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits_fake = self.discriminator(reconstruction.contiguous())[-1]
+            losses["gen_adv"] = self.adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
+            loss = loss + cfg.adv_weight * losses["gen_adv"]
+            # 2. the discriminator's loss: least squares on (detached fakes, reals)
+            self.discriminator.requires_grad_(True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits_fake, logits_real = self.disc_net(reconstruction.detach().contiguous(), x.contiguous())
+            losses["disc"] = 0.5 * (
+                self.adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
+                + self.adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
+            )
+        return {"loss": loss, **losses}
+
+    def batch_images(self, index: np.ndarray, shard: slice) -> int:
+        return len(index[shard])
+
+    def validation_names(self) -> tuple[str, ...]:
+        return ("val/psnr", "val/ssim", "val/l1")
+
+    def validate(self, step: int) -> dict[str, float]:
+        reconstruction = reconstruct(self.autoencoder, self.val, batch_size=self.cfg.batch_size, device=self.device)
+        return reconstruction_metrics(reconstruction, self.val, self.spatial_dims)
+
+
 def train_autoencoder(
-    config: Config,
+    cfg: AutoencoderConfig,
     train_images: np.ndarray,
     val_images: np.ndarray,
-    work_dir: Path,
-    ctx: DistContext,
+    run: RunSettings,
     *,
     intensity: dict | None = None,
-    log_metrics: MetricsCallback = None,
-    step_callback: Callable[[int], None] | None = None,
 ) -> AutoencoderResult:
     """Train an ``AutoencoderKL`` on ``train_images`` (N, C, *spatial) in [-1, 1].
 
     Args:
-        config: the resolved config (``autoencoder``, ``data.spatial_dims`` and ``seed`` are used).
-        train_images: training images; with ``autoencoder.patch_size`` each step trains on random crops.
-        val_images: held-out images; the first ``autoencoder.val_images`` are reconstructed whole.
-        work_dir: where ``checkpoints/last.pt``, ``autoencoder.pt`` and ``reconstructions.png`` are written (rank 0).
-        ctx: the process group context (single process: rank 0 of 1).
+        cfg: the autoencoder section.
+        train_images: training images; with ``cfg.patch_size`` each step trains on random crops.
+        val_images: held-out images; the first ``cfg.val_images`` are reconstructed whole.
+        run: seed, work folder (``checkpoints/last.pt``, ``autoencoder.pt``, ``reconstructions.png``; rank 0),
+            process group, callbacks.
         intensity: the intensity convention stored with the model.
-        log_metrics: called with ``({name: value}, step)`` on rank 0.
-        step_callback: called after every completed (and, when due, checkpointed) step.
 
     Returns:
         Paths of the model file, checkpoint and figure; the metric history; the latent scale factor.
@@ -268,237 +340,34 @@ def train_autoencoder(
     Raises:
         MedsynthError: bad input shapes, a checkpoint of another run on resume, or a diverged loss.
     """
-    cfg, spatial_dims, device = config.autoencoder, config.data.spatial_dims, ctx.device
-    size = _check_inputs(cfg, train_images, val_images, spatial_dims, ctx)
-    channels = int(train_images.shape[1])
-    amp_dtype = autocast_dtype("auto", device)
-    checkpoint_path = work_dir / "checkpoints" / "last.pt"
-    identity = autoencoder_identity(config, tuple(train_images.shape))
-    adversarial = cfg.adv_weight > 0  # no discriminator at all otherwise
-
-    # 1. networks, optimisers, schedules (identical on every rank: same seed). No EMA: MONAI's recipe
-    # has none, and an average of a generator trained against a discriminator is not what it was fitted for.
-    torch.manual_seed(config.seed)
-    autoencoder = build_autoencoder(cfg, spatial_dims, channels).to(device)
-    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=cfg.lr)
-    warmup = min(MAX_WARMUP_STEPS, cfg.max_steps // 10)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=warmup, total=cfg.max_steps, floor=MIN_LR_RATIO)
+    if run.work_dir is None:
+        raise ValueError("train_autoencoder needs run.work_dir (where autoencoder.pt is written)")
+    trainer = AutoencoderTrainer(cfg, train_images, val_images, run)
+    cadence = Cadence(
+        max_steps=cfg.max_steps, batch_size=cfg.batch_size, log_every=cfg.log_every, val_every=cfg.val_every,
+        checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
     )
-    discriminator = disc_optimizer = disc_scheduler = None
-    if adversarial:
-        discriminator = PatchDiscriminator(
-            spatial_dims=spatial_dims,
-            num_layers_d=cfg.disc_layers,
-            channels=cfg.disc_channels,
-            in_channels=channels,
-            out_channels=1,
-        ).to(device)
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr)
-        disc_total = max(1, cfg.max_steps - cfg.adv_start)  # the discriminator's schedule runs from adv_start
-        disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            disc_optimizer, lambda s: lr_factor(s, warmup=warmup, total=disc_total, floor=MIN_LR_RATIO)
-        )
-    adv_loss = PatchAdversarialLoss(criterion="least_squares")
-    features = (
-        PerceptualFeatures(spatial_dims, cfg.perceptual_depth, cfg.perceptual_weights).to(device)
-        if cfg.perceptual_weight > 0
-        else None
-    )
+    result = fit(trainer, cadence, run)
+    history, autoencoder, work_dir = result.history, trainer.autoencoder, run.work_dir
 
-    # 2. resume
-    start, history, resumed_from = 0, [], None
-    if cfg.resume and checkpoint_path.is_file():
-        state = load_state(checkpoint_path, expected_format=AUTOENCODER_CHECKPOINT_FORMAT)
-        if state["identity"] != identity:
-            raise MedsynthError(
-                f"{checkpoint_path}: was trained with a different autoencoder config, seed or data; cannot resume"
-            )
-        autoencoder.load_state_dict(state["autoencoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if adversarial:
-            discriminator.load_state_dict(state["discriminator"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-            disc_scheduler.load_state_dict(state["disc_lr_scheduler"])
-        set_rng_states(state["rng"])
-        start, history, resumed_from = int(state["step"]), list(state["history"]), int(state["step"])
-
-    generator_net = _Reconstruction(autoencoder)
-    disc_net = _DiscriminatorPair(discriminator) if adversarial else None
-    if ctx.distributed:
-        generator_net = DistributedDataParallel(generator_net)
-        disc_net = DistributedDataParallel(disc_net) if adversarial else None
-    data = torch.as_tensor(train_images, dtype=torch.float32)
-    val = torch.as_tensor(val_images[: cfg.val_images], dtype=torch.float32)
-    latent_side = [s // cfg.downsample for s in size]
-
-    def checkpoint(step: int) -> None:
-        if not ctx.is_main:
-            return
-        save_state(
-            checkpoint_path,
-            {
-                "format": AUTOENCODER_CHECKPOINT_FORMAT,
-                "format_version": FORMAT_VERSION,
-                "identity": identity,
-                "step": step,
-                "autoencoder": autoencoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                **(
-                    {
-                        "discriminator": discriminator.state_dict(),
-                        "disc_optimizer": disc_optimizer.state_dict(),
-                        "disc_lr_scheduler": disc_scheduler.state_dict(),
-                    }
-                    if adversarial
-                    else {}
-                ),
-                "rng": rng_states(),
-                "history": history,
-            },
-        )
-
-    # 3. loop
-    window: dict[str, list[float]] = {}
-    window_images, window_start = 0, time.perf_counter()
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        desc="autoencoder",
-        unit="step",
-        disable=None if ctx.is_main else True,
-        dynamic_ncols=True,
-    )
-    completed, updating = start, False
-    try:
-        for step in range(start, cfg.max_steps):
-            autoencoder.train()
-            # Every rank draws the whole global batch (indices, crops, noise) and keeps its share, so N
-            # processes train what one process would (up to summation order and batch-norm statistics).
-            shard = slice(ctx.rank, None, ctx.world_size)
-            index = batch_indices(step, cfg.batch_size, len(data), config.seed)
-            x = data[index]
-            if cfg.patch_size is not None:
-                x = random_crops(x, crop_offsets(config.seed, step, len(index), tuple(data.shape[2:]), size), size)
-            x = x[shard].to(device)
-            generator = step_generator(config.seed, step, device)
-            noise = torch.randn(
-                (cfg.batch_size, cfg.latent_channels, *latent_side), generator=generator, device=device
-            )[shard]
-            adversarial_now = adversarial and step >= cfg.adv_start
-            losses: dict[str, torch.Tensor] = {}
-
-            # 1. reconstruct through a posterior sample; L1 + KL (+ perceptual) (+ adversarial generator term)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                reconstruction, z_mu, z_sigma = generator_net(x, noise)
-            reconstruction = reconstruction.float()
-            losses["l1"] = F.l1_loss(reconstruction, x)
-            losses["kl"] = kl_divergence(z_mu.float(), z_sigma.float())
-            loss = losses["l1"] + cfg.kl_weight * losses["kl"]
-            if features is not None:
-                losses["perceptual"] = perceptual_loss(features, reconstruction, x)
-                loss = loss + cfg.perceptual_weight * losses["perceptual"]
-            if adversarial_now:
-                discriminator.requires_grad_(False)  # the generator's step does not train the discriminator
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits_fake = discriminator(reconstruction.contiguous())[-1]
-                losses["gen_adv"] = adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
-                loss = loss + cfg.adv_weight * losses["gen_adv"]
-            if not torch.isfinite(loss):
-                raise MedsynthError(
-                    f"autoencoder training diverged at step {step} (loss {loss.item()}); lower autoencoder.lr"
-                )
-
-            # 2. update the autoencoder and its LR
-            updating = True
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), cfg.grad_clip)
-            optimizer.step()
-            lr_scheduler.step()
-
-            # 3. update the discriminator: least squares on (detached fakes, reals), weighted by adv_weight
-            if adversarial_now:
-                discriminator.requires_grad_(True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits_fake, logits_real = disc_net(reconstruction.detach().contiguous(), x.contiguous())
-                losses["disc"] = 0.5 * (
-                    adv_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
-                    + adv_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
-                )
-                if not torch.isfinite(losses["disc"]):
-                    raise MedsynthError(
-                        f"autoencoder training diverged at step {step} (discriminator loss {losses['disc'].item()}); "
-                        "lower autoencoder.disc_lr"
-                    )
-                disc_optimizer.zero_grad(set_to_none=True)
-                (cfg.adv_weight * losses["disc"]).backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(discriminator.parameters(), cfg.grad_clip)
-                disc_optimizer.step()
-                disc_scheduler.step()
-            completed, updating = step + 1, False
-
-            done = completed
-            for name, value in {"loss": loss, **losses}.items():
-                window.setdefault(name, []).append(value.item())
-            window_images += len(x) * ctx.world_size
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {f"train/{name}": float(np.mean(values)) for name, values in window.items()}
-                record["train/lr"] = optimizer.param_groups[0]["lr"]
-                record["train/images_per_s"] = window_images / max(elapsed, 1e-9)
-                if done % cfg.val_every == 0 or done == cfg.max_steps:
-                    record.update(
-                        reconstruction_metrics(
-                            reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=device), val, spatial_dims
-                        )
-                        if ctx.is_main
-                        else dict.fromkeys(("val/psnr", "val/ssim", "val/l1"), float("nan"))
-                    )
-                history.append({"step": done, **record})
-                if ctx.is_main and log_metrics is not None:
-                    log_metrics(record, done)
-                bar.set_postfix(l1=f"{record['train/l1']:.4f}")
-                window, window_images, window_start = {}, 0, time.perf_counter()
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                checkpoint(done)
-            bar.update(1)
-            if step_callback is not None:
-                step_callback(done)
-    except KeyboardInterrupt:
-        # Keep the work: when the interrupt fell between steps, checkpoint the last completed one so
-        # that resume=true continues there; mid-update the state is torn, so the periodic one stands.
-        if not updating and completed > start:
-            checkpoint(completed)
-        raise
-    finally:
-        bar.close()
-
-    # 4. the latent scale factor, from the posterior means of whole training images
+    # the latent scale factor, from the posterior means of whole training images
     autoencoder.eval().requires_grad_(False)
-    means = posterior_means(autoencoder, data[:SCALE_FACTOR_IMAGES], batch_size=cfg.batch_size, device=device)
+    means = posterior_means(
+        autoencoder, trainer.data[:SCALE_FACTOR_IMAGES], batch_size=cfg.batch_size, device=trainer.device
+    )
     scale_factor = compute_scale_factor(means)
 
-    # 5. the model file and the reconstruction figure (rank 0)
+    # the model file and the reconstruction figure (rank 0)
     model_path, figure_path, val_metrics = work_dir / "autoencoder.pt", None, {}
-    if ctx.is_main:
-        reconstruction = reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=device)
-        val_metrics = reconstruction_metrics(reconstruction, val, spatial_dims)
+    if run.dist.is_main:
+        val = trainer.val
+        reconstruction = reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=trainer.device)
+        val_metrics = reconstruction_metrics(reconstruction, val, trainer.spatial_dims)
         trained = TrainedAutoencoder(
-            network=autoencoder,
-            spatial_dims=spatial_dims,
-            scale_factor=scale_factor,
-            downsample=cfg.downsample,
-            latent_channels=cfg.latent_channels,
-            image_size=list(train_images.shape[2:]),
-            intensity=intensity or {},
-            step=cfg.max_steps,
-            path=model_path,
-            kwargs=autoencoder_kwargs(cfg, channels),
+            network=autoencoder, spatial_dims=trainer.spatial_dims, scale_factor=scale_factor,
+            downsample=cfg.downsample, latent_channels=cfg.latent_channels, image_size=list(train_images.shape[2:]),
+            intensity=intensity or {}, step=cfg.max_steps, path=model_path,
+            kwargs=autoencoder_kwargs(cfg, trainer.channels),
         )
         final_train = next((h for h in reversed(history) if "train/l1" in h), {})
         save_state(
@@ -509,26 +378,20 @@ def train_autoencoder(
                 **autoencoder_state(trained),
                 "training": {
                     "config": to_plain(cfg),
-                    "seed": config.seed,
-                    "patch_size": size,
+                    "seed": run.seed,
+                    "patch_size": trainer.size,
                     "final": {k: v for k, v in final_train.items() if k.startswith("train/")},
                     "val": val_metrics,
                 },
             },
         )
         figure_path = sample_grid(
-            reconstruction.numpy(),
-            work_dir / "reconstructions.png",
-            real=val.numpy(),
-            title=f"autoencoder: held-out images (left) and reconstructions (right), PSNR {val_metrics['val/psnr']:.1f} dB",
+            reconstruction.numpy(), work_dir / "reconstructions.png", real=val.numpy(),
+            title=f"autoencoder: held-out images (left) and reconstructions (right), "
+            f"PSNR {val_metrics['val/psnr']:.1f} dB",
         )
     return AutoencoderResult(
-        steps=cfg.max_steps,
-        model_path=model_path,
-        checkpoint_path=checkpoint_path,
-        history=history,
-        resumed_from=resumed_from,
-        scale_factor=scale_factor,
-        val_metrics=val_metrics,
+        steps=cfg.max_steps, model_path=model_path, checkpoint_path=run.checkpoint_path, history=history,
+        resumed_from=result.resumed_from, scale_factor=scale_factor, val_metrics=val_metrics,
         reconstructions_path=figure_path,
     )
