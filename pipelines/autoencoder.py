@@ -37,7 +37,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):
         raise MedsynthError(
-            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; "
+            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is "
+            f"{config.data.image_size}; "
             "rerun 'medsynth prepare'"
         )
     if ctx.dist.is_main and config.autoencoder.resume and (work / "checkpoints" / "last.pt").is_file():
@@ -51,7 +52,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
 
     result = train_autoencoder(
-        config.autoencoder, train["images"], val["images"], ctx.run_settings(), intensity=summary["intensity"]
+        config.autoencoder,
+        train["images"],
+        val["images"],
+        ctx.run_settings(),
+        spatial_dims=config.data.spatial_dims,
+        intensity=summary["intensity"],
     )
     if not ctx.dist.is_main:
         return {}

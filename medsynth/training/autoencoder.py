@@ -44,6 +44,7 @@ from medsynth.training.engine import Cadence, Optimised, RunSettings, Trainer, d
 AUTOENCODER_CHECKPOINT_FORMAT = "medsynth-autoencoder-checkpoint"
 SCALE_FACTOR_IMAGES = 256  # training images whose posterior means set the latent scale factor
 
+
 @dataclass
 class AutoencoderResult:
     """What :func:`train_autoencoder` made.
@@ -119,7 +120,8 @@ def random_crops(images: torch.Tensor, offsets: np.ndarray, patch_size: list[int
 
 
 def discriminator_output_side(side: int, layers: int) -> int:
-    """Side of ``PatchDiscriminator``'s output for an input side (kernel 4, padding 1; strides 2, then 1 for the last layer)."""
+    """Side of ``PatchDiscriminator``'s output for an input side (kernel 4, padding 1; strides 2, then 1 for the
+    last layer)."""
     side = (side - 2) // 2 + 1  # initial_conv, stride 2
     for layer in range(layers):
         side = (side - 2) // (1 if layer == layers - 1 else 2) + 1
@@ -208,9 +210,15 @@ class AutoencoderTrainer(Trainer):
     checkpoint_format = AUTOENCODER_CHECKPOINT_FORMAT
 
     def __init__(
-        self, cfg: AutoencoderConfig, train_images: np.ndarray, val_images: np.ndarray, run: RunSettings
+        self,
+        cfg: AutoencoderConfig,
+        train_images: np.ndarray,
+        val_images: np.ndarray,
+        run: RunSettings,
+        *,
+        spatial_dims: int,
     ) -> None:
-        spatial_dims = self.spatial_dims = train_images.ndim - 2
+        self.spatial_dims = spatial_dims
         self.cfg, self.run, device = cfg, run, run.dist.device
         self.device = device
         self.size = _check_inputs(cfg, train_images, val_images, spatial_dims, run.dist)
@@ -231,22 +239,41 @@ class AutoencoderTrainer(Trainer):
         self.autoencoder = build_autoencoder(cfg, spatial_dims, self.channels).to(device)
         self.groups = [
             Optimised(
-                "autoencoder", self.autoencoder, lr=cfg.lr, lr_key="autoencoder.lr", total=cfg.max_steps,
-                warmup=warmup, floor=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
+                "autoencoder",
+                self.autoencoder,
+                lr=cfg.lr,
+                lr_key="autoencoder.lr",
+                total=cfg.max_steps,
+                warmup=warmup,
+                floor=cfg.min_lr_ratio,
+                grad_clip=cfg.grad_clip,
+                weight_decay=cfg.weight_decay,
             )
         ]
         self.discriminator = None
         if self.adversarial:
             self.discriminator = PatchDiscriminator(
-                spatial_dims=spatial_dims, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels,
-                in_channels=self.channels, out_channels=1,
+                spatial_dims=spatial_dims,
+                num_layers_d=cfg.disc_layers,
+                channels=cfg.disc_channels,
+                in_channels=self.channels,
+                out_channels=1,
             ).to(device)
             # the discriminator's schedule runs from adv_start; its loss is weighted by adv_weight
             self.groups.append(
                 Optimised(
-                    "discriminator", self.discriminator, lr=cfg.disc_lr, lr_key="autoencoder.disc_lr",
-                    total=max(1, cfg.max_steps - cfg.adv_start), warmup=warmup, floor=cfg.min_lr_ratio,
-                    grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay, loss="disc", start=cfg.adv_start, scale=cfg.adv_weight,
+                    "discriminator",
+                    self.discriminator,
+                    lr=cfg.disc_lr,
+                    lr_key="autoencoder.disc_lr",
+                    total=max(1, cfg.max_steps - cfg.adv_start),
+                    warmup=warmup,
+                    floor=cfg.min_lr_ratio,
+                    grad_clip=cfg.grad_clip,
+                    weight_decay=cfg.weight_decay,
+                    loss="disc",
+                    start=cfg.adv_start,
+                    scale=cfg.adv_weight,
                 )
             )
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -273,9 +300,9 @@ class AutoencoderTrainer(Trainer):
             offsets = crop_offsets(self.run.seed, step, len(index), tuple(self.data.shape[2:]), self.size)
             x = random_crops(x, offsets, self.size)
         x = x[shard].to(device)
-        noise = torch.randn(
-            (len(index), cfg.latent_channels, *self.latent_side), generator=generator, device=device
-        )[shard]
+        noise = torch.randn((len(index), cfg.latent_channels, *self.latent_side), generator=generator, device=device)[
+            shard
+        ]
         adversarial_now = self.adversarial and step >= cfg.adv_start
         losses: dict[str, torch.Tensor] = {}
 
@@ -322,6 +349,7 @@ def train_autoencoder(
     val_images: np.ndarray,
     run: RunSettings,
     *,
+    spatial_dims: int,
     intensity: dict | None = None,
 ) -> AutoencoderResult:
     """Train an ``AutoencoderKL`` on ``train_images`` (N, C, *spatial) in [-1, 1].
@@ -332,6 +360,7 @@ def train_autoencoder(
         val_images: held-out images; the first ``cfg.val_images`` are reconstructed whole.
         run: seed, work folder (``checkpoints/last.pt``, ``autoencoder.pt``, ``reconstructions.png``; rank 0),
             process group, callbacks.
+        spatial_dims: 2 or 3 (``data.spatial_dims``): the images must have that many spatial axes.
         intensity: the intensity convention stored with the model.
 
     Returns:
@@ -342,10 +371,14 @@ def train_autoencoder(
     """
     if run.work_dir is None:
         raise ValueError("train_autoencoder needs run.work_dir (where autoencoder.pt is written)")
-    trainer = AutoencoderTrainer(cfg, train_images, val_images, run)
+    trainer = AutoencoderTrainer(cfg, train_images, val_images, run, spatial_dims=spatial_dims)
     cadence = Cadence(
-        max_steps=cfg.max_steps, batch_size=cfg.batch_size, log_every=cfg.log_every, val_every=cfg.val_every,
-        checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        log_every=cfg.log_every,
+        val_every=cfg.val_every,
+        checkpoint_every=cfg.checkpoint_every,
+        resume=cfg.resume,
     )
     result = fit(trainer, cadence, run)
     history, autoencoder, work_dir = result.history, trainer.autoencoder, run.work_dir
@@ -364,9 +397,15 @@ def train_autoencoder(
         reconstruction = reconstruct(autoencoder, val, batch_size=cfg.batch_size, device=trainer.device)
         val_metrics = reconstruction_metrics(reconstruction, val, trainer.spatial_dims)
         trained = TrainedAutoencoder(
-            network=autoencoder, spatial_dims=trainer.spatial_dims, scale_factor=scale_factor,
-            downsample=cfg.downsample, latent_channels=cfg.latent_channels, image_size=list(train_images.shape[2:]),
-            intensity=intensity or {}, step=cfg.max_steps, path=model_path,
+            network=autoencoder,
+            spatial_dims=trainer.spatial_dims,
+            scale_factor=scale_factor,
+            downsample=cfg.downsample,
+            latent_channels=cfg.latent_channels,
+            image_size=list(train_images.shape[2:]),
+            intensity=intensity or {},
+            step=cfg.max_steps,
+            path=model_path,
             kwargs=autoencoder_kwargs(cfg, trainer.channels),
         )
         final_train = next((h for h in reversed(history) if "train/l1" in h), {})
@@ -386,12 +425,19 @@ def train_autoencoder(
             },
         )
         figure_path = sample_grid(
-            reconstruction.numpy(), work_dir / "reconstructions.png", real=val.numpy(),
+            reconstruction.numpy(),
+            work_dir / "reconstructions.png",
+            real=val.numpy(),
             title=f"autoencoder: held-out images (left) and reconstructions (right), "
             f"PSNR {val_metrics['val/psnr']:.1f} dB",
         )
     return AutoencoderResult(
-        steps=cfg.max_steps, model_path=model_path, checkpoint_path=run.checkpoint_path, history=history,
-        resumed_from=result.resumed_from, scale_factor=scale_factor, val_metrics=val_metrics,
+        steps=cfg.max_steps,
+        model_path=model_path,
+        checkpoint_path=run.checkpoint_path,
+        history=history,
+        resumed_from=result.resumed_from,
+        scale_factor=scale_factor,
+        val_metrics=val_metrics,
         reconstructions_path=figure_path,
     )

@@ -113,7 +113,8 @@ def _check_data(
     expected = (base.network.in_channels, *base.image_size)
     if images.ndim != 2 + base.spatial_dims or tuple(images.shape[1:]) != expected:
         raise MedsynthError(
-            f"the {split} images have shape {tuple(images.shape)}; the base model {base.path} expects (N, {', '.join(map(str, expected))})"
+            f"the {split} images have shape {tuple(images.shape)}; the base model {base.path} expects "
+            f"(N, {', '.join(map(str, expected))})"
         )
     if len(labels) != len(images):
         raise MedsynthError(f"the {split} data has {len(images)} images but {len(labels)} label maps")
@@ -167,9 +168,17 @@ class ControlNetTrainer(Trainer):
         self.model = build_controlnet(base, num_labels, cfg).to(device)
         self.kwargs = controlnet_kwargs(base, num_labels, cfg)
         self.group = Optimised(
-            "controlnet", self.model, lr=cfg.lr, lr_key="controlnet.lr", weight_decay=cfg.weight_decay,
-            total=cfg.max_steps, warmup=default_warmup(cfg.warmup_steps, cfg.max_steps), floor=cfg.min_lr_ratio,
-            grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
+            "controlnet",
+            self.model,
+            lr=cfg.lr,
+            lr_key="controlnet.lr",
+            weight_decay=cfg.weight_decay,
+            total=cfg.max_steps,
+            warmup=default_warmup(cfg.warmup_steps, cfg.max_steps),
+            floor=cfg.min_lr_ratio,
+            grad_clip=cfg.grad_clip,
+            ema_decay=cfg.ema_decay,
+            ema_warmup=cfg.ema_warmup,
         )
         self.groups = [self.group]
         self.scheduler: Scheduler = build_train_scheduler(base.diffusion, spatial_dims=base.spatial_dims)
@@ -207,7 +216,12 @@ class ControlNetTrainer(Trainer):
         if self.val is None:
             return {}
         loss = controlnet_validation_loss(
-            self.base, self.group.ema.shadow, self.val, self.val_maps, num_labels=self.num_labels, seed=self.run.seed,
+            self.base,
+            self.group.ema.shadow,
+            self.val,
+            self.val_maps,
+            num_labels=self.num_labels,
+            seed=self.run.seed,
             amp_dtype=self.amp_dtype,
         )
         return {"val/loss": loss}
@@ -246,8 +260,11 @@ def train_controlnet(
         cfg, base, images, labels, val_images, val_labels, run, num_labels=num_labels, base_sha256=base_sha256
     )
     cadence = Cadence(
-        max_steps=cfg.max_steps, batch_size=cfg.batch_size, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        resume=cfg.resume,
     )
     result = fit(trainer, cadence, run)
 
@@ -260,12 +277,20 @@ def train_controlnet(
                 "format": CONTROLNET_FORMAT,
                 "format_version": FORMAT_VERSION,
                 **controlnet_state(
-                    trainer.group.ema.shadow, kwargs=trainer.kwargs, spatial_dims=base.spatial_dims,
-                    num_labels=num_labels, image_size=base.image_size, step=cfg.max_steps, base_sha256=base_sha256,
+                    trainer.group.ema.shadow,
+                    kwargs=trainer.kwargs,
+                    spatial_dims=base.spatial_dims,
+                    num_labels=num_labels,
+                    image_size=base.image_size,
+                    step=cfg.max_steps,
+                    base_sha256=base_sha256,
                 ),
             },
         )
     return ControlNetResult(
-        steps=cfg.max_steps, model_path=model_path, checkpoint_path=run.checkpoint_path, history=result.history,
+        steps=cfg.max_steps,
+        model_path=model_path,
+        checkpoint_path=run.checkpoint_path,
+        history=result.history,
         resumed_from=result.resumed_from,
     )

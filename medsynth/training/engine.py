@@ -381,9 +381,7 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
     """
     ctx, device = run.dist, run.dist.device
     if cadence.batch_size % ctx.world_size:
-        raise MedsynthError(
-            f"the batch size {cadence.batch_size} is not divisible by the {ctx.world_size} processes"
-        )
+        raise MedsynthError(f"the batch size {cadence.batch_size} is not divisible by the {ctx.world_size} processes")
     path = run.checkpoint_path
     identity = run_identity(trainer.view)
 
@@ -425,7 +423,10 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
     window: dict[str, list[torch.Tensor]] = {}
     window_images, window_start = 0, time.perf_counter()
     progress = Progress(
-        run.progress or "", cadence.max_steps, start, enabled=ctx.is_main and run.progress is not None,
+        run.progress or "",
+        cadence.max_steps,
+        start,
+        enabled=ctx.is_main and run.progress is not None,
         stream=run.stream,
     )
     shard = slice(ctx.rank, None, ctx.world_size)
@@ -463,6 +464,7 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
                 for name, value in means.items():
                     if not math.isfinite(value):
                         raise _diverged(trainer, name, done, value, before=True)
+            record = None
             if logging_due:
                 elapsed = time.perf_counter() - window_start
                 record = {f"{prefix}/{name}": value for name, value in means.items()}
@@ -478,14 +480,17 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
                         else dict.fromkeys(trainer.validation_names(), float("nan"))
                     )
                 history.append({"step": done, **record})
+                window, window_images, window_start = {}, 0, time.perf_counter()
+            # the checkpoint before the metrics leave: a step reported to the tracker is never run twice
+            # after a kill when every log step is a checkpoint step
+            if checkpoint_due:
+                checkpoint(done)
+            if record is not None:
                 if ctx.is_main and run.log_metrics is not None:
                     run.log_metrics(record, done)
                 progress.update(done, loss=means.get("loss"), images_per_s=record[f"{prefix}/images_per_s"])
-                window, window_images, window_start = {}, 0, time.perf_counter()
             else:
                 progress.update(done)
-            if checkpoint_due:
-                checkpoint(done)
             if run.step_callback is not None:
                 run.step_callback(done)
     except KeyboardInterrupt:

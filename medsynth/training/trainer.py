@@ -125,9 +125,17 @@ class DiffusionTrainer(Trainer):
             model = model.to(memory_format=_memory_format(spatial_dims))
         self.model = model
         self.group = Optimised(
-            "model", model, lr=train.lr, lr_key="train.lr", weight_decay=train.weight_decay, total=train.max_steps,
-            warmup=train.warmup_steps, floor=train.min_lr_ratio, grad_clip=train.grad_clip,
-            ema_decay=train.ema_decay, ema_warmup=train.ema_warmup,
+            "model",
+            model,
+            lr=train.lr,
+            lr_key="train.lr",
+            weight_decay=train.weight_decay,
+            total=train.max_steps,
+            warmup=train.warmup_steps,
+            floor=train.min_lr_ratio,
+            grad_clip=train.grad_clip,
+            ema_decay=train.ema_decay,
+            ema_warmup=train.ema_warmup,
         )
         self.groups = [self.group]
         if train.gradient_checkpointing:  # after the EMA copy: only the trained network recomputes
@@ -223,7 +231,8 @@ def train_diffusion(
         preprocessing: how the training inputs were made from scans (spacing, slice axis, MR percentile,
             CT window), stored with the model: denoising treats a scan the same way.
         intensity: the intensity convention stored with the model, to map samples back to units.
-        train_classes: class labels 0..K-1 of ``train_images`` (class-conditional models); ``val_classes``: of ``val_images``.
+        train_classes: class labels 0..K-1 of ``train_images`` (class-conditional models).
+        val_classes: the same for ``val_images``.
         extra_state: more entries for the model file (e.g. the autoencoder of a latent model).
         identity_extra: more that a resumed checkpoint must match (e.g. the autoencoder's digest).
 
@@ -233,12 +242,23 @@ def train_diffusion(
     if run.work_dir is None:
         raise ValueError("train_diffusion needs run.work_dir (where model.pt is written)")
     trainer = DiffusionTrainer(
-        model, diffusion, train, train_images, val_images, run,
-        train_classes=train_classes, val_classes=val_classes, identity_extra=identity_extra,
+        model,
+        diffusion,
+        train,
+        train_images,
+        val_images,
+        run,
+        train_classes=train_classes,
+        val_classes=val_classes,
+        identity_extra=identity_extra,
     )
     cadence = Cadence(
-        max_steps=train.max_steps, batch_size=train.batch_size, log_every=train.log_every, val_every=train.val_every,
-        checkpoint_every=train.checkpoint_every, resume=train.resume,
+        max_steps=train.max_steps,
+        batch_size=train.batch_size,
+        log_every=train.log_every,
+        val_every=train.val_every,
+        checkpoint_every=train.checkpoint_every,
+        resume=train.resume,
     )
     result = fit(trainer, cadence, run)
 
@@ -263,7 +283,10 @@ def train_diffusion(
             },
         )
     return TrainResult(
-        steps=result.steps, model_path=model_path, checkpoint_path=run.checkpoint_path, history=result.history,
+        steps=result.steps,
+        model_path=model_path,
+        checkpoint_path=run.checkpoint_path,
+        history=result.history,
         resumed_from=result.resumed_from,
     )
 

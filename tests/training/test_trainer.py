@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, Interrupt, deep_update
+import trainers
+from conftest import TINY, deep_update
 
 from medsynth.config import Config
 from medsynth.errors import MedsynthError
 from medsynth.io.state import CHECKPOINT_FORMAT, MODEL_FORMAT, load_state
 from medsynth.runtime import DistContext
-from medsynth.training.trainer import batch_indices, lr_factor, train_diffusion
+from medsynth.training.engine import batch_indices, lr_factor
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -28,41 +29,13 @@ def data(spatial=(16, 16), n=12) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (n, 1, *spatial)).astype(np.float32)
 
 
-@pytest.mark.parametrize("interrupt_at", [3, 4])
-def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path: Path, interrupt_at: int) -> None:
-    images = data()
-    straight = train_diffusion(tiny_config(), images[:10], images[10:], tmp_path / "a", CPU)
-    with pytest.raises(KeyboardInterrupt):
-        train_diffusion(
-            tiny_config(), images[:10], images[10:], tmp_path / "b", CPU, step_callback=Interrupt(interrupt_at)
-        )
-    assert (
-        load_state(tmp_path / "b" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)["step"]
-        == interrupt_at
-    )
-    resumed = train_diffusion(tiny_config(resume=True), images[:10], images[10:], tmp_path / "b", CPU)
-    assert resumed.resumed_from == interrupt_at
-
-    a = load_state(straight.checkpoint_path, expected_format=CHECKPOINT_FORMAT)
-    b = load_state(resumed.checkpoint_path, expected_format=CHECKPOINT_FORMAT)
-    for part in ("model",):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), key
-    for key, value in a["ema"]["shadow"].items():
-        assert torch.equal(value, b["ema"]["shadow"][key]), key
-    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
-    assert [h["train/loss"] for h in a["history"]][interrupt_at:] == [h["train/loss"] for h in b["history"]][
-        interrupt_at:
-    ]
-
-
 def test_same_seed_same_weights_different_seed_differs(tmp_path: Path) -> None:
     images = data()
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         config = tiny_config(max_steps=2)
         config.seed = seed
-        result = train_diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
+        result = trainers.diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
         runs.append(load_state(result.model_path, expected_format=MODEL_FORMAT)["state_dict"])
     key = next(iter(runs[0]))
     assert torch.equal(runs[0][key], runs[1][key]) and not torch.equal(runs[0][key], runs[2][key])
@@ -70,10 +43,10 @@ def test_same_seed_same_weights_different_seed_differs(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     images = data()
-    train_diffusion(tiny_config(max_steps=2), images[:10], images[10:], tmp_path, CPU)
+    trainers.diffusion(tiny_config(max_steps=2), images[:10], images[10:], tmp_path, CPU)
     other = Config.model_validate(deep_update(TINY, {"model": {"channels": [8, 16]}, "train": {"resume": True}}))
-    with pytest.raises(MedsynthError, match="different model"):
-        train_diffusion(other, images[:10], images[10:], tmp_path, CPU)
+    with pytest.raises(MedsynthError, match=r"other values of model\.channels"):
+        trainers.diffusion(other, images[:10], images[10:], tmp_path, CPU)
 
 
 def test_3d_training_step_and_model_file(tmp_path: Path) -> None:
@@ -87,7 +60,7 @@ def test_3d_training_step_and_model_file(tmp_path: Path) -> None:
         )
     )
     images = data((16, 16, 16), 4)
-    result = train_diffusion(config, images[:3], images[3:], tmp_path, CPU)
+    result = trainers.diffusion(config, images[:3], images[3:], tmp_path, CPU)
     state = load_state(result.model_path, expected_format=MODEL_FORMAT)
     assert state["spatial_dims"] == 3 and state["image_size"] == [16, 16, 16]
 
@@ -140,7 +113,7 @@ def test_gradient_checkpointing_gives_identical_weights(tmp_path: Path, attentio
                     config.model_dump(), {"model": {"attention_levels": [False, True], "use_flash_attention": True}}
                 )
             )
-        result = train_diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
+        result = trainers.diffusion(config, images[:10], images[10:], tmp_path / name, CPU)
         states.append(load_state(result.model_path, expected_format=MODEL_FORMAT)["state_dict"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
