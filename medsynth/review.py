@@ -7,7 +7,9 @@ is biased by the sample count). Every evaluation records that as a *comparison k
 table, the figure and the ``best`` alias only ever put side by side what shares a key.
 
 MLflow has no "promote when better" of its own: :func:`promote_best` reads the current best version's
-recorded value through ``MlflowClient`` and moves the alias with ``set_registered_model_alias``.
+recorded value and moves the alias. Every store call goes through the run's
+:class:`~medsynth.tracking.Tracker`, so a store that stops answering during a review costs a warning, never
+the evaluation: its queries answer empty and the decision says the alias was left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -25,7 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from medsynth.figures import _save  # noqa: E402
 
-# The metrics a review shows, when the evaluation produced them (lower is better unless listed in HIGHER_IS_BETTER or NEITHER).
+if TYPE_CHECKING:
+    from medsynth.tracking import RunRecord, Tracker
+
+# The metrics a review shows, when the evaluation produced them (lower is better unless listed in
+# HIGHER_IS_BETTER or NEITHER).
 KEY_METRICS = (
     "eval/fid",
     "eval/precision",
@@ -46,55 +52,26 @@ VALUE_TAG = "medsynth.best_value"
 METRIC_TAG = "medsynth.best_metric"
 
 
-def client() -> Any:
-    """An ``MlflowClient`` on the configured tracking URI (this module and :mod:`medsynth.tracking` are
-    the library's only MLflow users)."""
-    import mlflow
-
-    return mlflow.MlflowClient()
-
-
 def comparison_key(*, feature_weights_sha256: str, real_sha256: str, num_real: int, num_fake: int) -> str:
     """16 hex digits, equal exactly when two evaluations' feature metrics are comparable."""
     text = json.dumps([feature_weights_sha256, real_sha256, int(num_real), int(num_fake)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def earlier_evaluations(
-    client: Any, experiment_id: str, *, key: str, exclude_run_id: str | None, limit: int
-) -> list[dict[str, Any]]:
-    """The newest ``limit`` finished evaluate runs of the experiment with the same comparison key."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{STAGE_TAG}` = 'evaluate' and tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=limit + 1,
-    )
-    rows = []
-    for run in runs:
-        if run.info.run_id == exclude_run_id:
-            continue
-        rows.append(
-            row(
-                run.info.run_id,
-                run.info.run_name,
-                run.data.tags.get("mlflow.parentRunId"),
-                run.info.start_time,
-                run.data.metrics,
-            )
-        )
-    return rows[:limit]
+def earlier_evaluations(tracker: Tracker, *, key: str, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` finished evaluate runs of the tracker's experiment with the same comparison key,
+    other than the tracker's own run, as table rows."""
+    runs = tracker.finished_runs({STAGE_TAG: "evaluate", KEY_TAG: key}, limit=limit + 1)
+    return [row(run, run.metrics) for run in runs if run.run_id != tracker.run_id][:limit]
 
 
-def row(
-    run_id: str, run_name: str | None, parent: str | None, start_time: int | None, metrics: dict[str, float]
-) -> dict[str, Any]:
+def row(run: RunRecord, metrics: dict[str, float]) -> dict[str, Any]:
     """One evaluation as a table row: its run, its pipeline (parent) run, and the key metrics it has."""
     out: dict[str, Any] = {
-        "run_id": run_id,
-        "run_name": run_name or run_id[:8],
-        "pipeline_run_id": parent,
-        "start_time": start_time,
+        "run_id": run.run_id,
+        "run_name": run.run_name or run.run_id[:8],
+        "pipeline_run_id": run.parent_run_id,
+        "start_time": run.start_time,
     }
     out |= {k: metrics.get(k) for k in KEY_METRICS}
     return out
@@ -141,7 +118,7 @@ def _better(value: float, best: float, direction: str) -> bool:
 
 
 def promote_best(
-    client: Any,
+    tracker: Tracker,
     *,
     registered_model: str,
     train_run_id: str,
@@ -156,10 +133,9 @@ def promote_best(
 
     Returns ``{"decision": "moved" | "kept" | "skipped", "reason", "version", "previous_version",
     "previous_value"}``. The alias stays where it is when the current best was measured under another
-    comparison key (the numbers do not compare) or has no recorded value.
+    comparison key (the numbers do not compare) or has no recorded value, and when the store stops
+    answering during the decision (``skipped``; the tracker has reported it).
     """
-    from mlflow.exceptions import MlflowException
-
     result: dict[str, Any] = {
         "decision": "skipped",
         "metric": metric,
@@ -171,30 +147,42 @@ def promote_best(
     }
     if value is None or not math.isfinite(value):
         return result | {"reason": f"{metric} was not measured in this evaluation"}
-    versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{train_run_id}'")
+    unanswered = {"decision": "skipped", "reason": f"the tracking store did not answer; '{alias}' is left where it was"}
+    if not tracker.enabled:
+        return result | unanswered
+    decision = _decide(
+        tracker, result, registered_model=registered_model, train_run_id=train_run_id, key=key, direction=direction
+    )
+    # A store lost on the way answered every later call empty: a decision made on those answers does not hold.
+    return decision | unanswered if not tracker.enabled else decision
+
+
+def _decide(
+    tracker: Tracker, result: dict[str, Any], *, registered_model: str, train_run_id: str, key: str, direction: str
+) -> dict[str, Any]:
+    """:func:`promote_best` on the store's answers (``result`` holds the metric, its value and the alias)."""
+    metric, value, alias = result["metric"], result["value"], result["alias"]
+    versions = tracker.model_versions(registered_model, run_id=train_run_id)
     if not versions:
         return result | {
             "reason": f"no version of registered model '{registered_model}' comes from training run {train_run_id}"
         }
     version = str(max(int(v.version) for v in versions))
     result["version"] = version
-    client.set_model_version_tag(registered_model, version, METRIC_TAG, metric)
-    client.set_model_version_tag(registered_model, version, VALUE_TAG, repr(float(value)))
-    client.set_model_version_tag(registered_model, version, KEY_TAG, key)
-    try:
-        best = client.get_model_version_by_alias(registered_model, alias)
-    except MlflowException:
-        best = None
+    tracker.set_model_version_tags(
+        registered_model, version, {METRIC_TAG: metric, VALUE_TAG: repr(float(value)), KEY_TAG: key}
+    )
+    best = tracker.model_version_by_alias(registered_model, alias)
     if best is None:
-        client.set_registered_model_alias(registered_model, alias, version)
+        tracker.set_model_alias(registered_model, alias, version)
         return result | {"decision": "moved", "reason": f"no version had the alias '{alias}' yet"}
-    result["previous_version"] = str(best.version)
-    if str(best.version) == version:
+    result["previous_version"] = best.version
+    if best.version == version:
         return result | {
             "decision": "kept",
             "reason": f"version {version} already holds '{alias}'; its recorded value is updated",
         }
-    tags = best.tags or {}
+    tags = best.tags
     if tags.get(KEY_TAG) != key or tags.get(METRIC_TAG) != metric:
         return result | {
             "decision": "kept",
@@ -207,7 +195,7 @@ def promote_best(
         return result | {"decision": "kept", "reason": f"version {best.version} has no recorded {metric}"}
     result["previous_value"] = previous
     if _better(value, previous, direction):
-        client.set_registered_model_alias(registered_model, alias, version)
+        tracker.set_model_alias(registered_model, alias, version)
         return result | {
             "decision": "moved",
             "reason": f"{metric} {value:.4g} beats {previous:.4g} of version {best.version}",

@@ -3,7 +3,9 @@
 One parent run per ``medsynth run``, one nested run per stage tagged ``medsynth.stage=<name>``.
 Params are the flattened resolved config; metrics, figures, the training data set
 (``mlflow.log_input``) and the trained model (``mlflow.pytorch.log_model`` + a registry alias) go
-to the stage run. Ranks other than 0 get a :class:`NullTracker` that records nothing.
+to the stage run. Stages see a run through the :class:`Tracker` protocol: :class:`MlflowTracker` on rank 0,
+a :class:`NullTracker` that records nothing on other ranks and once the store has failed. The evaluation
+review's store queries (earlier runs, registered model versions and aliases) are tracker methods too.
 
 A tracking server that does not answer at the start stops the command before any stage runs
 (:func:`configure`, a :class:`MedsynthError` naming the URI). One that stops answering later never
@@ -20,10 +22,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -128,26 +132,29 @@ def _lose(exc: BaseException) -> None:
         return
     _SESSION.lost = _reason(exc)
     print(
-        f"warning: MLflow tracking at {_SESSION.uri} failed ({_SESSION.lost}); medsynth goes on without tracking: training, "
-        f"checkpoints and outputs are not affected, the rest of this command is not logged, and its open runs are closed by the "
-        f"next medsynth command on the same output_dir",
+        f"warning: MLflow tracking at {_SESSION.uri} failed ({_SESSION.lost}); medsynth goes on without tracking: "
+        "training, checkpoints and outputs are not affected, the rest of this command is not logged, and its open "
+        "runs are closed by the next medsynth command on the same output_dir",
         file=sys.stderr,
         flush=True,
     )
 
 
-def _guarded(method: Callable) -> Callable:
-    """A logging call that never stops the work: after a tracking failure it does nothing and returns None."""
+def _guarded(method: Callable | None = None, *, lost: Callable[[], Any] = lambda: None) -> Callable:
+    """A store call that never stops the work: after a tracking failure it does nothing and returns ``lost()``
+    (None unless given, e.g. ``lost=list`` for a query whose answer is a list)."""
+    if method is None:
+        return functools.partial(_guarded, lost=lost)
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
         if _SESSION.lost is not None:
-            return None
+            return lost()
         try:
             return method(*args, **kwargs)
         except _tracking_errors() as exc:
             _lose(exc)
-            return None
+            return lost()
 
     return call
 
@@ -167,17 +174,141 @@ def _mlflow_http_settings(settings: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class Tracker:
-    """The active MLflow run of one stage (or the parent run).
+# ---------------------------------------------------------------------------------------------
+# The tracker protocol
+# ---------------------------------------------------------------------------------------------
 
-    Every logging method is guarded: a store that fails is reported once and the work goes on.
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as the store holds it: what a review of earlier evaluations reads."""
+
+    run_id: str
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    start_time: int | None = None  # ms since the epoch
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    """A version of a registered model: its number, the run that logged it, its tags."""
+
+    version: str
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """Everything a stage may ask of its run's tracking (``ctx.tracker``).
+
+    Implemented by :class:`MlflowTracker` and :class:`NullTracker`. No call ever stops the work: once the
+    store has failed (reported once on stderr) logging calls do nothing and queries answer empty.
+    """
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls reach a store (False on ranks > 0 and once the store has failed)."""
+        ...
+
+    @property
+    def run_id(self) -> str:
+        """This run's id; empty when nothing is tracked."""
+        ...
+
+    # -- this run --------------------------------------------------------------------------------
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log the finite values of ``metrics``; None, NaN and inf are left out."""
+        ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dataset(
+        self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None
+    ) -> str | None:
+        """Log a data set as a run input; returns its digest (None when not tracked)."""
+        ...
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
+
+    def log_model(self, model: Any, *, registered_name: str | None, alias: str, metadata: dict[str, Any]) -> str | None:
+        """Log (and register, with ``alias``) a model; returns its URI (None when not tracked)."""
+        ...
+
+    # -- other runs of the experiment --------------------------------------------------------------
+
+    def current_run(self) -> RunRecord | None:
+        """This run as the store holds it now (None when not tracked)."""
+        ...
+
+    def finished_runs(self, tags: dict[str, str], *, limit: int) -> list[RunRecord]:
+        """The newest ``limit`` FINISHED runs of this run's experiment that carry every tag in ``tags``."""
+        ...
+
+    def log_artifact_to_run(self, run_id: str, path: str | Path) -> None:
+        """Log a file to another run (e.g. the pipeline's parent run)."""
+        ...
+
+    def log_metrics_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Log the finite values of ``metrics`` to another run."""
+        ...
+
+    # -- model registry --------------------------------------------------------------------------
+
+    def model_versions(self, name: str, *, run_id: str) -> list[ModelVersionRecord]:
+        """The versions of registered model ``name`` logged by run ``run_id``."""
+        ...
+
+    def model_version_by_alias(self, name: str, alias: str) -> ModelVersionRecord | None:
+        """The version that holds ``alias`` (None when none does, or the model is not registered)."""
+        ...
+
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None: ...
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+# MLflow's answers to a lookup of something that is not there (the store itself is fine).
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _run_record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name,
+        parent_run_id=run.data.tags.get("mlflow.parentRunId"),
+        start_time=run.info.start_time,
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+    )
+
+
+def _version_record(version: Any) -> ModelVersionRecord:
+    return ModelVersionRecord(version=str(version.version), run_id=version.run_id, tags=dict(version.tags or {}))
+
+
+class MlflowTracker:
+    """The active MLflow run of one stage (or the parent run): a :class:`Tracker`.
+
+    Every method is guarded: a store that fails is reported once and the work goes on.
     """
 
     def __init__(self, run: Any) -> None:
         import mlflow
 
         self._mlflow = mlflow
-        self.run = run
+        self._run = run
 
     @property
     def enabled(self) -> bool:
@@ -185,7 +316,9 @@ class Tracker:
 
     @property
     def run_id(self) -> str:
-        return self.run.info.run_id
+        return self._run.info.run_id
+
+    # -- this run --------------------------------------------------------------------------------
 
     @_guarded
     def log_params(self, params: dict[str, Any]) -> None:
@@ -194,7 +327,7 @@ class Tracker:
 
     @_guarded
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        finite = _finite(metrics)
         if finite:
             self._mlflow.log_metrics(finite, step=step)
 
@@ -209,7 +342,7 @@ class Tracker:
     @_guarded
     def log_dataset(
         self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None
-    ) -> str:
+    ) -> str | None:
         """Log a data set with ``mlflow.log_input``; returns MLflow's digest of it."""
         with warnings.catch_warnings():
             # A local path matches two equivalent MLflow source types; MLflow picks one and warns.
@@ -250,6 +383,126 @@ class Tracker:
         version = info.registered_model_version
         client.set_registered_model_alias(registered_name, alias, str(version))
         return f"models:/{registered_name}@{alias}"
+
+    # -- other runs of the experiment --------------------------------------------------------------
+
+    @_guarded
+    def current_run(self) -> RunRecord | None:
+        return _run_record(self._mlflow.MlflowClient().get_run(self.run_id))
+
+    @_guarded(lost=list)
+    def finished_runs(self, tags: dict[str, str], *, limit: int) -> list[RunRecord]:
+        conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        runs = self._mlflow.MlflowClient().search_runs(
+            [self._run.info.experiment_id],
+            filter_string=" and ".join([*conditions, "attributes.status = 'FINISHED'"]),
+            order_by=["attributes.start_time DESC"],
+            max_results=limit,
+        )
+        return [_run_record(run) for run in runs]
+
+    @_guarded
+    def log_artifact_to_run(self, run_id: str, path: str | Path) -> None:
+        self._mlflow.MlflowClient().log_artifact(run_id, str(path))
+
+    @_guarded
+    def log_metrics_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = [Metric(key, value, now, 0) for key, value in _finite(metrics).items()]
+        if finite:
+            self._mlflow.MlflowClient().log_batch(run_id, metrics=finite)
+
+    # -- model registry --------------------------------------------------------------------------
+
+    @_guarded(lost=list)
+    def model_versions(self, name: str, *, run_id: str) -> list[ModelVersionRecord]:
+        found = self._mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return [_version_record(version) for version in found]
+
+    @_guarded
+    def model_version_by_alias(self, name: str, alias: str) -> ModelVersionRecord | None:
+        try:
+            found = self._mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        except self._mlflow.exceptions.MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise  # the store failed: the guard reports it
+        return _version_record(found)
+
+    @_guarded
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        client = self._mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+    @_guarded
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+class NullTracker:
+    """A :class:`Tracker` that records nothing: on ranks > 0, and for runs opened after the store has failed.
+
+    Logging calls do nothing and queries answer empty; a name the protocol does not have raises
+    AttributeError like on any object.
+    """
+
+    enabled = False
+    run_id = ""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        return None
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        return None
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_dataset(
+        self, features: np.ndarray, *, source: str, name: str, context: str, targets: np.ndarray | None = None
+    ) -> str | None:
+        return None
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        return None
+
+    def log_model(self, model: Any, *, registered_name: str | None, alias: str, metadata: dict[str, Any]) -> str | None:
+        return None
+
+    def current_run(self) -> RunRecord | None:
+        return None
+
+    def finished_runs(self, tags: dict[str, str], *, limit: int) -> list[RunRecord]:
+        return []
+
+    def log_artifact_to_run(self, run_id: str, path: str | Path) -> None:
+        return None
+
+    def log_metrics_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
+        return None
+
+    def model_versions(self, name: str, *, run_id: str) -> list[ModelVersionRecord]:
+        return []
+
+    def model_version_by_alias(self, name: str, alias: str) -> ModelVersionRecord | None:
+        return None
+
+    def set_model_version_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        return None
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The store: model files, configuration, runs
+# ---------------------------------------------------------------------------------------------
 
 
 def fetch_model_file(uri: str, dst_dir: str | Path, *, tracking_uri: str | None = None) -> Path:
@@ -312,16 +565,6 @@ def fetch_model_file(uri: str, dst_dir: str | Path, *, tracking_uri: str | None 
     return Path(local)
 
 
-class NullTracker:
-    """Stands in for :class:`Tracker` on ranks > 0 and when tracking is off: records nothing."""
-
-    enabled = False
-    run_id = ""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
 def configure(config: Config) -> None:
     """Point MLflow at the tracking URI and experiment of ``config``, and check that the store answers.
 
@@ -351,10 +594,10 @@ def configure(config: Config) -> None:
 
             if isinstance(exc, requests.RequestException) or "API request to" in str(exc):
                 answered = re.search(r"error code \d+ != 200", str(exc)) is not None
+                status = "did not answer as an MLflow server" if answered else "is not reachable"
                 raise MedsynthError(
-                    f"MLflow tracking server {uri} (from {where}) {'did not answer as an MLflow server' if answered else 'is not reachable'} "
-                    f"({_reason(exc)}); start it (see docs/team_setup.md) or set MLFLOW_TRACKING_URI (or tracking.uri) to a running one; "
-                    f"nothing was run"
+                    f"MLflow tracking server {uri} (from {where}) {status} ({_reason(exc)}); start it (see "
+                    "docs/team_setup.md) or set MLFLOW_TRACKING_URI (or tracking.uri) to a running one; nothing was run"
                 ) from None
             raise MedsynthError(
                 f"MLflow tracking store {uri} (from {where}) cannot be used ({_reason(exc)}); nothing was run"
@@ -371,7 +614,7 @@ def start_run(
     config_path: str,
     invocation: str | None = None,
     continue_run: str | None = None,
-) -> Iterator[Tracker | NullTracker]:
+) -> Iterator[Tracker]:
     """Start an MLflow run; on an exception it ends as FAILED (KILLED on Ctrl-C) with the error text as a tag.
 
     The parent run (``stage=None``) and every stage run record the flattened resolved config as
@@ -383,7 +626,7 @@ def start_run(
         continue_run: the id of such a run to continue (MLflow reopens it) instead of starting a new one.
 
     Yields:
-        The run's :class:`Tracker`, or a :class:`NullTracker` once the store has failed.
+        The run's :class:`MlflowTracker`, or a :class:`NullTracker` once the store has failed.
     """
     tracker = _open_run(
         config,
@@ -415,7 +658,7 @@ def _open_run(
     config_path: str,
     invocation: str | None,
     continue_run: str | None,
-) -> Tracker:
+) -> MlflowTracker:
     import mlflow
 
     params = flatten(to_plain(config))
@@ -434,7 +677,7 @@ def _open_run(
                 invocation=invocation,
                 continue_run=None,
             )
-        tracker = Tracker(run)
+        tracker = MlflowTracker(run)
         # Params logged before the kill stay; MLflow refuses to log a param again with another value.
         params = {key: value for key, value in params.items() if key not in run.data.params}
         tracker.set_tags({"medsynth.continued": "true"})
@@ -452,7 +695,7 @@ def _open_run(
             tags["medsynth.stage"] = stage
         if invocation is not None:
             tags[INVOCATION_TAG] = invocation
-        tracker = Tracker(mlflow.start_run(run_name=run_name, nested=nested, tags=tags))
+        tracker = MlflowTracker(mlflow.start_run(run_name=run_name, nested=nested, tags=tags))
     tracker.log_params(params)
     return tracker
 

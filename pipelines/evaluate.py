@@ -186,7 +186,8 @@ def evaluate_samples(ctx: StageContext) -> dict[str, Any]:
     labels = np.load(labels_path, allow_pickle=False)[: cfg.num_real] if labels_path.exists() else None
     if fake.shape[1:] != real.shape[1:]:
         raise MedsynthError(
-            f"{ctx.inputs['sample'] / 'samples.npy'}: samples of shape {fake.shape[1:]} do not match the real images {real.shape[1:]}"
+            f"{ctx.inputs['sample'] / 'samples.npy'}: samples of shape {fake.shape[1:]} do not match "
+            f"the real images {real.shape[1:]}"
         )
     class_names = {int(k): v for k, v in summary.get("label_names", {}).items()} or None
     metrics = evaluate_fidelity(
@@ -308,38 +309,37 @@ def feature_checks(ctx: StageContext, real: np.ndarray, fake: np.ndarray) -> dic
 
 
 def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_real: int, num_fake: int) -> str:
-    """The MLflow review of this evaluation (see the module docstring); returns what happened to the best alias."""
-    from medsynth import review
+    """The MLflow review of this evaluation (see the module docstring); returns what happened to the best alias.
 
-    if not getattr(ctx.tracker, "enabled", False):
+    Every store call goes through the tracker: a store lost during the review costs one warning, and the
+    summary, the figure and ``best_alias.json`` are still written from what the store had answered.
+    """
+    from medsynth import review
+    from medsynth.tracking import RunRecord
+
+    tracker, tracking = ctx.tracker, ctx.config.tracking
+    if not tracker.enabled:
         return "not tracked"
-    tracking = ctx.config.tracking
-    client = review.client()
-    run = client.get_run(ctx.tracker.run_id)
-    parent = run.data.tags.get("mlflow.parentRunId")
-    current = review.row(run.info.run_id, run.info.run_name, parent, run.info.start_time, metrics)
-    earlier = review.earlier_evaluations(
-        client, run.info.experiment_id, key=key, exclude_run_id=run.info.run_id, limit=tracking.compare_runs
-    )
-    rows = review.summary_rows(current, earlier)
+    run = tracker.current_run() or RunRecord(tracker.run_id)
+    earlier = review.earlier_evaluations(tracker, key=key, limit=tracking.compare_runs)
+    rows = review.summary_rows(review.row(run, metrics), earlier)
     atomic_write_json(
         ctx.work / "evaluation_summary.json",
         {"comparison_key": key, "num_real": num_real, "num_fake": num_fake, "rows": rows},
     )
     review.comparison_figure(rows, ctx.work / "runs_comparison.png")
-    for target in filter(None, (run.info.run_id, parent)):
-        client.log_artifact(target, str(ctx.work / "evaluation_summary.json"))
-        client.log_artifact(target, str(ctx.work / "runs_comparison.png"))
-    if parent:  # the pipeline run shows its headline numbers too
-        for name in review.KEY_METRICS:
-            if metrics.get(name) is not None and np.isfinite(metrics[name]):
-                client.log_metric(parent, name, float(metrics[name]))
+    for name in ("evaluation_summary.json", "runs_comparison.png"):
+        tracker.log_artifact(ctx.work / name)
+        if run.parent_run_id:  # the pipeline run shows the review too
+            tracker.log_artifact_to_run(run.parent_run_id, ctx.work / name)
+    if run.parent_run_id:  # and its headline numbers
+        tracker.log_metrics_to_run(run.parent_run_id, {k: metrics[k] for k in review.KEY_METRICS if k in metrics})
     train_run_id = json.loads((ctx.inputs["sample"] / "samples.json").read_text()).get("train_run_id")
     if tracking.best_metric is None or tracking.registered_model is None or not tracking.log_model or not train_run_id:
         decision = {"decision": "skipped", "reason": "no registered model or no tracking.best_metric"}
     else:
         decision = review.promote_best(
-            client,
+            tracker,
             registered_model=tracking.registered_model,
             train_run_id=train_run_id,
             metric=tracking.best_metric,
@@ -349,6 +349,6 @@ def review_runs(ctx: StageContext, metrics: dict[str, float], key: str, *, num_r
             alias=tracking.best_alias,
         )
     atomic_write_json(ctx.work / "best_alias.json", decision)
-    ctx.tracker.set_tags({"medsynth.best_alias": decision["decision"]})
+    tracker.set_tags({"medsynth.best_alias": decision["decision"]})
     print(f"evaluate: {tracking.best_alias} alias {decision['decision']}: {decision['reason']}", flush=True)
     return decision["decision"]

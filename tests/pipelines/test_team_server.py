@@ -1,6 +1,7 @@
 """A team MLflow tracking server (``mlflow server``: SQL backend + artifact store) started on loopback:
 a pipeline logs everything there; a server that is down is refused at the start in seconds; a server
-lost during training costs no training (docs/team_setup.md).
+lost during training costs no training, and one lost during the evaluation's review of earlier runs costs
+one warning, not the evaluation (docs/team_setup.md).
 """
 
 from __future__ import annotations
@@ -189,6 +190,53 @@ def test_unreachable_server_is_refused_at_start_in_seconds(write_config, tmp_pat
     )
     assert seconds < 15, seconds
     assert not (tmp_path / "never").exists()  # nothing written, not even the output folder
+
+
+@pytest.mark.slow
+def test_server_lost_during_the_review_costs_one_warning_not_the_evaluation(
+    write_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The server dies just as the evaluation asks it for the earlier comparable runs."""
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server")  # its own: the module's server is killed by the last test
+    search_runs = MlflowClient.search_runs
+
+    def server_dies_at_the_review(self, *args, **kwargs):
+        if "medsynth.comparison_key" in str(kwargs.get("filter_string", args)):
+            server.kill()
+        return search_runs(self, *args, **kwargs)
+
+    config = write_config(
+        {
+            "stages": ["prepare", "train", "sample", "evaluate"],
+            "tracking": {"experiment": "team-review-lost", "registered_model": "team-review-lost"},
+        }
+    )
+    before = mlflow.get_tracking_uri()
+    try:
+        server.wait_until_up()
+        monkeypatch.setattr(MlflowClient, "search_runs", server_dies_at_the_review)
+        # MLflow's own client settings: fail a request to a dead server at once (its defaults retry for minutes).
+        for key, value in {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}.items():
+            monkeypatch.setenv(key, value)
+        code = main(["run", str(config)])
+    finally:
+        mlflow.set_tracking_uri(before)  # MLflow keeps the last URI (and exports it) process-wide
+        server.kill()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert server.process.returncode is not None  # the server did die during the run
+    assert "Traceback" not in captured.err
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: MLflow tracking")]
+    assert len(warnings) == 1 and server.uri in warnings[0], captured.err[-3000:]
+    assert "evaluate: done" in captured.out
+    # Every output of the evaluation is written; the review shows this run only and leaves the alias alone.
+    out = tmp_path / "out" / "evaluate"
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["eval/fid"] is not None
+    assert json.loads((out / "manifest.json").read_text())["mlflow_run_id"]
+    assert [row["this_run"] for row in json.loads((out / "evaluation_summary.json").read_text())["rows"]] == [True]
+    decision = json.loads((out / "best_alias.json").read_text())
+    assert decision["decision"] == "skipped" and "did not answer" in decision["reason"]
 
 
 @pytest.mark.slow
