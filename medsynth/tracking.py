@@ -304,11 +304,14 @@ class MlflowTracker:
     Every method is guarded: a store that fails is reported once and the work goes on.
     """
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, *, continued: bool = False) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self._run = run
+        # A continued run (after a kill) holds the metrics its first life logged: per metric, the last step
+        # logged, read from the store on first use, so that a step reported again is not logged twice.
+        self._logged: dict[str, float] | None = {} if continued else None
 
     @property
     def enabled(self) -> bool:
@@ -328,8 +331,18 @@ class MlflowTracker:
     @_guarded
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         finite = _finite(metrics)
+        if self._logged is not None and step is not None:
+            finite = {key: value for key, value in finite.items() if step > self._last_logged_step(key)}
         if finite:
             self._mlflow.log_metrics(finite, step=step)
+            if self._logged is not None and step is not None:
+                self._logged.update(dict.fromkeys(finite, step))
+
+    def _last_logged_step(self, key: str) -> float:
+        if key not in self._logged:
+            history = self._mlflow.MlflowClient().get_metric_history(self.run_id, key)
+            self._logged[key] = max((m.step for m in history), default=-float("inf"))
+        return self._logged[key]
 
     @_guarded
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -677,7 +690,7 @@ def _open_run(
                 invocation=invocation,
                 continue_run=None,
             )
-        tracker = MlflowTracker(run)
+        tracker = MlflowTracker(run, continued=True)
         # Params logged before the kill stay; MLflow refuses to log a param again with another value.
         params = {key: value for key, value in params.items() if key not in run.data.params}
         tracker.set_tags({"medsynth.continued": "true"})

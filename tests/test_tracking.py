@@ -98,3 +98,19 @@ def test_a_lost_store_costs_one_warning_and_answers_empty(
     assert len(search) == 1 and get_run == []
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: MLflow tracking") and "Connection refused" in lines[0]
+
+
+def test_a_continued_run_does_not_log_a_step_twice(session) -> None:
+    """After a kill the rerun reports the checkpoint's step again; the continued run keeps each step once."""
+    mlflow.set_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as run:
+        first = MlflowTracker(run)
+        first.log_metrics({"train/loss": 1.0}, step=2)
+        first.log_metrics({"train/loss": 0.8}, step=4)
+    with mlflow.start_run(run_id=run.info.run_id) as again:
+        continued = MlflowTracker(again, continued=True)
+        continued.log_metrics({"train/loss": 0.8, "val/loss": 0.9}, step=4)  # step 4 again; val/loss is new
+        continued.log_metrics({"train/loss": 0.7}, step=6)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(2, 1.0), (4, 0.8), (6, 0.7)]
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")] == [4]

@@ -394,6 +394,10 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
         trainer.load_extra_state(state.get("extra", {}))
         set_rng_states(state["rng"])
         start, history, resumed_from = int(state["step"]), list(state["history"]), int(state["step"])
+        # A kill between the checkpoint and the report of its step would lose that report: send it again
+        # (a continued MLflow run drops the steps it holds already, so nothing is logged twice).
+        if history and history[-1]["step"] == start and ctx.is_main and run.log_metrics is not None:
+            run.log_metrics({k: v for k, v in history[-1].items() if k != "step"}, start)
 
     def checkpoint(step: int) -> None:
         if not ctx.is_main or path is None:

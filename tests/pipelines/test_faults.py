@@ -66,8 +66,9 @@ def launch(config: Path) -> subprocess.Popen:
     )
 
 
-def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 300) -> None:
-    """SIGKILL ``process`` ``delay`` seconds after ``ready()`` first holds (it must still be running then)."""
+def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 300) -> str:
+    """SIGKILL ``process`` ``delay`` seconds after ``ready()`` first holds (it must still be running then);
+    returns what it printed on stdout."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, f"exited before the kill point: {process.communicate()[1][-2000:]}"
@@ -77,7 +78,7 @@ def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 3
     assert process.poll() is None, "finished before the kill"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    process.communicate()
+    return process.communicate()[0]
 
 
 def wait_for_lock(out: Path, process: subprocess.Popen) -> None:
@@ -166,11 +167,17 @@ def test_kill_9_during_training_sampling_and_export_then_rerun(
     assert not (out / "train").exists() and (out / ".train.partial" / "checkpoints" / "last.pt").is_file()
     assert (out / ".medsynth.lock").is_file()  # left by the killed process: it must not block the rerun
     assert_only_complete_files(out)
+    left = load_state(out / ".train.partial" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)
+    assert 2 <= left["step"] < 16
 
-    # 2. sampling: while the NIfTI files are written
+    # 2. sampling: while the NIfTI files are written. Training continued from the hidden checkpoint:
+    # it says so, and its first progress line is past the checkpoint's step, not step 1.
     process = launch(config)
-    kill_when(process, lambda: any(out.glob(".sample.*.partial/images/*")), rng.uniform(0, 0.03))
+    printed = kill_when(process, lambda: any(out.glob(".sample.*.partial/images/*")), rng.uniform(0, 0.03))
     kills.append("sample")
+    assert "train: continuing an interrupted run of this config" in printed, printed
+    first = next(line for line in printed.splitlines() if line.startswith("train: step "))
+    assert int(first.split()[2].split("/")[0]) > left["step"] >= 2, printed
     assert (out / "train" / "manifest.json").is_file() and not (out / "sample").exists()
     assert any(out.glob(".sample.*.partial"))  # a temporary the rerun must remove
     assert_only_complete_files(out)
@@ -189,7 +196,7 @@ def test_kill_9_during_training_sampling_and_export_then_rerun(
     started = time.perf_counter()
     code = main(["run", str(config)])
     one_line_exit_2(code, capsys.readouterr().err, str(out), f"pid {process.pid}", "another medsynth process")
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 30  # refused at once, not after waiting for the lock
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     assert kills == ["train", "sample", "augment"]
@@ -224,7 +231,8 @@ def test_kill_9_during_training_sampling_and_export_then_rerun(
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
     train_run = next(r for r in runs if r.data.tags.get("medsynth.stage") == "train")
     assert train_run.data.tags.get("medsynth.continued") == "true"
-    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")][-1] == 16
+    # every logged step once: none run twice, none lost to the kill
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")] == list(range(2, 17, 2))
 
 
 @pytest.mark.slow
@@ -243,8 +251,12 @@ def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(
     out = tmp_path / "out"
     process = launch(config)
     kill_when(process, lambda: (out / ".train.partial" / "checkpoints" / "last.pt").is_file(), 0.0)
-    # A different training config: the checkpoint is not resumed, the killed runs are ended KILLED, new ones start.
-    assert main(["run", str(config), "train.max_steps=3", "train.checkpoint_every=3"]) == 0
+    # A different training config: refused, naming the keys, before any MLflow run starts ...
+    capsys.readouterr()
+    code = main(["run", str(config), "train.max_steps=3", "train.checkpoint_every=3"])
+    one_line_exit_2(code, capsys.readouterr().err, "train.max_steps", "--force", ".train.partial")
+    # ... and with --force the checkpoint is not resumed, the killed runs are ended KILLED, new ones start.
+    assert main(["run", str(config), "train.max_steps=3", "train.checkpoint_every=3", "--force"]) == 0
     out_text = capsys.readouterr().out
     assert "continuing" not in out_text
     assert load_state(out / "train" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)["step"] == 3
@@ -262,6 +274,56 @@ def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(
         }
     ), statuses
     assert not list(out.glob(".*"))
+
+
+@pytest.mark.slow
+def test_kill_9_then_a_memory_knob_continues_and_a_result_key_is_refused(
+    write_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """After ``kill -9`` during training: a rerun with ``train.gradient_checkpointing=true`` (a memory knob:
+    same weights) continues the checkpoint and ends with the weights of an uninterrupted run with that knob;
+    a rerun with ``train.lr`` changed is refused in one line naming it, before any MLflow run starts."""
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
+    base = {
+        "stages": ["prepare", "train"],
+        "train": {"max_steps": 16, "checkpoint_every": 2, "log_every": 2, "val_every": 8},
+        "tracking": {"log_model": False, "experiment": "faults-knob"},
+    }
+    reference = write_config(
+        base
+        | {"output_dir": str(tmp_path / "reference"), "tracking": {"log_model": False, "experiment": "faults-ref"}},
+        name="reference.yaml",
+    )
+    assert main(["run", str(reference), "train.gradient_checkpointing=true"]) == 0
+    config = write_config(base)
+    out = tmp_path / "out"
+    process = launch(config)
+    kill_when(process, lambda: (out / ".train.partial" / "checkpoints" / "last.pt").is_file(), 0.05)
+    left = load_state(out / ".train.partial" / "checkpoints" / "last.pt", expected_format=CHECKPOINT_FORMAT)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("faults-knob")
+    before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+    capsys.readouterr()
+    code = main(["run", str(config), "train.lr=5e-4"])
+    one_line_exit_2(code, capsys.readouterr().err, "train.lr", "--force")
+    assert {r.info.run_id for r in client.search_runs([experiment.experiment_id])} == before  # no run started
+    assert (out / ".train.partial" / "checkpoints" / "last.pt").is_file()  # the checkpoint is kept
+
+    assert main(["run", str(config), "train.gradient_checkpointing=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: continuing an interrupted run of this config" in printed, printed
+    first = next(line for line in printed.splitlines() if line.startswith("train: step "))
+    assert int(first.split()[2].split("/")[0]) > left["step"], printed
+    assert not differences(
+        load_state(out / "train" / "model.pt", expected_format=MODEL_FORMAT),
+        load_state(tmp_path / "reference" / "train" / "model.pt", expected_format=MODEL_FORMAT),
+    )
+    train_run = next(
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("medsynth.stage") == "train"
+    )
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")] == list(range(2, 17, 2))
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
@@ -284,7 +346,8 @@ def test_cached_rerun_is_fast_and_imports_neither_torch_nor_mlflow(write_config,
     config = write_config({"stages": ["prepare"], "tracking": {"experiment": "faults-cached"}})
     assert main(["run", str(config)]) == 0
     probe = (
-        "import sys, time; start = time.perf_counter(); from medsynth.cli import main; code = main(['run', sys.argv[1]]); "
+        "import sys, time; start = time.perf_counter(); from medsynth.cli import main; "
+        "code = main(['run', sys.argv[1]]); "
         "print(code, time.perf_counter() - start, 'torch' in sys.modules, 'mlflow' in sys.modules)"
     )
     done = subprocess.run(
@@ -292,5 +355,5 @@ def test_cached_rerun_is_fast_and_imports_neither_torch_nor_mlflow(write_config,
     )
     code, seconds, torch_loaded, mlflow_loaded = done.stdout.splitlines()[-1].split()
     assert (code, torch_loaded, mlflow_loaded) == ("0", "False", "False"), done.stdout + done.stderr
-    assert float(seconds) < 1.0, seconds
+    assert float(seconds) < 30, seconds  # about a second alone; the timing itself: benchmarks/pipeline_overhead.py
     assert "prepare: unchanged, skipped" in done.stdout
