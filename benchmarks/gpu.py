@@ -79,12 +79,14 @@ def throughput(settings: list[str], steps: int, repeats: int, device: torch.devi
 def sampling(device: torch.device, train_steps: int, count: int, budgets: list[tuple[str, int]]) -> dict:
     from medsynth.models.loading import load_trained_model
     from medsynth.synthesis import synthesise
+    from medsynth.training.engine import RunSettings
     from medsynth.training.trainer import train_diffusion
 
     config = load_config("configs/quickstart.yaml", [f"train.max_steps={train_steps}", "train.checkpoint_every=100000"])
     data = phantom_batch(config, 256)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_diffusion(config, data, data[:16], Path(tmp), setup(device.type))
+        run = RunSettings(seed=config.seed, work_dir=Path(tmp), dist=setup(device.type), progress=None)
+        result = train_diffusion(config.model, config.diffusion, config.train, data, data[:16], run)
         trained = load_trained_model(result.model_path, device)
     out = {"model": "quickstart network, 32x32", "train_steps": train_steps, "samples": count, "seconds": {}}
     synthesise(trained, sampler="ddim", steps=2, seeds=list(range(8)), batch_size=8, device=device)  # warm-up

@@ -22,6 +22,7 @@ import json, resource, sys, tempfile, time
 import numpy as np, torch
 from medsynth.config import Config
 from medsynth.runtime import DistContext
+from medsynth.training.engine import RunSettings
 from medsynth.training.trainer import train_diffusion
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
@@ -29,20 +30,32 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 size = spec["size"]
 config = Config.model_validate({
     "seed": 0, "stages": ["prepare", "train"],
-    "data": {"source": "phantom", "phantom": {"kind": "body_ct", "shape": [size] * 3}, "spatial_dims": 3, "image_size": [size] * 3},
-    "model": {"channels": spec["channels"], "attention_levels": [False] * (len(spec["channels"]) - 1) + [True], "num_res_blocks": 1,
-              "norm_num_groups": 16, "num_head_channels": 32, "use_flash_attention": spec["flash"]},
-    "train": {"batch_size": spec["batch"], "max_steps": spec["steps"], "checkpoint_every": 1000, "val_every": 1000, "log_every": 1,
-              "val_images": 2, "gradient_checkpointing": spec["checkpointing"], "channels_last": spec["channels_last"]},
+    "data": {
+        "source": "phantom", "phantom": {"kind": "body_ct", "shape": [size] * 3}, "spatial_dims": 3,
+        "image_size": [size] * 3,
+    },
+    "model": {
+        "channels": spec["channels"], "attention_levels": [False] * (len(spec["channels"]) - 1) + [True],
+        "num_res_blocks": 1, "norm_num_groups": 16, "num_head_channels": 32, "use_flash_attention": spec["flash"],
+    },
+    "train": {
+        "batch_size": spec["batch"], "max_steps": spec["steps"], "checkpoint_every": 1000, "val_every": 1000,
+        "log_every": 1, "val_images": 2, "gradient_checkpointing": spec["checkpointing"],
+        "channels_last": spec["channels_last"],
+    },
 })
 images = np.random.default_rng(0).uniform(-1, 1, (8, 1, size, size, size)).astype(np.float32)
 times = []
 with tempfile.TemporaryDirectory() as tmp:
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     from pathlib import Path
-    train_diffusion(config, images[:6], images[6:], Path(tmp), ctx, step_callback=lambda step: times.append(time.perf_counter()))
+    run = RunSettings(
+        seed=0, work_dir=Path(tmp), dist=ctx, progress=None, step_callback=lambda step: times.append(time.perf_counter())
+    )
+    train_diffusion(config.model, config.diffusion, config.train, images[:6], images[6:], run)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mb": peak / 1024, "baseline_mb": baseline / 1024, "seconds_per_step": (times[-1] - times[0]) / (len(times) - 1)}))
+seconds_per_step = (times[-1] - times[0]) / (len(times) - 1)
+print(json.dumps({"peak_mb": peak / 1024, "baseline_mb": baseline / 1024, "seconds_per_step": seconds_per_step}))
 """
 
 AUTOENCODER_CHILD = r"""
@@ -52,23 +65,36 @@ import numpy as np, torch
 from medsynth.config import Config
 from medsynth.runtime import DistContext
 from medsynth.training.autoencoder import train_autoencoder
+from medsynth.training.engine import RunSettings
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 size = spec["size"]
 config = Config.model_validate({
     "seed": 0, "stages": ["prepare", "autoencoder"],
-    "data": {"source": "phantom", "phantom": {"kind": "body_ct", "shape": [size] * 3}, "spatial_dims": 3, "image_size": [size] * 3},
-    "autoencoder": {"channels": [16, 32, 32], "batch_size": spec["batch"], "max_steps": spec["steps"], "adv_start": 0, "disc_channels": 16,
-                    "patch_size": spec["patch"], "val_images": 1, "val_every": 1000, "log_every": 1, "checkpoint_every": 1000},
+    "data": {
+        "source": "phantom", "phantom": {"kind": "body_ct", "shape": [size] * 3}, "spatial_dims": 3,
+        "image_size": [size] * 3,
+    },
+    "autoencoder": {
+        "channels": [16, 32, 32], "batch_size": spec["batch"], "max_steps": spec["steps"], "adv_start": 0,
+        "disc_channels": 16, "patch_size": spec["patch"], "val_images": 1, "val_every": 1000, "log_every": 1,
+        "checkpoint_every": 1000,
+    },
 })
 images = np.random.default_rng(0).uniform(-1, 1, (4, 1, size, size, size)).astype(np.float32)
 times = []
 with tempfile.TemporaryDirectory() as tmp:
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    train_autoencoder(config, images[:3], images[3:], Path(tmp), ctx, step_callback=lambda step: times.append(time.perf_counter()))
-print(json.dumps({"seconds_per_step": (times[-1] - times[0]) / (len(times) - 1),
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_mb": baseline / 1024}))
+    run = RunSettings(
+        seed=0, work_dir=Path(tmp), dist=ctx, progress=None, step_callback=lambda step: times.append(time.perf_counter())
+    )
+    train_autoencoder(config.autoencoder, images[:3], images[3:], run, spatial_dims=config.data.spatial_dims)
+print(json.dumps({
+    "seconds_per_step": (times[-1] - times[0]) / (len(times) - 1),
+    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "baseline_mb": baseline / 1024,
+}))
 """
 
 VARIANTS = {
@@ -92,7 +118,8 @@ def main() -> None:
         "--autoencoder-patch",
         type=int,
         default=None,
-        help="instead: the autoencoder (16-32-32, with its discriminator) on whole --size^3 volumes vs random crops of this side",
+        help="instead: the autoencoder (16-32-32, with its discriminator) on whole --size^3 volumes vs random crops "
+        "of this side",
     )
     args = parser.parse_args()
     if args.autoencoder_patch:
@@ -127,7 +154,8 @@ def main() -> None:
         rel = (
             ""
             if plain is None
-            else f"{above / (plain['peak_mb'] - plain['baseline_mb']):.2f} | {r['seconds_per_step'] / plain['seconds_per_step']:.2f}"
+            else f"{above / (plain['peak_mb'] - plain['baseline_mb']):.2f} | "
+            f"{r['seconds_per_step'] / plain['seconds_per_step']:.2f}"
         )
         print(f"| {name} | {r['peak_mb']:.0f} | {above:.0f} | {r['seconds_per_step']:.2f} | {rel} |")
     if args.out:
@@ -150,7 +178,8 @@ def autoencoder_patches(args: argparse.Namespace) -> None:
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     whole = results["whole"]
     print(
-        f"\nAutoencoderKL 16-32-32 + PatchDiscriminator, {args.size}^3 volumes, batch {args.batch}, {args.steps} steps, {args.threads} threads"
+        f"\nAutoencoderKL 16-32-32 + PatchDiscriminator, {args.size}^3 volumes, batch {args.batch}, "
+        f"{args.steps} steps, {args.threads} threads"
     )
     print("| training inputs | peak RSS MB | above baseline MB | s/step | memory vs whole | time vs whole |")
     print("|---|---|---|---|---|---|")
@@ -158,7 +187,8 @@ def autoencoder_patches(args: argparse.Namespace) -> None:
         above = r["peak_mb"] - r["baseline_mb"]
         print(
             f"| {name} | {r['peak_mb']:.0f} | {above:.0f} | {r['seconds_per_step']:.2f} | "
-            f"{above / (whole['peak_mb'] - whole['baseline_mb']):.2f} | {r['seconds_per_step'] / whole['seconds_per_step']:.2f} |"
+            f"{above / (whole['peak_mb'] - whole['baseline_mb']):.2f} | "
+            f"{r['seconds_per_step'] / whole['seconds_per_step']:.2f} |"
         )
     if args.out:
         with open(args.out, "w") as handle:

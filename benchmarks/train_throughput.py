@@ -40,6 +40,7 @@ from medsynth.config import load_config
 from medsynth.data.phantoms import generate_phantom
 from medsynth.models.unet import build_unet
 from medsynth.runtime import setup
+from medsynth.training.engine import RunSettings
 from medsynth.training.trainer import train_diffusion
 
 
@@ -106,7 +107,8 @@ def medsynth_loop(config, data: np.ndarray, steps: int, device: torch.device, wi
     ctx = setup(device.type)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = train_diffusion(config, data, data[:4], Path(tmp), ctx)
+        run = RunSettings(seed=config.seed, work_dir=Path(tmp), dist=ctx, progress=None)
+        result = train_diffusion(config.model, config.diffusion, config.train, data, data[:4], run)
         total = time.perf_counter() - start
     rates = [record["train/images_per_s"] for record in result.history[1:]] or [result.history[0]["train/images_per_s"]]
     return statistics.median(rates), steps * config.train.batch_size / total

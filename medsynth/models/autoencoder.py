@@ -254,7 +254,7 @@ def compute_scale_factor(latents: np.ndarray | torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 # Written by hand: MONAI's PerceptualLoss gets its networks through torch.hub / torchvision downloads
-# (MedicalNet, RadImageNet, torchvision ImageNet), and DESIGN.md forbids downloads at run time. Here the
+# (MedicalNet, RadImageNet, torchvision ImageNet), and medsynth never downloads at run time. Here the
 # same MedicalNet-style MONAI ResNet reads its weights only from a local file.
 
 

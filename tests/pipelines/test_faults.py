@@ -263,11 +263,11 @@ def test_a_run_killed_with_another_config_gets_its_runs_ended_killed(
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("faults-changed").experiment_id])
     statuses = Counter((r.data.tags.get("medsynth.stage"), r.info.status) for r in runs)
-    # killed: parent, prepare (done), train; the rerun: parent, train (prepare is unchanged)
+    # killed: parent, prepare (done), train; the rerun with --force: parent, prepare, train
     assert statuses == Counter(
         {
             (None, "KILLED"): 1,
-            ("prepare", "FINISHED"): 1,
+            ("prepare", "FINISHED"): 2,
             ("train", "KILLED"): 1,
             (None, "FINISHED"): 1,
             ("train", "FINISHED"): 1,
