@@ -21,7 +21,8 @@ import torch
 from scipy import ndimage
 
 from medsynth.data.phantoms import generate_phantom
-from medsynth.metrics.features import PLANES, feature_fidelity, train_feature_network
+from medsynth.metrics.features import PLANES, feature_fidelity
+from medsynth.training.feature_network import train_feature_network
 
 
 def phantoms(n: int, shape: tuple[int, ...], first_seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from medsynth.config import load_config
-from medsynth.metrics.classifier import train_classifier
 from medsynth.metrics.fidelity import pairwise_ms_ssim
 from medsynth.models.loading import load_trained_model
 from medsynth.synthesis import sample_classes, synthesise
+from medsynth.training.classifier import train_classifier
 
 
 def main() -> None:

@@ -129,8 +129,8 @@ def class_agreement(ctx: StageContext, requested: np.ndarray, fake: np.ndarray) 
     """Does each class-conditional sample show its requested class? A classifier trained on the real
     training images (seeded) labels the samples; its accuracy on held-out real images is the ceiling
     the agreement is read against. Diversity (pairwise MS-SSIM) is reported per class as well."""
-    from medsynth.metrics.classifier import train_classifier
     from medsynth.metrics.fidelity import pairwise_ms_ssim
+    from medsynth.training.classifier import train_classifier
 
     cache, config = ctx.inputs["prepare"] / "cache", ctx.config
     num_classes = int(config.model.num_classes or requested.max() + 1)

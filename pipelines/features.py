@@ -32,7 +32,8 @@ def preflight(config: Config) -> None:
         return
     if not Path(features.weights).is_file():
         raise MedsynthError(
-            f"{features.weights}: feature network weights file not found (evaluate.features.weights; medsynth never downloads weights)"
+            f"{features.weights}: feature network weights file not found "
+            "(evaluate.features.weights; medsynth never downloads weights)"
         )
     from medsynth.metrics.features import feature_network_from_file
 
@@ -46,12 +47,8 @@ def feature_network(ctx: StageContext) -> FeatureNetwork:
     one of its outputs, loadable with ``medsynth.metrics.features.load_feature_network``).
     """
     from medsynth.io.atomic import file_digest
-    from medsynth.metrics.features import (
-        feature_network_from_file,
-        load_feature_network,
-        save_feature_network,
-        train_feature_network,
-    )
+    from medsynth.metrics.features import feature_network_from_file, load_feature_network, save_feature_network
+    from medsynth.training.feature_network import train_feature_network
 
     config, cfg = ctx.config, ctx.config.evaluate.features
     if cfg.network == "file":

@@ -1,6 +1,6 @@
 """utility: do the synthetic cases help a downstream model?
 
-A small MONAI model (:mod:`medsynth.metrics.utility`) is trained on (a) the real training images,
+A small MONAI model (:mod:`medsynth.training.utility`) is trained on (a) the real training images,
 (b) the real images plus synthetic ones at ``augment.ratio`` synthetic per real image, (c) the
 synthetic images alone, once per seed in ``utility.seeds``, with the same steps and batch size
 everywhere, and scored on the held-out real images. The task is classification on the class labels
@@ -31,7 +31,8 @@ def _load(path, what: str) -> np.ndarray:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from medsynth.metrics.utility import utility_experiment, utility_figure, utility_metrics
+    from medsynth.metrics.utility import utility_figure, utility_metrics
+    from medsynth.training.utility import utility_experiment
 
     config, cfg, work = ctx.config, ctx.config.utility, ctx.work
     cache, augmented = ctx.inputs["prepare"] / "cache", ctx.inputs["augment"]

@@ -2,18 +2,19 @@
 
 FID-style metrics compare two image sets in the feature space of a network. The usual Inception-v3
 features are a download and know nothing of scans, so medsynth either trains a small network itself
-on the real training images (:func:`train_feature_network`) or reads a user-supplied local MONAI
-ResNet / MedicalNet state dict (:func:`feature_network_from_file`).
+on the real training images (:func:`medsynth.training.feature_network.train_feature_network`, with the
+self-supervised objective whose pieces are here) or reads a user-supplied local MONAI ResNet /
+MedicalNet state dict (:func:`feature_network_from_file`).
 
 Images are float arrays or tensors ``(N, C, *spatial)`` in ``[-1, 1]``, ``spatial_dims`` 2 or 3. A 2D
 network serves 3D volumes as "2.5D": slices along the three orthogonal planes of :data:`PLANES`, each
 plane scored on its own and the headline value the mean over planes.
 
-Sections: planes and slices -> networks -> :class:`FeatureNetwork` -> training -> the network file ->
-set metrics on feature vectors (:func:`fid`, :func:`precision_recall`, :func:`kernel_mmd`) ->
-:func:`feature_fidelity`.
+Sections: planes and slices -> networks -> :class:`FeatureNetwork` -> the self-supervised objective
+(rotations, degradations, their losses) -> the network file -> set metrics on feature vectors
+(:func:`fid`, :func:`precision_recall`, :func:`kernel_mmd`) -> :func:`feature_fidelity`.
 
-Usage::
+Usage (``train_feature_network`` from :mod:`medsynth.training.feature_network`)::
 
     network = train_feature_network(real_train, classes, spatial_dims=2, seed=0)
     save_feature_network(network, "features.pt")
@@ -151,7 +152,7 @@ class PooledResNetFeatures(nn.Module):
         return last.mean(dim=tuple(range(2, last.ndim))).reshape(n, -1)
 
 
-def _state_sha256(network: nn.Module) -> str:
+def state_sha256(network: nn.Module) -> str:
     """sha256 over the state dict's names, dtypes, shapes and bytes, in key order (deterministic)."""
     sha = hashlib.sha256()
     for name, value in network.state_dict().items():
@@ -161,13 +162,14 @@ def _state_sha256(network: nn.Module) -> str:
     return sha.hexdigest()
 
 
-def _array_sha256(array: np.ndarray) -> str:
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 over an array's dtype, shape and bytes (what a network was trained on, or a run's data)."""
     sha = hashlib.sha256(f"{array.dtype}:{array.shape};".encode())
     sha.update(np.ascontiguousarray(array).tobytes())
     return sha.hexdigest()
 
 
-def _as_images(name: str, images: np.ndarray | torch.Tensor, spatial_dims: int) -> torch.Tensor:
+def image_tensor(name: str, images: np.ndarray | torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """``images`` as a float32 CPU tensor; ValueError unless finite ``(N, C, *spatial)``."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -177,8 +179,9 @@ def _as_images(name: str, images: np.ndarray | torch.Tensor, spatial_dims: int) 
         else torch.as_tensor(np.asarray(images, dtype=np.float32))
     )
     if x.ndim != spatial_dims + 2:
+        axes = ", ".join("XYZ"[:spatial_dims])
         raise ValueError(
-            f"{name} must have shape (N, C, {', '.join('XYZ'[:spatial_dims])}) for spatial_dims={spatial_dims}, got shape {tuple(x.shape)}"
+            f"{name} must have shape (N, C, {axes}) for spatial_dims={spatial_dims}, got shape {tuple(x.shape)}"
         )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -218,7 +221,7 @@ class FeatureNetwork:
         "coronal": ..., "sagittal": ...}``, each slice one sample, ``S = min(slices_per_plane, slices
         in the central half)`` evenly spaced slices. Volumes and a 3D network: ``{"3d": (N, D)}``.
         """
-        x = _as_images("images", images, spatial_dims)
+        x = image_tensor("images", images, spatial_dims)
         if slices_per_plane < 1:
             raise ValueError(f"slices_per_plane must be >= 1, got {slices_per_plane}")
         channels = self.identity.get("in_channels")
@@ -269,33 +272,37 @@ class FeatureNetwork:
         return np.concatenate([f.reshape(n, -1, f.shape[1]).mean(axis=1) for f in features.values()], axis=1)
 
 
-# --- training ---------------------------------------------------------------------------------------
+# --- the self-supervised objective ------------------------------------------------------------------
+# The pure pieces of the feature network's training objective (the loop is
+# medsynth.training.feature_network). Every random draw comes from the generator passed in, on its device,
+# and the images are on that device too.
 
 
-def _random_slices(x: torch.Tensor, index: torch.Tensor, plane: str, generator: torch.Generator) -> torch.Tensor:
-    """One random central-half slice along ``plane`` of each volume ``x[index]``: ``(B, C, h, w)``."""
+def random_slices(volumes: torch.Tensor, index: torch.Tensor, plane: str, generator: torch.Generator) -> torch.Tensor:
+    """One random central-half slice along ``plane`` of each volume ``volumes[index]``: ``(B, C, h, w)``."""
     axis = PLANE_AXES[plane]
-    lo, hi = central_range(x.shape[2 + axis])
-    where = torch.randint(lo, hi, (len(index),), generator=generator)
-    return torch.stack([x[int(i)].select(1 + axis, int(s)) for i, s in zip(index, where)])
+    lo, hi = central_range(volumes.shape[2 + axis])
+    where = torch.randint(lo, hi, (len(index),), generator=generator, device=generator.device)
+    picked = volumes[index].movedim(2 + axis, 1)  # (B, S, C, h, w): the other two axes keep their order
+    return picked[torch.arange(len(index), device=picked.device), where]
 
 
-def _random_square_crops(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_square_crops(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random square crop (side = the shorter side) of each image, so that 90-degree rotations keep its shape."""
     h, w = batch.shape[-2:]
     side = min(h, w)
     if h == w:
         return batch
-    top = torch.randint(0, h - side + 1, (len(batch),), generator=generator)
-    left = torch.randint(0, w - side + 1, (len(batch),), generator=generator)
+    top = torch.randint(0, h - side + 1, (len(batch),), generator=generator, device=generator.device)
+    left = torch.randint(0, w - side + 1, (len(batch),), generator=generator, device=generator.device)
     return torch.stack([b[:, t : t + side, s : s + side] for b, t, s in zip(batch, top.tolist(), left.tolist())])
 
 
-def _gaussian_blur(batch: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(batch: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of each image ``(B, C, h, w)`` with its own ``sigma`` (pixels), edges replicated."""
     b, c, h, w = batch.shape
     radius = int(np.ceil(3 * float(sigmas.max())))
-    offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype)
+    offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
     kernels = torch.exp(-0.5 * (offsets[None] / sigmas[:, None].to(batch.dtype)) ** 2)
     kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, k)
     x = nn.functional.pad(batch.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
@@ -304,132 +311,59 @@ def _gaussian_blur(batch: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
-def _random_degradations(batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image left alone, noised or blurred (:data:`DEGRADATIONS`, of random strength); returns the images and the kinds."""
-    kinds = torch.randint(0, len(DEGRADATIONS), (len(batch),), generator=generator)
-    strength = torch.rand(len(batch), generator=generator)
-    noise = torch.randn(batch.shape, generator=generator)
+def random_degradations(batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image left alone, noised or blurred (:data:`DEGRADATIONS`, of random strength); returns the
+    images and the kinds."""
+    kinds = torch.randint(0, len(DEGRADATIONS), (len(batch),), generator=generator, device=batch.device)
+    strength = torch.rand(len(batch), generator=generator, device=batch.device)
+    noise = torch.randn(batch.shape, generator=generator, device=batch.device)
     std = NOISE_STD_RANGE[0] + strength * (NOISE_STD_RANGE[1] - NOISE_STD_RANGE[0])
     sigma = BLUR_SIGMA_RANGE[0] + strength * (BLUR_SIGMA_RANGE[1] - BLUR_SIGMA_RANGE[0])
     shape = (-1, *[1] * (batch.ndim - 1))
     noised = batch + std.view(shape) * noise
-    blurred = _gaussian_blur(batch, sigma)
+    blurred = gaussian_blur(batch, sigma)
     out = torch.where((kinds == 1).view(shape), noised, torch.where((kinds == 2).view(shape), blurred, batch))
     return out, kinds
 
 
-def train_feature_network(
-    images: np.ndarray,
-    classes: np.ndarray | None,
-    *,
-    spatial_dims: int,
-    steps: int = 400,
-    seed: int = 0,
-    width: int = 16,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    device: torch.device | str = "cpu",
-) -> FeatureNetwork:
-    """Train a 2D :class:`SelfSupervisedFeatures` on the real training set ``images`` (N, C, *spatial) in [-1, 1].
+def random_rotations(batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each square image rotated by k * 90 degrees, k drawn at random (Gidaris et al. 2018); returns the
+    images and k."""
+    turns = torch.randint(0, ROTATIONS, (len(batch),), generator=generator, device=batch.device)
+    return torch.stack([torch.rot90(b, k, dims=(1, 2)) for b, k in zip(batch, turns.tolist())]), turns
 
-    Objective (self-supervised, so it needs no labels: a user's folder of scans has none), two tasks
-    on every training image, their cross-entropies summed:
 
-    1. Rotation prediction (Gidaris et al. 2018, "Unsupervised Representation Learning by Predicting
-       Image Rotations"): the image is rotated by k * 90 degrees, k drawn at random, and the network
-       predicts k. Telling the orientation of anatomy needs features of its shape, layout and tissue
-       boundaries. Rotations rather than flips: anatomy is close to left-right symmetric, so a mirror
-       is often undetectable and the task ill-posed. Non-square images and slices are cropped at random
-       to a square of their shorter side (a 90-degree rotation must keep the shape); the network is
-       fully convolutional and embeds the whole, uncropped image.
-    2. Degradation prediction (as in quality-aware self-supervision, e.g. Madhusudana et al. 2022,
-       CONTRIQUE): before the rotation the image is left alone, given Gaussian noise or Gaussian blur of
-       random strength (:data:`DEGRADATIONS`), and the network says which. Residual noise and
-       over-smoothing are how diffusion samples typically fail, and rotation alone learns features
-       nearly blind to noise (measured on 32 px brain phantoms, 128 images, 200-400 steps: noise of
-       std 0.1 raised the rotation-only FID by 1-10 %, against over 100-fold with this task). The FID
-       also rises for degradations this task never shows (box blur, 2x down-sampling, Rician noise,
-       intensities times 0.9).
+def pretext_batch(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of the two self-supervised tasks from 2D images ``(B, C, h, w)``: a random square crop,
+    then a random degradation, then a random rotation. Returns the images, the rotations (k) and the
+    degradation kinds (indices into :data:`DEGRADATIONS`)."""
+    batch = random_square_crops(images, generator)
+    batch, degraded = random_degradations(batch, generator)
+    batch, turns = random_rotations(batch, generator)
+    return batch, turns, degraded
 
-    When ``classes`` holds at least two distinct labels (>= 0; -1 = unlabelled), a class head is
-    trained too (multi-task, its cross-entropy added) on the labelled images, so the features also
-    separate what the user labelled. A volume's class is given to each of its slices, a weak label
-    where the finding is local. The objective is recorded in ``identity["objective"]``.
 
-    Volumes (spatial_dims 3) train on 2D slices from the central half of the three planes, in turn
-    (see :data:`PLANES`); the network then scores volumes 2.5D.
-
-    Deterministic on CPU: the same inputs and seed give bitwise identical weights.
-
-    Args:
-        images: the real training set.
-        classes: one class per image, or None.
-        spatial_dims: 2 or 3.
-        steps: optimiser steps.
-        seed: seeds the initial weights and the drawn batches, crops, degradations and rotations.
-        width: channels of the first block (the features have ``4 * width``).
-        batch_size: images (slices) per step.
-        lr: AdamW learning rate.
-        device: where to train; the returned network is on the CPU.
-    """
-    x = _as_images("images", images, spatial_dims)
-    if len(x) < 1 or steps < 1:
-        raise ValueError(
-            f"training a feature network needs at least one image and one step, got {len(x)} images and steps={steps}"
-        )
-    labels = (
-        torch.full((len(x),), -1, dtype=torch.int64)
-        if classes is None
-        else torch.as_tensor(np.asarray(classes, dtype=np.int64)).reshape(-1)
-    )
-    if len(labels) != len(x):
-        raise ValueError(f"classes has {len(labels)} entries for {len(x)} images")
-    known = labels[labels >= 0].unique()
-    num_classes = int(known.max()) + 1 if len(known) >= 2 else 0
-    torch.manual_seed(seed)
-    network = SelfSupervisedFeatures(x.shape[1], width, num_classes).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    planes = PLANES if spatial_dims == 3 else ("2d",)
-    network.train()
-    for step in range(steps):
-        plane = planes[step % len(planes)]
-        index = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=generator)
-        batch = x[index] if plane == "2d" else _random_slices(x, index, plane, generator)
-        batch = _random_square_crops(batch, generator)
-        batch, degraded = _random_degradations(batch, generator)
-        turns = torch.randint(0, ROTATIONS, (len(batch),), generator=generator)
-        batch = torch.stack([torch.rot90(b, int(k), dims=(1, 2)) for b, k in zip(batch, turns)])
-        features = network(batch.to(device))
-        loss = nn.functional.cross_entropy(
-            network.rotation_head(features), turns.to(device)
-        ) + nn.functional.cross_entropy(network.degradation_head(features), degraded.to(device))
-        labelled = labels[index] >= 0
-        if network.class_head is not None and labelled.any():
-            loss = loss + nn.functional.cross_entropy(
-                network.class_head(features[labelled.to(device)]), labels[index][labelled].to(device)
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    network = network.cpu().eval().requires_grad_(False)
-    identity = {
-        "kind": "self_trained",
-        "objective": "rotation+degradation" + ("+class" if num_classes else ""),
-        "steps": steps,
-        "seed": seed,
-        "width": width,
-        "batch_size": batch_size,
-        "lr": lr,
-        "in_channels": int(x.shape[1]),
-        "num_classes": num_classes,
-        "spatial_dims": spatial_dims,
-        "network_spatial_dims": 2,
-        "train_images_sha256": _array_sha256(x.numpy()),
-        "weights_sha256": _state_sha256(network),
-        "feature_dim": 4 * width,
+def pretext_losses(
+    network: SelfSupervisedFeatures,
+    batch: torch.Tensor,
+    turns: torch.Tensor,
+    degraded: torch.Tensor,
+    classes: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The cross-entropies of the rotation head and the degradation head, and of the class head over the
+    labelled images (``classes >= 0``) when the network has one and the batch holds any."""
+    features = network(batch)
+    losses = {
+        "rotation": nn.functional.cross_entropy(network.rotation_head(features), turns),
+        "degradation": nn.functional.cross_entropy(network.degradation_head(features), degraded),
     }
-    return FeatureNetwork(network, identity)
+    labelled = classes >= 0
+    if network.class_head is not None and labelled.any():
+        losses["class"] = nn.functional.cross_entropy(network.class_head(features[labelled]), classes[labelled])
+    return losses
+
+
+# --- the network file -------------------------------------------------------------------------------
 
 
 def feature_network_from_file(weights_path: str | Path, *, spatial_dims: int, depth: int = 10) -> FeatureNetwork:
@@ -457,17 +391,15 @@ def feature_network_from_file(weights_path: str | Path, *, spatial_dims: int, de
         "file_sha256": file_digest(path),
         "resnet_depth": depth,
         "network_spatial_dims": spatial_dims,
-        "weights_sha256": _state_sha256(network),
+        "weights_sha256": state_sha256(network),
         "feature_dim": network.feature_dim,
     }
     return FeatureNetwork(network, identity)
 
 
-# --- the network file -------------------------------------------------------------------------------
-
-
 def save_feature_network(fn: FeatureNetwork, path: str | Path) -> Path:
-    """Write the state dict and identity atomically; :func:`load_feature_network` reads it with ``weights_only=True``."""
+    """Write the state dict and identity atomically; :func:`load_feature_network` reads it with
+    ``weights_only=True``."""
     blob = {
         "format": FEATURE_NETWORK_FORMAT,
         "identity": fn.identity,
@@ -491,7 +423,8 @@ def load_feature_network(path: str | Path) -> FeatureNetwork:
         or not all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values())
     ):
         raise MedsynthError(
-            f"{path}: not a medsynth feature network file (expected format {FEATURE_NETWORK_FORMAT!r} with identity and state_dict)"
+            f"{path}: not a medsynth feature network file "
+            f"(expected format {FEATURE_NETWORK_FORMAT!r} with identity and state_dict)"
         )
     identity: dict[str, Any] = blob["identity"]
     try:
@@ -511,7 +444,7 @@ def load_feature_network(path: str | Path) -> FeatureNetwork:
             f"{path}: feature network file does not fit its recorded identity ({str(exc).splitlines()[0][:160]})"
         ) from None
     network.eval().requires_grad_(False)
-    if _state_sha256(network) != identity.get("weights_sha256"):
+    if state_sha256(network) != identity.get("weights_sha256"):
         raise MedsynthError(
             f"{path}: feature network weights do not match their recorded weights_sha256 (file altered or corrupt)"
         )
@@ -640,8 +573,8 @@ def feature_fidelity(
         ValueError: non-finite images, different shapes (except N), fewer than two images per set, or
             fewer than ``k + 1`` feature samples per set.
     """
-    real = _as_images("real_images", real_images, spatial_dims)
-    fake = _as_images("fake_images", fake_images, spatial_dims)
+    real = image_tensor("real_images", real_images, spatial_dims)
+    fake = image_tensor("fake_images", fake_images, spatial_dims)
     if real.shape[1:] != fake.shape[1:]:
         raise ValueError(
             f"real and fake image shapes differ: (C, *spatial) {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}"

@@ -1,5 +1,6 @@
-"""Tests for medsynth.metrics.features: set metrics on known Gaussians, the self-trained feature
-network on phantoms (degradation, determinism, 2.5D), the network file and user ResNet weights."""
+"""Tests for medsynth.metrics.features and medsynth.training.feature_network: set metrics on known
+Gaussians, the self-trained feature network on phantoms (degradation, determinism, 2.5D), the network
+file and user ResNet weights."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from medsynth.metrics.features import (
     plane_slices,
     precision_recall,
     save_feature_network,
-    train_feature_network,
 )
+from medsynth.training.feature_network import train_feature_network
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,8 @@ TINY = {"width": 8, "batch_size": 16}
 
 
 def brain_images(n: int, shape: tuple[int, ...], *, first_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` brain MRI phantoms (n, 1, *shape) scaled to [-1, 1] by their foreground 99.5th percentile, and their classes."""
+    """``n`` brain MRI phantoms (n, 1, *shape) scaled to [-1, 1] by their foreground 99.5th percentile, and
+    their classes."""
     images, classes = [], []
     for seed in range(first_seed, first_seed + n):
         phantom = generate_phantom("brain_mri", shape, seed=seed)

@@ -1,4 +1,5 @@
-"""Tests for medsynth.metrics.utility: toy problems where the answer is known, in 2D and 3D."""
+"""Tests for medsynth.training.utility and medsynth.metrics.utility: toy problems where the answer is known,
+in 2D and 3D."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from medsynth.errors import MedsynthError
-from medsynth.metrics.utility import REGIMES, roc_auc, utility_experiment, utility_figure, utility_metrics
+from medsynth.metrics.utility import REGIMES, roc_auc, utility_figure, utility_metrics
+from medsynth.training.utility import utility_experiment
 
 torch.set_num_threads(1)
 
