@@ -225,7 +225,8 @@ def main() -> None:
             for name, row in rows.items():
                 gain = row["psnr"] - rows["noisy"]["psnr"]
                 print(
-                    f"    {name:18s} {row['psnr']:6.2f} / {row['psnr_fg']:6.2f}   SSIM {row['ssim']:.3f}   gain {gain:+5.2f} dB"
+                    f"    {name:18s} {row['psnr']:6.2f} / {row['psnr_fg']:6.2f}   SSIM {row['ssim']:.3f}   "
+                    f"gain {gain:+5.2f} dB"
                 )
             for name in (n for n in rows if n.startswith("diffusion") and best):
                 print(
@@ -234,7 +235,8 @@ def main() -> None:
                 )
     result["timing"] = t = timing(args, config, trained, names, levels[len(levels) // 2])
     print(
-        f"\ntime per {args.size}x{args.size} slice (median of {args.repeats}, {args.threads} threads; ratio to nlm in the same rounds):"
+        f"\ntime per {args.size}x{args.size} slice (median of {args.repeats}, {args.threads} threads; "
+        "ratio to nlm in the same rounds):"
     )
     for name, seconds in t["median_s"].items():
         label = f"diffusion:tweedie, overlap {args.fast_overlap} (fast mode)" if name == "diffusion:fast" else name

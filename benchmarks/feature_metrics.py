@@ -53,7 +53,8 @@ def main() -> None:
     started = time.perf_counter()
     network = train_feature_network(train, classes, spatial_dims=args.dims, steps=args.steps, seed=0)
     print(
-        f"feature network: {network.identity['objective']}, {args.steps} steps, trained in {time.perf_counter() - started:.0f} s"
+        f"feature network: {network.identity['objective']}, {args.steps} steps, "
+        f"trained in {time.perf_counter() - started:.0f} s"
     )
     half = len(test) // 2
     reference, other = test[:half], test[half:]
@@ -77,7 +78,8 @@ def main() -> None:
         rows.append({"case": name} | scores)
         planes = "  " + " ".join(f"{p} {scores[f'fid/{p}']:.2f}" for p in PLANES) if args.dims == 3 else ""
         print(
-            f"{name:28s} {scores['fid']:9.3f} {scores['precision']:9.2f} {scores['recall']:7.2f} {scores['mmd']:9.3f}{planes}"
+            f"{name:28s} {scores['fid']:9.3f} {scores['precision']:9.2f} {scores['recall']:7.2f} "
+            f"{scores['mmd']:9.3f}{planes}"
         )
     if args.out:
         with open(args.out, "w") as handle:

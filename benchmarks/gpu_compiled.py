@@ -1,4 +1,4 @@
-"""GPU follow-up: medsynth with ``train.compile`` (modes default / reduce-overhead, channels-last off)
+"""Compiled training on a GPU: medsynth with ``train.compile`` (modes default / reduce-overhead, channels-last off)
 against the MONAI tutorial loop in fp32 and with fp16 autocast + GradScaler, same card, same process.
 Needs CUDA; writes JSON to argv[1].
 

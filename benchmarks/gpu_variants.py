@@ -1,4 +1,4 @@
-"""GPU follow-up: medsynth's eager training step with channels-last on/off and bf16 autocast
+"""Eager training variants on a GPU: medsynth's training step with channels-last on/off and bf16 autocast
 (``train.precision=auto``) or fp32, against the fp32 MONAI tutorial loop, on the quickstart network
 (32x32, batch 32) and a larger one (128x128, channels 64-128-256). Needs CUDA; writes JSON to argv[1].
 

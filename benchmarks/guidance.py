@@ -91,7 +91,8 @@ def main() -> None:
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     print(
-        f"\n{args.run}: {sampler} {steps} steps, {args.num_samples} samples (classes in turn); classifier held-out real accuracy {ceiling:.3f}; "
+        f"\n{args.run}: {sampler} {steps} steps, {args.num_samples} samples (classes in turn); "
+        f"classifier held-out real accuracy {ceiling:.3f}; "
         f"real within-class MS-SSIM " + ", ".join(f"class {c}: {v:.3f}" for c, v in real_diversity.items())
     )
     header = [

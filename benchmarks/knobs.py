@@ -82,7 +82,8 @@ def main() -> None:
     medians = {v: statistics.median(ts) for v, ts in times.items()}
     plain = medians.get("plain")
     print(
-        f"\n3D UNet {args.channels} (attention at the deepest level), {args.size}^3, batch {args.batch}, {args.rounds} interleaved steps, "
+        f"\n3D UNet {args.channels} (attention at the deepest level), {args.size}^3, batch {args.batch}, "
+        f"{args.rounds} interleaved steps, "
         f"{args.threads} threads"
     )
     print("| variant | median s/step | time vs plain |")

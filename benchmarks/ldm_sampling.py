@@ -34,17 +34,26 @@ if spec["model"]:
 else:
     torch.manual_seed(0)
     dims, ae_cfg = config.data.spatial_dims, config.autoencoder
-    ae = TrainedAutoencoder(build_autoencoder(ae_cfg, dims).eval().requires_grad_(False), dims, 1.0, ae_cfg.downsample, ae_cfg.latent_channels,
-                            list(config.data.image_size), {"modality": "ct", "low": -1000.0, "high": 1000.0}, 0, None, autoencoder_kwargs(ae_cfg))
-    unet = build_unet(config.model, spatial_dims=dims, in_channels=ae_cfg.latent_channels, out_channels=ae_cfg.latent_channels).eval().requires_grad_(False)
+    ae = TrainedAutoencoder(
+        build_autoencoder(ae_cfg, dims).eval().requires_grad_(False), dims, 1.0, ae_cfg.downsample,
+        ae_cfg.latent_channels, list(config.data.image_size), {"modality": "ct", "low": -1000.0, "high": 1000.0}, 0,
+        None, autoencoder_kwargs(ae_cfg),
+    )
+    channels = ae_cfg.latent_channels
+    unet = build_unet(config.model, spatial_dims=dims, in_channels=channels, out_channels=channels)
+    unet = unet.eval().requires_grad_(False)
     latent = [s // ae_cfg.downsample for s in config.data.image_size]
     trained = TrainedModel(unet, config.diffusion, dims, latent, ae.intensity, 0, Path("untrained"), {}, ae)
 started = time.perf_counter()
-images, _ = synthesise(trained, sampler=spec["sampler"], steps=spec["steps"], seeds=[0], batch_size=1, device=torch.device("cpu"),
-                       decode_roi=None if spec["roi"] is None else [spec["roi"]] * trained.spatial_dims, decode_overlap=spec["overlap"])
+images, _ = synthesise(
+    trained, sampler=spec["sampler"], steps=spec["steps"], seeds=[0], batch_size=1, device=torch.device("cpu"),
+    decode_roi=None if spec["roi"] is None else [spec["roi"]] * trained.spatial_dims, decode_overlap=spec["overlap"],
+)
 seconds = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mb": peak / 1024, "baseline_mb": baseline / 1024, "seconds": seconds, "shape": list(images.shape)}))
+print(json.dumps(
+    {"peak_mb": peak / 1024, "baseline_mb": baseline / 1024, "seconds": seconds, "shape": list(images.shape)}
+))
 """
 
 VARIANTS = {"whole": None, "window16": 16, "window8": 8}  # latent window side
@@ -80,14 +89,16 @@ def main() -> None:
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     print(
-        f"\n{args.config}{' + ' + args.model if args.model else ' (untrained weights)'}: one sample, {args.sampler} {args.steps} steps, "
+        f"\n{args.config}{' + ' + args.model if args.model else ' (untrained weights)'}: one sample, "
+        f"{args.sampler} {args.steps} steps, "
         f"{args.threads} threads"
     )
     print("| decode | output | peak RSS MB | above baseline MB | seconds |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(
-            f"| {name} | {'x'.join(map(str, r['shape'][2:]))} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |"
+            f"| {name} | {'x'.join(map(str, r['shape'][2:]))} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |"
         )
     if args.out:
         with open(args.out, "w") as handle:

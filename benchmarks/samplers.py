@@ -135,7 +135,8 @@ def main() -> None:
     reference = rows[0]
     keys = (HEADLINE, "hist_w1/mean_class", "mmd", "diversity_gap", "background_std")
     print(
-        f"\n{args.num_samples} samples per row vs {len(real)} held-out images; ratio = {HEADLINE} / reference (lower is better)"
+        f"\n{args.num_samples} samples per row vs {len(real)} held-out images; "
+        f"ratio = {HEADLINE} / reference (lower is better)"
     )
     print("| sampler | steps | NFE | " + " | ".join(keys) + " | ratio | seconds |")
     print("|---" * (len(keys) + 5) + "|")

@@ -1,9 +1,12 @@
 """Atomic writes: a file or a whole output folder appears complete or not at all.
 
 Temporaries are hidden (dot-prefixed) siblings of what they become: ``.<file>.<random>.tmp`` for a
-file, ``.<folder>.<random>.partial`` for a folder being built and ``.<folder>.<random>.old`` for the
-outputs it replaces. A process killed with ``kill -9`` can leave them behind; the next process that
-holds the folder's :func:`folder_lock` removes them with :func:`remove_stale_temporaries`.
+file (``.<file>.<random>.tmp.nii.gz`` where the writer needs the format in the name),
+``.<folder>.<random>.partial`` for a folder being built and ``.<folder>.<random>.old`` for the
+outputs it replaces. A failure in the write removes them; a process killed with ``kill -9`` can leave
+them behind, and the next process that holds the folder's :func:`folder_lock` removes them with
+:func:`remove_stale_temporaries`. They are created with the mode a plain ``open``/``mkdir`` gives
+(``0o666``/``0o777`` less the umask), which the rename carries over to the final file or folder.
 """
 
 from __future__ import annotations
@@ -14,23 +17,28 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a torn one.
+    A crash leaves either the old file or the new one, never a torn one; a failure in ``write``, the
+    fsync or the rename removes the temporary and leaves the old file as it was.
+
+    Args:
+        path: the file to write.
+        write: fills the temporary file (it exists and is empty when called).
+        suffix: ends the temporary's name, for writers that pick the format from the file name
+            (nibabel: ``.nii.gz``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_sibling(path, ".tmp" + suffix, folder=False)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
@@ -62,30 +70,56 @@ def staged_folder(final: str | Path, *, work: str | Path | None = None, keep_on_
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if work is None:
-        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    work = Path(work)
+    work = _new_sibling(final, ".partial", folder=True) if work is None else Path(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
         yield work
+        # Swap: move the old outputs aside, move the new ones in, then delete the old ones. When the
+        # second rename fails, the old outputs go back: ``final`` is never left missing.
+        trash = None
+        try:
+            if final.exists():
+                trash = _new_sibling(final, ".old", folder=True)
+                os.replace(final, trash / final.name)
+            os.replace(work, final)
+        except BaseException:
+            if trash is not None:
+                if (trash / final.name).exists():
+                    os.replace(trash / final.name, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
         if not keep_on_error:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    # Swap: move the old outputs aside, move the new ones in, then delete the old ones.
-    trash = None
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, trash / final.name)
-    os.replace(work, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _new_sibling(path: Path, suffix: str, *, folder: bool) -> Path:
+    """Create a fresh hidden sibling ``.<name>.<random><suffix>`` of ``path`` (an empty file or folder).
+
+    Not ``tempfile.mkstemp``/``mkdtemp``: they create owner-only files (``0o600``) and folders
+    (``0o700``), and the rename would hand that mode on to the outputs. ``os.open``/``os.mkdir`` apply
+    the umask, as any plain write does.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                os.mkdir(candidate, 0o777)
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{path.parent}: no free name for a temporary sibling of {path.name}")
 
 
 def remove_stale_temporaries(folder: str | Path, *, keep: set[str] = frozenset()) -> list[Path]:
-    """Remove what atomic writes of a killed process left in ``folder``: hidden ``*.tmp`` files,
-    ``*.partial`` and ``*.old`` folders (except the names in ``keep``, e.g. a training work folder
-    with checkpoints to resume), and hidden ``*.tmp`` files inside the kept folders.
+    """Remove what atomic writes of a killed process left in ``folder``: hidden ``*.tmp`` (and
+    ``*.tmp.<ext>``) files, ``*.partial`` and ``*.old`` folders (except the names in ``keep``, e.g. a
+    training work folder with checkpoints to resume), and hidden temporary files inside the kept folders.
 
     Call it only while holding :func:`folder_lock` on ``folder``: nobody else is writing there then.
 
@@ -99,9 +133,10 @@ def remove_stale_temporaries(folder: str | Path, *, keep: set[str] = frozenset()
     for path in sorted(folder.iterdir()):
         name = path.name
         if name in keep and path.is_dir():
-            for tmp in path.rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
+            for tmp in sorted(path.rglob(".*.tmp*")):
+                if tmp.is_file() and _TEMPORARY.fullmatch(tmp.name):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
         elif path.is_dir() and _STAGED.fullmatch(name):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -112,7 +147,7 @@ def remove_stale_temporaries(folder: str | Path, *, keep: set[str] = frozenset()
 
 
 _STAGED = re.compile(r"\..+\.(partial|old)")
-_TEMPORARY = re.compile(r"\..+\.tmp")
+_TEMPORARY = re.compile(r"\..+\.tmp(\.[A-Za-z0-9]+)*")
 
 
 @contextlib.contextmanager

@@ -159,7 +159,8 @@ def _lps_affine(affine: np.ndarray) -> np.ndarray:
     cosine = float(lps[:3, 0] @ lps[:3, 1] / (lengths[0] * lengths[1]))
     if abs(cosine) > 1e-4:  # ImageOrientationPatient holds two orthogonal directions
         raise MedsynthError(
-            f"affine {affine.tolist()}: the first two axes are not orthogonal (cosine {cosine:.2g}); expected no in-plane shear"
+            f"affine {affine.tolist()}: the first two axes are not orthogonal (cosine {cosine:.2g}); "
+            "expected no in-plane shear"
         )
     return lps
 
@@ -457,7 +458,8 @@ def write_synthetic_series(
         raise MedsynthError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
     if not isinstance(instance_prefix, str) or not _PREFIX.fullmatch(instance_prefix):
         raise MedsynthError(
-            f"instance_prefix {instance_prefix!r}: expected 1-32 letters, digits, '_' or '-', starting with a letter or digit"
+            f"instance_prefix {instance_prefix!r}: expected 1-32 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
         )
     description = _ascii_text("series_description", series_description, _MAX_LO)
     if "SYNTHETIC" not in description:

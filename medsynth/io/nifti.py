@@ -36,13 +36,8 @@ def write_nifti(
     if description:
         image.header["descrip"] = description.encode("ascii", "replace")[:79]
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    # nibabel picks the format from the file name, so the temporary file keeps the suffix.
-    return atomic_write(
-        path,
-        lambda tmp: (
-            nib.save(image, tmp.with_name(tmp.name + suffix)) or (tmp.with_name(tmp.name + suffix)).replace(tmp)
-        ),
-    )
+    # nibabel picks the format from the file name, so the temporary file ends in the suffix too.
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=suffix)
 
 
 def spacing_affine(

@@ -187,7 +187,8 @@ def read_nifti(path: str | Path, *, max_dims: int = 3) -> Volume:
         voxels = int(np.prod(spatial, dtype=object))
         if voxels > MAX_VOXELS:
             raise MedsynthError(
-                f"{path}: header claims shape {shape} ({voxels:.3g} voxels); expected at most {MAX_VOXELS:.3g} voxels per scan"
+                f"{path}: header claims shape {shape} ({voxels:.3g} voxels); "
+                f"expected at most {MAX_VOXELS:.3g} voxels per scan"
             )
         affine = np.array(img.affine, dtype=np.float64)
         array = img.get_fdata(dtype=np.float32).reshape(spatial)
@@ -433,7 +434,8 @@ def _read_series(files: list[Path], headers: list[Dataset]) -> Volume:
         raise MedsynthError(f"{files[0]}: Rows x Columns is {rows} x {cols}; expected at least one pixel")
     if rows * cols * len(files) > MAX_VOXELS:
         raise MedsynthError(
-            f"{files[0]}: series of {len(files)} slices of {rows} x {cols} pixels ({rows * cols * len(files):.3g} voxels); "
+            f"{files[0]}: series of {len(files)} slices of {rows} x {cols} pixels "
+            f"({rows * cols * len(files):.3g} voxels); "
             f"expected at most {MAX_VOXELS:.3g} voxels per scan"
         )
     spacings = [_floats(f, h, "PixelSpacing", 2) for f, h in zip(files, headers)]

@@ -47,10 +47,12 @@ HAS_DCIODVFY = shutil.which("dciodvfy") is not None
 # IOD lacks the Modality LUT module; real-valued MR needs them to keep its values), and an empty
 # Laterality when no body part is given.
 MR_RESCALE_WARNINGS = {
-    "Warning - Non-identity Modality LUT Module (RescaleSlope and RescaleIntercept) not expected to be present in standard MR IOD",
+    "Warning - Non-identity Modality LUT Module (RescaleSlope and RescaleIntercept) "
+    "not expected to be present in standard MR IOD",
     "Warning - Attribute is not present in standard DICOM IOD - (0x0028,0x1052) DS Rescale Intercept",
     "Warning - Attribute is not present in standard DICOM IOD - (0x0028,0x1053) DS Rescale Slope",
-    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard Extended SOP Class",
+    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - "
+    "this is a Standard Extended SOP Class",
 }
 LATERALITY_WARNING = "Warning - is only permitted to be empty when actually unknown"
 

@@ -249,7 +249,8 @@ def _dicom_case(make_bad: Callable[[Path], Path], expected: str) -> Case:
 
 
 def _cut_slice(keep: int | bytes | None) -> Callable[[Path], Path]:
-    """Cut one slice short: after ``keep`` bytes, inside the element whose tag bytes are ``keep``, or 100 bytes early."""
+    """Cut one slice short: after ``keep`` bytes, inside the element whose tag bytes are ``keep``, or 100 bytes
+    early."""
 
     def make(data: Path) -> Path:
         path = one_series(data / "damaged")[2]

@@ -78,7 +78,10 @@ def compute(part):
     computed.extend(part)
     return [{"square": i * i, "rank": ctx.rank, "payload": [i] * 1000} for i in part]
 
-rounds = [[(i, r["square"], r["rank"], len(r["payload"])) for i, r in pairs] for pairs in map_sharded(compute, COUNT, ctx, chunk=2)]
+rounds = [
+    [(i, r["square"], r["rank"], len(r["payload"])) for i, r in pairs]
+    for pairs in map_sharded(compute, COUNT, ctx, chunk=2)
+]
 # one file per rank: two processes printing to one pipe can interleave their lines
 with open(f"OUTDIR/rank{ctx.rank}.json", "w") as out:
     json.dump({"rank": ctx.rank, "computed": computed, "rounds": rounds}, out)
