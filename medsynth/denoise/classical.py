@@ -36,6 +36,7 @@ import numpy as np
 import pywt
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, denoise_wavelet
 
+from medsynth.denoise.registry import CLASSICAL_METHOD_NAMES, DENOISE_METHODS
 from medsynth.errors import MedsynthError
 from medsynth.noise.correction import rician_bias_correct
 
@@ -51,8 +52,6 @@ TV_WEIGHT_PER_SIGMA = {2: 0.75, 3: 0.5}
 TV_EPS, TV_MAX_ITER = 1e-5, 1000
 # BayesShrink (Chang, Yu & Vetterli 2000): a subband-adaptive soft threshold sigma^2 / sigma_signal.
 WAVELET, WAVELET_MAX_LEVELS = "sym4", 3
-
-_BM3D_HINT = 'install the optional extra: pip install "medsynth[bm3d]" (bm3d/bm4d have a non-commercial licence)'
 
 
 def _check(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -131,7 +130,10 @@ def _optional(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        raise MedsynthError(f"the bm3d denoiser needs the optional package {name!r}: {_BM3D_HINT}") from error
+        hint = DENOISE_METHODS["bm3d"].install_hint()
+        raise MedsynthError(
+            f"the bm3d denoiser needs the optional package {name!r}: {hint} (bm3d/bm4d have a non-commercial licence)"
+        ) from error
 
 
 def bm3d(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -145,22 +147,20 @@ def bm3d(image: np.ndarray, sigma: float) -> np.ndarray:
     return _normalised(image, sigma, lambda x, s: getattr(module, name)(x, sigma_psd=s))
 
 
-CLASSICAL_DENOISERS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "nlm": nlm,
-    "tv": tv,
-    "wavelet": wavelet,
-    "bm3d": bm3d,
-}
+def classical_denoiser(method: str) -> Callable[[np.ndarray, float], np.ndarray]:
+    """The baseline ``fn(image, sigma)`` named ``method`` (:data:`~medsynth.denoise.registry.DENOISE_METHODS`).
+
+    Raises:
+        ValueError: not a classical method.
+    """
+    if method not in CLASSICAL_METHOD_NAMES:
+        raise ValueError(f"unknown denoising method {method!r}; allowed: {', '.join(CLASSICAL_METHOD_NAMES)}")
+    return DENOISE_METHODS[method].load()
 
 
 def available_methods() -> list[str]:
-    """The methods usable here: ``bm3d`` only when the optional ``bm3d`` package imports."""
-    try:
-        importlib.import_module("bm3d")
-        has_bm3d = True
-    except ImportError:
-        has_bm3d = False
-    return [name for name in CLASSICAL_DENOISERS if name != "bm3d" or has_bm3d]
+    """The classical methods usable here: those whose optional packages (``bm3d``) import."""
+    return [name for name in CLASSICAL_METHOD_NAMES if DENOISE_METHODS[name].available()]
 
 
 def denoise_classical(image: np.ndarray, sigma: float, method: str, *, modality: str | None = None) -> np.ndarray:
@@ -189,7 +189,7 @@ def denoise_classical(image: np.ndarray, sigma: float, method: str, *, modality:
     Args:
         image: 2D or 3D image in its own units (magnitude for MR, HU for CT).
         sigma: noise standard deviation in those units (for MR, that of the Gaussian noise in each channel).
-        method: a key of :data:`CLASSICAL_DENOISERS`.
+        method: a classical method of :data:`~medsynth.denoise.registry.DENOISE_METHODS`.
         modality: ``"mr"`` (Rician magnitude: correct the bias), ``"ct"`` or ``None`` (additive noise: no correction).
 
     Returns:
@@ -199,9 +199,8 @@ def denoise_classical(image: np.ndarray, sigma: float, method: str, *, modality:
         ValueError: unknown method or modality, bad image or sigma.
         MedsynthError: ``bm3d`` without its optional package.
     """
-    if method not in CLASSICAL_DENOISERS:
-        raise ValueError(f"unknown denoising method {method!r}; allowed: {', '.join(CLASSICAL_DENOISERS)}")
+    denoise = classical_denoiser(method)
     if modality not in ("mr", "ct", None):
         raise ValueError(f"modality must be 'mr', 'ct' or None, got {modality!r}")
-    denoised = CLASSICAL_DENOISERS[method](image, sigma)
+    denoised = denoise(image, sigma)
     return rician_bias_correct(denoised, float(sigma)) if modality == "mr" else denoised

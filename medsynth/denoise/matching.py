@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from monai.networks.schedulers import RFlowScheduler, Scheduler
+from monai.networks.schedulers import Scheduler
+
+from medsynth.diffusion.denoiser import input_scale, timestep_sigmas
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,6 @@ def match_timestep(sigma: float, scheduler: Scheduler) -> NoiseMatch:
     """
     if not (sigma >= 0 and torch.isfinite(torch.tensor(float(sigma)))):
         raise ValueError(f"noise level must be a finite number >= 0, got {sigma}")
-    total = scheduler.num_train_timesteps
-    if isinstance(scheduler, RFlowScheduler):
-        # tau = t / T; the noise of (1 - tau) y relative to the signal is tau / (1 - tau).
-        tau = torch.arange(total, dtype=torch.float64) / total
-        ratio = tau / (1.0 - tau)
-        t = int(torch.argmin((ratio - sigma).abs()))
-        return NoiseMatch(t, float(1.0 - tau[t]), float(ratio[t]))
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    ratio = torch.sqrt((1.0 - abar) / abar)  # noise-to-signal of x_t / sqrt(abar_t)
+    ratio = timestep_sigmas(scheduler)  # noise-to-signal of the scaled input at each trained timestep
     t = int(torch.argmin((ratio - sigma).abs()))
-    return NoiseMatch(t, float(torch.sqrt(abar[t])), float(ratio[t]))
+    return NoiseMatch(t, float(input_scale(scheduler, ratio[t])), float(ratio[t]))

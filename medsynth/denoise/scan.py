@@ -32,13 +32,12 @@ from medsynth.data.transforms import Intensity, foreground_mask
 from medsynth.denoise.classical import denoise_classical
 from medsynth.denoise.matching import match_timestep
 from medsynth.denoise.prior import prior_denoise
+from medsynth.denoise.registry import DENOISE_METHOD_NAMES, DENOISE_METHODS
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.models.loading import TrainedModel
 from medsynth.noise.correction import rician_bias_correct
 from medsynth.noise.estimation import estimate_ct_sigma_hu, estimate_gaussian_sigma, estimate_rician_sigma
-
-METHODS = ("diffusion", "nlm", "tv", "wavelet", "bm3d")
 
 
 @dataclass(frozen=True)
@@ -191,16 +190,6 @@ def _diffusion(
         axis = None
         batch = ras[None, None]
     network = trained.network.to(device)
-    if (
-        trained.num_classes is not None
-    ):  # a class-conditional model denoises as its unconditional self (the "no class" token)
-        conditional, null = network, trained.num_classes
-
-        def network(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return conditional(
-                x, timesteps=timesteps, class_labels=torch.full((len(x),), null, dtype=torch.long, device=x.device)
-            )
-
     chunks = [slice(i, i + settings.slice_batch) for i in range(0, len(batch), settings.slice_batch)]
     means, stds, last = [], [], None
     unit = "slice" if axis is not None or ras.ndim == 2 else "volume"
@@ -226,6 +215,8 @@ def _diffusion(
                 seed=settings.seed,
                 overlap=settings.overlap,
                 sw_batch_size=settings.sw_batch_size,
+                # a class-conditional model denoises as its unconditional self (the "no class" token)
+                null_class=trained.num_classes,
                 callback=advance,
             )
             means.append(last.mean.cpu().numpy())
@@ -283,7 +274,7 @@ def denoise_scan(
     Args:
         image: the noisy scan, ``(X, Y)`` or ``(X, Y, Z)``.
         affine: its voxel-to-RAS affine (sets the slice direction for 2D models).
-        method: ``diffusion`` or a classical baseline (``nlm``, ``tv``, ``wavelet``, ``bm3d``).
+        method: a name of :data:`~medsynth.denoise.registry.DENOISE_METHODS` (``diffusion`` or a classical baseline).
         modality: ``mr`` (Rician noise: bias correction), ``ct`` (HU) or ``None``.
         sigma: the noise level in the image's units; ``None`` estimates it.
         trained: the diffusion model (``method="diffusion"`` only).
@@ -295,13 +286,13 @@ def denoise_scan(
         MedsynthError: unknown method, negative sigma, NaN image, a missing or unsuitable model.
     """
     image = _check_image(image)
-    if method not in METHODS:
-        raise MedsynthError(f"unknown denoising method '{method}' (allowed: {', '.join(METHODS)})")
+    if method not in DENOISE_METHODS:
+        raise MedsynthError(f"unknown denoising method '{method}' (allowed: {', '.join(DENOISE_METHOD_NAMES)})")
     if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
         raise MedsynthError(f"--sigma must be 'auto' or a number >= 0, got {sigma}")
     given = sigma is not None
     sigma = float(sigma) if given else estimate_noise(image, modality)
-    if method == "diffusion":
+    if DENOISE_METHODS[method].family == "prior":
         if trained is None:
             raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
         result = _diffusion(

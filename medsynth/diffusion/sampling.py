@@ -1,9 +1,11 @@
-"""Reverse-process samplers over MONAI schedulers: DDPM, DDIM, rectified flow; and the score-based
-ones of :mod:`medsynth.diffusion.score` (Euler, Heun, predictor-corrector, DPM-Solver++(2M)).
+"""Reverse-process samplers over MONAI schedulers (DDPM, DDIM, rectified flow) and :func:`generate`,
+the one entry point for every sampler of :mod:`medsynth.diffusion.registry`.
 
-Every sampler is a small function with one signature, after k-diffusion:
-``sampler(model, x, scheduler, *, generators, callback=None, **options) -> x0``. ``x`` is the initial
-noise; ``generators`` holds one ``torch.Generator`` per sample so that sample ``i`` depends only on its
+The MONAI-scheduler samplers step the raw network output in the scheduler's discrete time, after
+k-diffusion's shape: ``sampler(model, x, scheduler, *, generators, callback=None, **options) -> x0``;
+the score-based ones of :mod:`medsynth.diffusion.score` are lists of noise levels over the network
+read as a denoiser (:class:`~medsynth.diffusion.denoiser.Denoiser`). ``x`` is the initial noise;
+``generators`` holds one ``torch.Generator`` per sample so that sample ``i`` depends only on its
 own seed, not on which batch it was drawn in. ``callback(step, total)`` reports progress; no logging
 lives here.
 """
@@ -15,10 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
-from medsynth.diffusion.score import SCORE_SAMPLERS
-
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int], None] | None
+from medsynth.diffusion.denoiser import Model, ddpm_x0, guided
+from medsynth.diffusion.registry import SAMPLER_NAMES, SAMPLERS
+from medsynth.diffusion.score import Callback, SigmaSchedule, per_sample_noise
 
 
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -61,12 +62,7 @@ def ddpm_step(
     alpha_prod_t_prev = chain.alphas_cumprod[timestep - 1] if timestep > 0 else chain.one
     beta_prod_t = 1 - alpha_prod_t
     beta_prod_t_prev = 1 - alpha_prod_t_prev
-    if chain.prediction_type == "epsilon":
-        x0 = (x - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-    elif chain.prediction_type == "v_prediction":
-        x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * model_output
-    else:
-        x0 = model_output
+    x0 = ddpm_x0(model_output, x, alpha_prod_t, chain.prediction_type)
     if chain.clip_sample:
         x0 = torch.clamp(x0, chain.clip_sample_values[0], chain.clip_sample_values[1])
     x0_coeff = (alpha_prod_t_prev ** (0.5) * chain.betas[timestep]) / beta_prod_t
@@ -185,55 +181,9 @@ def rflow_sample(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": ddpm_sample,
-    "ddim": ddim_sample,
-    "rflow": rflow_sample,
-    **SCORE_SAMPLERS,
-}
-
-
-def guided(
-    model: Callable[..., torch.Tensor],
-    *,
-    class_labels: torch.Tensor | None,
-    null_class: int | None,
-    guidance_scale: float = 1.0,
-    extra: dict | None = None,
-) -> Model:
-    """The network as ``f(x, t)`` for the samplers, with its conditioning bound.
-
-    Class-conditional models get ``class_labels`` (one per sample); with classifier-free guidance
-    (Ho & Salimans 2022) the output is ``f(x, t, null) + w (f(x, t, c) - f(x, t, null))``, with both
-    halves in one doubled batch. ``w = 1`` is the plain conditional model (one evaluation), ``w = 0``
-    the unconditional one. The combination is linear in the output, so it holds for epsilon, v and
-    velocity prediction alike. ``extra`` holds further keyword arguments for the network.
-    """
-    extra = extra or {}
-    if class_labels is None:
-        return lambda x, t: model(x, timesteps=t, **extra)
-    if null_class is None:
-        raise ValueError("class labels given to a model that is not class-conditional")
-    null = torch.full_like(class_labels, null_class)
-    if guidance_scale == 1.0:
-        return lambda x, t: model(x, timesteps=t, class_labels=class_labels, **extra)
-    if guidance_scale == 0.0:
-        return lambda x, t: model(x, timesteps=t, class_labels=null, **extra)
-
-    def cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-        both = model(
-            torch.cat([x, x]), timesteps=torch.cat([t, t]), class_labels=torch.cat([class_labels, null]), **doubled
-        )
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
-
-    return cfg
-
-
 def generate(
     model: torch.nn.Module,
-    scheduler: Scheduler,
+    scheduler: Scheduler | SigmaSchedule,
     *,
     sampler: str,
     image_shape: Sequence[int],
@@ -249,11 +199,13 @@ def generate(
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples of ``image_shape`` (channels first), batch by batch, on ``device``.
 
-    Sample ``i`` starts from noise drawn with ``seeds[i]`` and uses its own generator for every
-    stochastic step. Class-conditional models need ``class_labels`` (one per sample) and take a
-    classifier-free ``guidance_scale`` (see :func:`guided`). ``network_wrapper(model, batch)`` may
-    wrap the network for one batch (``batch``: the samples' slice; the wrapper is called like the
-    network, ``(x, timesteps=t, **kwargs)``, with a doubled batch under guidance), e.g. to add
+    ``scheduler`` comes from :func:`~medsynth.diffusion.schedulers.build_sampling_scheduler` for
+    ``sampler``: a MONAI scheduler, or the noise levels of a score-based sampler. Sample ``i`` starts
+    from noise drawn with ``seeds[i]`` and uses its own generator for every stochastic step.
+    Class-conditional models need ``class_labels`` (one per sample) and take a classifier-free
+    ``guidance_scale`` (see :func:`~medsynth.diffusion.denoiser.guided`). ``network_wrapper(model,
+    batch)`` may wrap the network for one batch (``batch``: the samples' slice; the wrapper is called
+    like the network, ``(x, timesteps=t, **kwargs)``, with a doubled batch under guidance), e.g. to add
     ControlNet residuals from each sample's label map.
     Returns a CPU float tensor ``(N, *image_shape)``.
 
@@ -261,9 +213,10 @@ def generate(
         ValueError: an unknown sampler name, class labels for an unconditional model or the reverse.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
-    sample_fn = SAMPLERS[sampler]
-    options = {"eta": eta} if sampler == "ddim" else {}
+        raise ValueError(f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLER_NAMES)})")
+    spec = SAMPLERS[sampler]
+    sample_fn = spec.load()
+    options = {name: value for name, value in {"eta": eta}.items() if name in spec.options}
     model.eval()
     embeds = getattr(model, "num_class_embeds", None)
     if embeds is not None and class_labels is None:
@@ -302,5 +255,17 @@ def generate(
             if callback is not None:
                 callback(_b * steps_per_batch + step, total_batches * steps_per_batch)
 
-        out.append(sample_fn(network, x, scheduler, generators=generators, callback=report, **options).float().cpu())
+        if spec.family == "score":
+            assert isinstance(scheduler, SigmaSchedule)
+            # the unit initial noise read as x_T of the trained process, in the variance-exploding view
+            x = sample_fn(
+                scheduler.denoiser(network),
+                x.to(torch.float32) * scheduler.initial_scale,
+                scheduler.sigmas,
+                noise=per_sample_noise(generators),
+                callback=report,
+            )
+        else:
+            x = sample_fn(network, x, scheduler, generators=generators, callback=report, **options)
+        out.append(x.float().cpu())
     return torch.cat(out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
 from medsynth.config import DiffusionConfig
-from medsynth.diffusion.score import SCORE_SAMPLERS, SigmaSchedule, karras_schedule
+from medsynth.diffusion.registry import SAMPLERS, sampler_mismatch
+from medsynth.diffusion.score import SigmaSchedule, karras_schedule
 
 
 def _schedule_args(diffusion: DiffusionConfig) -> dict:
@@ -47,7 +48,10 @@ def build_sampling_scheduler(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps > diffusion.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
-    if sampler in SCORE_SAMPLERS:  # any trained process, read as a denoiser over sigma
+    mismatch = sampler_mismatch(sampler, diffusion.scheduler)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    if SAMPLERS[sampler].family == "score":  # any trained process, read as a denoiser over sigma
         schedule = karras_schedule(
             build_train_scheduler(diffusion, spatial_dims=spatial_dims),
             steps,
@@ -55,12 +59,8 @@ def build_sampling_scheduler(
         )
         schedule.clip = clip
         return schedule
-    if (sampler == "rflow") != (diffusion.scheduler == "rflow"):
-        raise ValueError(f"sampler '{sampler}' does not fit a model trained with scheduler '{diffusion.scheduler}'")
     scheduler: Scheduler
-    if sampler == "rflow":
-        scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
-    elif sampler == "ddim":
+    if sampler == "ddim":
         scheduler = DDIMScheduler(
             num_train_timesteps=diffusion.num_train_timesteps,
             schedule=diffusion.schedule,
@@ -68,10 +68,8 @@ def build_sampling_scheduler(
             clip_sample=True,
             **_schedule_args(diffusion),
         )
-    elif sampler == "ddpm":
+    else:  # ddpm and rflow step the training process itself
         scheduler = build_train_scheduler(diffusion, spatial_dims=spatial_dims)
-    else:
-        raise ValueError(f"unknown sampler '{sampler}' (allowed: ddpm, ddim, rflow, {', '.join(SCORE_SAMPLERS)})")
     if hasattr(scheduler, "clip_sample"):
         scheduler.clip_sample = clip
     scheduler.set_timesteps(steps)

@@ -12,7 +12,8 @@ import torch
 from exact_models import DATA_STD, ExactClassGaussianModel
 
 from medsynth.config import DiffusionConfig
-from medsynth.diffusion.sampling import generate, guided
+from medsynth.diffusion.denoiser import guided
+from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler
 
 MEANS = [-0.4, 0.4]

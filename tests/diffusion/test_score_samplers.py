@@ -12,9 +12,10 @@ import torch
 from exact_models import DATA_STD, SHAPES, ExactGaussianModel
 
 from medsynth.config import DiffusionConfig, load_config
+from medsynth.diffusion.registry import SAMPLERS
 from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler, build_train_scheduler
-from medsynth.diffusion.score import SCORE_SAMPLERS, karras_schedule, trained_sigmas
+from medsynth.diffusion.score import karras_schedule, per_sample_noise, trained_sigmas
 from medsynth.errors import MedsynthError
 
 PROCESSES = [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction")]
@@ -32,11 +33,14 @@ def run(
     """Samples, the initial noise they came from, and the exact ODE factor."""
     diffusion = diffusion_config(process, prediction)
     model = ExactGaussianModel(diffusion, len(shape) - 1)
-    schedule = build_sampling_scheduler(diffusion, sampler=sampler, steps=steps, spatial_dims=len(shape) - 1)
+    schedule = build_sampling_scheduler(
+        diffusion, sampler=sampler, steps=steps, spatial_dims=len(shape) - 1, clip=False
+    )
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    out = SCORE_SAMPLERS[sampler](
-        lambda x, t: model(x, timesteps=t), noise.clone(), schedule, generators=gens, clip=False
+    denoiser = schedule.denoiser(lambda x, t: model(x, timesteps=t))
+    out = SAMPLERS[sampler].load()(
+        denoiser, noise * schedule.initial_scale, schedule.sigmas, noise=per_sample_noise(gens)
     )
     sigma_max = float(schedule.sigmas[0])
     factor = DATA_STD * (1 + sigma_max**2) ** 0.5 / (DATA_STD**2 + sigma_max**2) ** 0.5
@@ -123,7 +127,7 @@ def test_karras_schedule_uses_trained_levels_only() -> None:
 
 
 def test_score_samplers_in_configs(write_config) -> None:
-    for sampler in SCORE_SAMPLERS:
+    for sampler in [name for name, spec in SAMPLERS.items() if spec.family == "score"]:
         # any trained process: DDPM and rectified flow alike
         assert load_config(write_config({"sample": {"sampler": sampler}})).sample.sampler == sampler
         assert (
