@@ -50,7 +50,8 @@ with tempfile.TemporaryDirectory() as tmp:
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     from pathlib import Path
     run = RunSettings(
-        seed=0, work_dir=Path(tmp), dist=ctx, progress=None, step_callback=lambda step: times.append(time.perf_counter())
+        seed=0, work_dir=Path(tmp), dist=ctx, progress=None,
+        step_callback=lambda step: times.append(time.perf_counter()),
     )
     train_diffusion(config.model, config.diffusion, config.train, images[:6], images[6:], run)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -87,7 +88,8 @@ times = []
 with tempfile.TemporaryDirectory() as tmp:
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     run = RunSettings(
-        seed=0, work_dir=Path(tmp), dist=ctx, progress=None, step_callback=lambda step: times.append(time.perf_counter())
+        seed=0, work_dir=Path(tmp), dist=ctx, progress=None,
+        step_callback=lambda step: times.append(time.perf_counter()),
     )
     train_autoencoder(config.autoencoder, images[:3], images[3:], run, spatial_dims=config.data.spatial_dims)
 print(json.dumps({
