@@ -1,6 +1,7 @@
 """``medsynth denoise INPUT OUTPUT`` through the real CLI: NIfTI and DICOM in and out, 2D models
 slice-wise, 3D models windowed over volumes larger than their training size, MLflow model URIs,
-posterior draws, and every bad input of the issue (one line, exit code 2, nothing written)."""
+posterior draws, and bad inputs: missing, corrupt, truncated, wrong shape or dtype, bad paths (one line,
+exit code 2, nothing written)."""
 
 from __future__ import annotations
 
