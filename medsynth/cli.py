@@ -2,7 +2,8 @@
 
     medsynth run CONFIG [key.sub=value ...] [--stages a,b] [--force]
     medsynth prepare|autoencoder|train|controlnet|sample|evaluate|augment CONFIG [key.sub=value ...] [--force]
-    medsynth denoise INPUT OUTPUT [--checkpoint PATH | --model-uri URI] [--method M] [--sigma auto|VALUE] [--modality mr|ct]
+    medsynth denoise INPUT OUTPUT [--checkpoint PATH | --model-uri URI] [--method M] [--sigma auto|VALUE]
+        [--modality mr|ct]
 
 (The pipeline's ``denoise`` stage runs with ``medsynth run CONFIG --stages denoise``; ``medsynth
 denoise`` itself denoises one NIfTI file or DICOM series folder.)
@@ -22,9 +23,8 @@ import sys
 from collections.abc import Sequence
 
 from medsynth import __version__
-from medsynth.stages import BY_NAME, STAGE_NAMES
 from medsynth.errors import MedsynthError
-
+from medsynth.stages import BY_NAME, STAGE_NAMES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,8 +50,8 @@ def add_denoise_parser(commands) -> None:
     sub = commands.add_parser(
         "denoise",
         help="denoise a NIfTI file or a DICOM series folder (diffusion prior or a classical baseline)",
-        description="Denoise one scan: a NIfTI file (-> NIfTI with the same header) or a folder holding one DICOM series "
-        "(-> a derived DICOM series). The diffusion method needs a trained model.",
+        description="Denoise one scan: a NIfTI file (-> NIfTI with the same header) or a folder holding one "
+        "DICOM series (-> a derived DICOM series). The diffusion method needs a trained model.",
     )
     sub.add_argument("input", help="a .nii/.nii.gz file or a folder with one DICOM series")
     sub.add_argument("output", help="a .nii/.nii.gz path (NIfTI input) or a new folder (DICOM input)")
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the stages the config lists (unchanged ones are skipped)",
-        description="Run the pipeline: " + " -> ".join(STAGE_NAMES) + ". One parent MLflow run, one nested run per stage.",
+        description="Run the pipeline: "
+        + " -> ".join(STAGE_NAMES)
+        + ". One parent MLflow run, one nested run per stage.",
     )
     add_common(run)
     run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGE_NAMES)}")

@@ -241,7 +241,8 @@ class ModelConfig(StrictModel):
         None,
         ge=2,
         description="Class-conditional model over this many classes (class labels 0..K-1 from the phantom class or "
-        "the datalist's class_label); one more embedding is the 'no class' token of classifier-free guidance; null: unconditional",
+        "the datalist's class_label); one more embedding is the 'no class' token of classifier-free guidance; "
+        "null: unconditional",
     )
 
     @model_validator(mode="after")
@@ -326,7 +327,8 @@ class AutoencoderConfig(StrictModel):
             raise ValueError(f"channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
         if self.perceptual_weight > 0 and self.perceptual_weights is None:
             raise ValueError(
-                "perceptual_weight > 0 needs perceptual_weights: a local weights file (medsynth never downloads weights)"
+                "perceptual_weight > 0 needs perceptual_weights: a local weights file "
+                "(medsynth never downloads weights)"
             )
         return self
 
@@ -395,15 +397,16 @@ class DiffusionConfig(StrictModel):
     max_train_timestep: int | None = Field(
         None,
         ge=1,
-        description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small timesteps), "
-        "which then denoises but cannot sample from pure noise; null: all timesteps",
+        description="Train on timesteps below this only: a denoising prior (the noise to remove sits at small "
+        "timesteps), which then denoises but cannot sample from pure noise; null: all timesteps",
     )
 
     @model_validator(mode="after")
     def _timesteps(self) -> DiffusionConfig:
         if self.max_train_timestep is not None and self.max_train_timestep > self.num_train_timesteps:
             raise ValueError(
-                f"max_train_timestep ({self.max_train_timestep}) must be <= num_train_timesteps ({self.num_train_timesteps})"
+                f"max_train_timestep ({self.max_train_timestep}) must be <= "
+                f"num_train_timesteps ({self.num_train_timesteps})"
             )
         return self
 
@@ -567,11 +570,13 @@ class AugmentConfig(StrictModel):
 
 
 class UtilityConfig(StrictModel):
-    """Downstream utility: a small MONAI model trained on real, real + synthetic and synthetic data, scored on held-out real data."""
+    """Downstream utility: a small MONAI model trained on real, real + synthetic and synthetic data, scored on
+    held-out real data."""
 
     task: Literal["auto", "classification", "segmentation"] = Field(
         "auto",
-        description="auto: segmentation when the synthetic cases have label maps (ControlNet), else classification on class labels",
+        description="auto: segmentation when the synthetic cases have label maps (ControlNet), else classification "
+        "on class labels",
     )
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2],
@@ -592,22 +597,23 @@ class DenoiseConfig(StrictModel):
     )
     mode: Literal["tweedie", "ddim", "ancestral"] = Field(
         "tweedie",
-        description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; ancestral: posterior draws",
+        description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; "
+        "ancestral: posterior draws",
     )
     steps: int = Field(10, ge=1, description="Reverse steps (ddim / ancestral)")
     samples: int = Field(1, ge=1, description="Posterior draws averaged (ancestral); >1 also writes an uncertainty map")
     sigma: Literal["auto", "oracle"] | float = Field(
         "auto",
-        description="Noise level given to every method: auto = estimated from each image; oracle = the simulated level; "
-        "or a number in the image's units",
+        description="Noise level given to every method: auto = estimated from each image; "
+        "oracle = the simulated level; or a number in the image's units",
     )
     noise: Literal["rician", "gaussian", "low_dose_ct", "low_dose_ct_image"] | None = Field(
         None, description="Simulated noise; null: rician for MR, low_dose_ct (projection domain) for CT"
     )
     levels: list[float] | None = Field(
         None,
-        description="rician/gaussian: std as a fraction of the foreground 99th percentile (default [0.025, 0.05, 0.1]); "
-        "low-dose CT: dose fractions (default [0.25, 0.1])",
+        description="rician/gaussian: std as a fraction of the foreground 99th percentile "
+        "(default [0.025, 0.05, 0.1]); low-dose CT: dose fractions (default [0.25, 0.1])",
     )
     photons: float = Field(2.0e5, gt=0.0, description="Full-dose incident photons per ray (low_dose_ct)")
     num_images: int = Field(8, ge=1, description="Held-out cases denoised per noise level")
@@ -617,8 +623,9 @@ class DenoiseConfig(StrictModel):
     figure_level: int = Field(-1, description="Index into levels of the noise level shown in the side-by-side figure")
     datalist: str | None = Field(
         None,
-        description="A MONAI-style datalist JSON of your own noisy scans (NIfTI files or DICOM series folders, paths relative "
-        "to the datalist's folder) that every method denoises too, with the noise level estimated per scan",
+        description="A MONAI-style datalist JSON of your own noisy scans (NIfTI files or DICOM series folders, "
+        "paths relative to the datalist's folder) that every method denoises too, with the noise level estimated "
+        "per scan",
     )
     datalist_key: str = Field("testing", min_length=1, description="The datalist's key listing those scans")
 
@@ -717,14 +724,15 @@ class Config(StrictModel):
                 )
             if task == "auto" and self.model.num_classes is None and "controlnet" not in self.stages:
                 raise ValueError(
-                    "stage utility needs labels to learn: a class-conditional model (model.num_classes) or a ControlNet "
-                    "(controlnet in stages)"
+                    "stage utility needs labels to learn: a class-conditional model (model.num_classes) "
+                    "or a ControlNet (controlnet in stages)"
                 )
         if "controlnet" in self.stages and self.diffusion.space == "latent":
             raise ValueError("stage controlnet is built for pixel-space models (diffusion.space: pixel)")
         if "controlnet" in self.stages and len(self.controlnet.conditioning_channels) != 1:
             raise ValueError(
-                "controlnet.conditioning_channels needs one entry for a pixel-space model (the label map is at image size)"
+                "controlnet.conditioning_channels needs one entry for a pixel-space model "
+                "(the label map is at image size)"
             )
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
             if sampler is None:
@@ -872,7 +880,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if raw is None:
         # An empty file would silently run the whole default pipeline; '{}' says "every default" on purpose.
         raise MedsynthError(
-            f"{path}: empty config file; expected a mapping of keys (see configs/quickstart.yaml), or '{{}}' for every default"
+            f"{path}: empty config file; expected a mapping of keys (see configs/quickstart.yaml), "
+            "or '{}' for every default"
         )
     if not isinstance(raw, dict):
         raise MedsynthError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")

@@ -245,8 +245,9 @@ def audit_synthetic(ctx: StageContext, images: np.ndarray, count: int) -> tuple[
     if flagged and cfg.action == "refuse":
         ctx.tracker.log_metrics({f"augment/{k}": float(v) for k, v in audit.summary().items()})
         raise MedsynthError(
-            f"augment.audit: {len(flagged)} of {count} synthetic cases are closer to a training case than {cfg.threshold} x that case's "
-            f"distance to any other patient (possible memorisation; cases {flagged[:10]}); the audit and memorisation.png are in the "
+            f"augment.audit: {len(flagged)} of {count} synthetic cases are closer to a training case than "
+            f"{cfg.threshold} x that case's distance to any other patient (possible memorisation; "
+            f"cases {flagged[:10]}); the audit and memorisation.png are in the "
             f"MLflow run {ctx.tracker.run_id or '(untracked)'}; set augment.audit.action=drop to leave them out"
         )
     if flagged:

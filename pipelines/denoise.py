@@ -97,7 +97,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
 
     def denoise_case(k: int) -> dict[str, Any]:
-        """Case ``k % len(cases)`` at level ``k // len(cases)``: simulated noise, then every method (nothing written)."""
+        """Case ``k % len(cases)`` at level ``k // len(cases)``: simulated noise, then every method
+        (nothing written)."""
         j, i = divmod(k, len(cases))
         case = cases[i]
         source = Path(case["image"]) if Path(case["image"]).is_absolute() else prepare_dir / case["image"]
@@ -175,7 +176,8 @@ def _write_case(
     done: dict[str, Any],
     seconds: dict[str, float],
 ) -> dict[str, Any]:
-    """Write one denoised (level, case) pair (rank 0) and return its ``denoise.json`` entry; adds each method's time to ``seconds``."""
+    """Write one denoised (level, case) pair (rank 0) and return its ``denoise.json`` entry; adds each method's
+    time to ``seconds``."""
     affine = done["affine"]
     folder = Path(f"level_{j}") / safe_name(case.get("case_id", f"case_{i:04d}"))
     write_nifti(work / folder / "noisy.nii.gz", done["noisy"], affine, description=f"medsynth {noise} {level}")

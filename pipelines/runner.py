@@ -94,7 +94,8 @@ def plan(config: Config, names: list[str], force: bool) -> list[tuple[str, bool]
 
 
 INVOCATION_RECORD = ".medsynth-invocation.json"  # the running command's id and MLflow store, in output_dir
-STAGE_KEY = ".medsynth-stage-key"  # in a training work folder: the cache key (and its parts) its checkpoints were made for
+# In a training work folder: the cache key (and its parts) its checkpoints were made for.
+STAGE_KEY = ".medsynth-stage-key"
 
 
 def training_work(config: Config, name: str) -> Path:
@@ -218,7 +219,8 @@ def run_pipeline(
 
 
 class Invocation:
-    """The MLflow runs of one medsynth command, traceable after a ``kill -9`` through a hidden record in the output folder.
+    """The MLflow runs of one medsynth command, traceable after a ``kill -9`` through a hidden record in the output
+    folder.
 
     :meth:`begin` takes over what a killed command with the same config left (its id, and its RUNNING
     parent and stage runs, to be continued) or ends its runs KILLED when the config differs, then
@@ -263,13 +265,16 @@ class Invocation:
                 self.stages[stage] = run.info.run_id
         if self.parent or self.stages:
             say(
-                f"note: continuing the MLflow runs left open by an interrupted medsynth command (pid {left.get('pid')}) "
-                f"in {self.signature['tracking_uri']}"
+                "note: continuing the MLflow runs left open by an interrupted medsynth command "
+                f"(pid {left.get('pid')}) in {self.signature['tracking_uri']}"
             )
 
     def _end_foreign(self, left: dict) -> None:
         """A killed command with another config (or store): its open runs end KILLED, wherever they are."""
-        note = f"ended by a later medsynth command (pid {os.getpid()}) with another config: the process that ran it was killed"
+        note = (
+            f"ended by a later medsynth command (pid {os.getpid()}) with another config: "
+            "the process that ran it was killed"
+        )
         uri = str(left.get("tracking_uri", ""))
         failed = (
             self.tracking.end_killed_runs(uri, str(left.get("experiment", "")), str(left["id"]), note)
@@ -278,7 +283,8 @@ class Invocation:
         )
         if failed:
             say(
-                f"note: the MLflow runs of an interrupted medsynth command (pid {left.get('pid')}) stay RUNNING in {uri or '?'} ({failed})"
+                f"note: the MLflow runs of an interrupted medsynth command (pid {left.get('pid')}) "
+                f"stay RUNNING in {uri or '?'} ({failed})"
             )
 
     def take(self, stage: str | None) -> str | None:
@@ -428,7 +434,8 @@ def _run_stage(
         if distributed_stage and ctx.is_main and work is not None and not (work / "checkpoints" / "last.pt").is_file():
             shutil.rmtree(work, ignore_errors=True)
         elif distributed_stage and ctx.is_main and work is not None and isinstance(exc, Exception):
-            # A refused or failed run leaves the folder's stage key as it found it (Ctrl-C keeps this run's, to continue).
+            # A refused or failed run leaves the folder's stage key as it found it
+            # (Ctrl-C keeps this run's, to continue).
             if recorded is None:
                 (work / STAGE_KEY).unlink(missing_ok=True)
             else:
@@ -509,7 +516,10 @@ def _resume_if_interrupted(
     barrier(ctx)
     if ctx.is_main:
         if resume and not section.resume:
-            say(f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})", ctx)
+            say(
+                f"{spec.name}: continuing an interrupted run of this config from its last checkpoint ({checkpoint})",
+                ctx,
+            )
         if not resume and work.exists():
             shutil.rmtree(work)
         atomic_write_json(work / STAGE_KEY, {"key": key, "parts": parts})

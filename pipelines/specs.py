@@ -83,7 +83,10 @@ def feature_section(config: Config) -> dict[str, Any]:
 
 def evaluate_section(config: Config) -> dict[str, Any]:
     """evaluate's own section, the feature network, and the audit settings it applies to the samples."""
-    return {"evaluate": result_view(config.evaluate), "audit": result_view(config.augment.audit)} | feature_section(config)
+    return {
+        "evaluate": result_view(config.evaluate),
+        "audit": result_view(config.augment.audit),
+    } | feature_section(config)
 
 
 def evaluate_inputs(config: Config) -> tuple[str, ...]:
@@ -134,7 +137,10 @@ def denoise_section(config: Config) -> dict[str, Any]:
 # For each registered stage: (the config it reads -> its cache-key part, the upstream stages it reads).
 READS: dict[str, tuple[Callable[[Config], dict[str, Any]], tuple[str, ...] | Callable[[Config], tuple[str, ...]]]] = {
     "prepare": (lambda c: {"data": result_view(c.data)}, ()),
-    "autoencoder": (lambda c: {"autoencoder": result_view(c.autoencoder, exclude=c.autoencoder.SAMPLING_KEYS)}, ("prepare",)),
+    "autoencoder": (
+        lambda c: {"autoencoder": result_view(c.autoencoder, exclude=c.autoencoder.SAMPLING_KEYS)},
+        ("prepare",),
+    ),
     "train": (
         lambda c: {"model": result_view(c.model), "diffusion": result_view(c.diffusion), "train": result_view(c.train)},
         train_inputs,

@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     val = load_split(cache, "val")
     if list(train["images"].shape[2:]) != list(config.data.image_size):
         raise MedsynthError(
-            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is {config.data.image_size}; rerun 'medsynth prepare'"
+            f"{cache}: cached inputs are {list(train['images'].shape[2:])} but data.image_size is "
+            f"{config.data.image_size}; rerun 'medsynth prepare'"
         )
 
     if ctx.dist.is_main and config.train.resume and (work / "checkpoints" / "last.pt").is_file():

@@ -59,8 +59,8 @@ def _load_failure(exc: BaseException) -> str:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         detail = f"; it references {found.group(1)}" if found is not None else ""
         return (
-            f"it holds pickled Python objects, not only tensors and plain values{detail}; refused: medsynth loads weights only "
-            "and never unpickles code"
+            f"it holds pickled Python objects, not only tensors and plain values{detail}; "
+            "refused: medsynth loads weights only and never unpickles code"
         )
     return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
 

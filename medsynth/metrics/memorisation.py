@@ -325,7 +325,8 @@ def memorisation_audit(
     train = _check_images("train", train)
     if synthetic.shape[1:] != train.shape[1:]:
         raise ValueError(
-            f"synthetic and train scans differ in shape: {tuple(synthetic.shape[1:])} vs {tuple(train.shape[1:])} (C, *spatial)"
+            f"synthetic and train scans differ in shape: {tuple(synthetic.shape[1:])} vs "
+            f"{tuple(train.shape[1:])} (C, *spatial)"
         )
     groups = _group_codes(train_groups, train.shape[0], "train_groups")
     if len(np.unique(groups)) < 2:
@@ -448,7 +449,8 @@ def audit_figure(
             color="red" if scan["flagged"] else "black",
         )
         ax_train.set_title(
-            f"train {entry['nearest']} ({entry['nearest_group']})\nd {entry['distance']:.3g}, r {entry['reference']:.3g}",
+            f"train {entry['nearest']} ({entry['nearest_group']})\n"
+            f"d {entry['distance']:.3g}, r {entry['reference']:.3g}",
             fontsize=8,
         )
     fig.suptitle(f"closest pairs in {space} space (threshold {result.threshold:g}, rule {result.rule})", fontsize=10)

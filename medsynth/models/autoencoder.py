@@ -57,7 +57,8 @@ def autoencoder_kwargs(cfg: AutoencoderConfig, channels: int = 1) -> dict[str, A
 
 
 def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, channels: int = 1) -> AutoencoderKL:
-    """A MONAI ``AutoencoderKL`` for ``spatial_dims`` 2 or 3 whose latent is ``cfg.downsample`` times smaller per side."""
+    """A MONAI ``AutoencoderKL`` for ``spatial_dims`` 2 or 3 whose latent is ``cfg.downsample`` times smaller per
+    side."""
     return _from_kwargs(autoencoder_kwargs(cfg, channels), spatial_dims)
 
 

@@ -101,7 +101,8 @@ def controlnet_kwargs(base: TrainedModel, num_labels: int, cfg: ControlNetConfig
     """
     if base.is_latent:
         raise MedsynthError(
-            f"{base.path}: a latent diffusion model; the ControlNet is built for pixel-space models (diffusion.space: pixel)"
+            f"{base.path}: a latent diffusion model; the ControlNet is built for pixel-space models "
+            "(diffusion.space: pixel)"
         )
     if num_labels < 2:
         raise MedsynthError(f"the ControlNet needs label maps with at least 2 labels, got {num_labels}")
@@ -109,8 +110,9 @@ def controlnet_kwargs(base: TrainedModel, num_labels: int, cfg: ControlNetConfig
     if len(channels) != 1:
         size = "x".join(map(str, base.image_size))
         raise MedsynthError(
-            f"controlnet.conditioning_channels {channels} has {len(channels)} entries: MONAI's ControlNet embedding halves the label map once "
-            f"per entry after the first, but in a pixel-space model the label maps and the UNet's first level are both at the image size "
+            f"controlnet.conditioning_channels {channels} has {len(channels)} entries: "
+            "MONAI's ControlNet embedding halves the label map once per entry after the first, "
+            "but in a pixel-space model the label maps and the UNet's first level are both at the image size "
             f"{size}; expected exactly one entry, e.g. [{channels[0]}]"
         )
     state = load_state(base.path, expected_format=MODEL_FORMAT)
@@ -212,7 +214,8 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu") -> Tra
         )
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise MedsynthError(
-            f"{path}: not a usable medsynth ControlNet ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+            f"{path}: not a usable medsynth ControlNet "
+            f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
         ) from None
     network.to(device).eval().requires_grad_(False)
     num_labels, spatial_dims, image_size, step, base_sha256 = info
