@@ -160,8 +160,13 @@ if tuple(READS) != STAGE_NAMES:
 
 SPECS: dict[str, StageSpec] = {
     name: StageSpec(
-        name, BY_NAME[name].module, sections, inputs, BY_NAME[name].help,
-        trains=BY_NAME[name].trains, shards=BY_NAME[name].shards,
+        name,
+        BY_NAME[name].module,
+        sections,
+        inputs,
+        BY_NAME[name].help,
+        trains=BY_NAME[name].trains,
+        shards=BY_NAME[name].shards,
     )
     for name, (sections, inputs) in READS.items()
 }
