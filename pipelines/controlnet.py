@@ -44,8 +44,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.dist.is_main and config.controlnet.resume and (work / "checkpoints" / "last.pt").is_file():
         print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}")
     result = train_controlnet(
-        config.controlnet, base, train["images"], train["labels"], val["images"], val["labels"], ctx.run_settings(),
-        num_labels=labels, base_sha256=file_digest(model_path),
+        config.controlnet,
+        base,
+        train["images"],
+        train["labels"],
+        val["images"],
+        val["labels"],
+        ctx.run_settings(),
+        num_labels=labels,
+        base_sha256=file_digest(model_path),
     )
     if not ctx.dist.is_main:
         return {}
