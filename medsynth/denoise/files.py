@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pydicom.misc
 
-from medsynth.denoise.scan import Denoised, PriorSettings, denoise_scan
+from medsynth.denoise.scan import Denoised, PriorSettings, denoise_method, denoise_scan
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write, atomic_write_json, file_digest, staged_folder
 from medsynth.io.dicom_write import write_derived_series
@@ -144,10 +144,10 @@ def derivation_text(result: Denoised) -> str:
     """One line for DerivationDescription / the NIfTI description."""
     record = result.record
     text = f"medsynth denoise: {record['method']}, sigma {result.sigma:.4g} ({record['sigma_source']})"
-    if record["method"] == "diffusion":
+    if denoise_method(record["method"]).family == "prior":
         steps = (
             "1 step (Tweedie)"
-            if record["mode"] == "tweedie"
+            if record["steps"] is None
             else f"{record['mode']} {record['steps']} steps x {record['samples']}"
         )
         text += f", diffusion prior from t={record['timestep']}, {steps}"
@@ -291,7 +291,9 @@ def denoise_path(
     output = check_output(scan, output, overwrite=overwrite)
 
     trained, model_digest = (
-        load_denoising_model(checkpoint, model_uri, tracking_uri, device) if method == "diffusion" else (None, None)
+        load_denoising_model(checkpoint, model_uri, tracking_uri, device)
+        if denoise_method(method).family == "prior"
+        else (None, None)
     )
     result = denoise_input(
         scan,

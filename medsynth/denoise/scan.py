@@ -32,7 +32,7 @@ from medsynth.data.transforms import Intensity, foreground_mask
 from medsynth.denoise.classical import denoise_classical
 from medsynth.denoise.matching import match_timestep
 from medsynth.denoise.prior import prior_denoise
-from medsynth.denoise.registry import DENOISE_METHOD_NAMES, DENOISE_METHODS
+from medsynth.denoise.registry import DENOISE_METHOD_NAMES, DENOISE_METHODS, PRIOR_MODES, DenoiseMethod
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
 from medsynth.models.loading import TrainedModel
@@ -69,6 +69,17 @@ class Denoised:
     uncertainty: np.ndarray | None
     sigma: float  # the noise level used, in the input's units
     record: dict[str, Any] = field(default_factory=dict)
+
+
+def denoise_method(name: str) -> DenoiseMethod:
+    """The registered denoising method ``name``.
+
+    Raises:
+        MedsynthError: an unknown name (the message lists the allowed ones).
+    """
+    if name not in DENOISE_METHODS:
+        raise MedsynthError(f"unknown denoising method '{name}' (allowed: {', '.join(DENOISE_METHOD_NAMES)})")
+    return DENOISE_METHODS[name]
 
 
 def estimate_noise(image: np.ndarray, modality: str | None) -> float:
@@ -238,7 +249,7 @@ def _diffusion(
     uncertainty = (back(stds) * width / 2.0).astype(np.float32) if stds else None
     record = {
         "mode": settings.mode,
-        "steps": settings.steps if settings.mode != "tweedie" else None,
+        "steps": settings.steps if PRIOR_MODES[settings.mode].sampler is not None else None,
         "samples": settings.samples,
         "seed": settings.seed,
         "timestep": last.match.timestep,
@@ -286,13 +297,12 @@ def denoise_scan(
         MedsynthError: unknown method, negative sigma, NaN image, a missing or unsuitable model.
     """
     image = _check_image(image)
-    if method not in DENOISE_METHODS:
-        raise MedsynthError(f"unknown denoising method '{method}' (allowed: {', '.join(DENOISE_METHOD_NAMES)})")
+    spec = denoise_method(method)
     if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
         raise MedsynthError(f"--sigma must be 'auto' or a number >= 0, got {sigma}")
     given = sigma is not None
     sigma = float(sigma) if given else estimate_noise(image, modality)
-    if DENOISE_METHODS[method].family == "prior":
+    if spec.family == "prior":
         if trained is None:
             raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
         result = _diffusion(

@@ -2,7 +2,7 @@
 
 Any medsynth model (DDPM with epsilon or v prediction, or rectified flow; pixel or latent; 2D or 3D)
 is a denoiser ``D(x, sigma) ~ E[x0 | x]`` for ``x = x0 + sigma * n``, the variance-exploding view of
-Karras et al. 2022 ("EDM", sec. 2 and app. C.3); the wrapper has the shape of k-diffusion's
+Karras et al. 2022 ("EDM", sec. 2 and Table 1); the wrapper has the shape of k-diffusion's
 ``external.py`` (``DiscreteEpsDDPMDenoiser``, ``DiscreteVDDPMDenoiser``):
 
 - DDPM: ``abar = 1 / (1 + sigma^2)``; the network sees ``x_t = sqrt(abar) x`` (``c_in``); epsilon
@@ -13,8 +13,9 @@ Karras et al. 2022 ("EDM", sec. 2 and app. C.3); the wrapper has the shape of k-
 
 The network is evaluated at the trained timestep nearest to sigma in log sigma: it was trained on
 those discrete timesteps only. The samplers in :mod:`medsynth.diffusion.score` and the denoising
-prior (:mod:`medsynth.denoise.prior`) are lists of sigmas over this one wrapper; the MONAI-scheduler
-samplers step the raw network output in discrete time and share :func:`ddpm_x0`.
+prior (:mod:`medsynth.denoise.prior`) are lists of sigmas over this one wrapper. The MONAI-scheduler
+samplers step the raw network output in discrete time: DDIM and rectified flow through MONAI's own
+``step``, DDPM's batched step through :func:`ddpm_x0` here.
 
 Conditioning is bound into the network before it is wrapped (:func:`guided`): class labels,
 classifier-free guidance and network wrappers such as ControlNet residuals.

@@ -210,13 +210,16 @@ def generate(
     Returns a CPU float tensor ``(N, *image_shape)``.
 
     Raises:
-        ValueError: an unknown sampler name, class labels for an unconditional model or the reverse.
+        ValueError: an unknown sampler name, a scheduler not built for it, class labels for an
+            unconditional model or the reverse.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLER_NAMES)})")
     spec = SAMPLERS[sampler]
+    if (spec.family == "score") != isinstance(scheduler, SigmaSchedule):
+        raise ValueError(f"sampler '{sampler}' does not run on a {type(scheduler).__name__} (build_sampling_scheduler)")
     sample_fn = spec.load()
-    options = {name: value for name, value in {"eta": eta}.items() if name in spec.options}
+    options = {name: {"eta": eta}[name] for name in spec.options}  # the options this sampler takes
     model.eval()
     embeds = getattr(model, "num_class_embeds", None)
     if embeds is not None and class_labels is None:
@@ -255,8 +258,7 @@ def generate(
             if callback is not None:
                 callback(_b * steps_per_batch + step, total_batches * steps_per_batch)
 
-        if spec.family == "score":
-            assert isinstance(scheduler, SigmaSchedule)
+        if isinstance(scheduler, SigmaSchedule):
             # the unit initial noise read as x_T of the trained process, in the variance-exploding view
             x = sample_fn(
                 scheduler.denoiser(network),

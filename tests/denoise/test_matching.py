@@ -58,3 +58,15 @@ def test_rician_bias_correction_reduces_the_floor() -> None:
     # Unbiased in A^2 (the second-moment correction), here at SNR 2.
     assert (corrected[:, 64:].astype(np.float64) ** 2).mean() == pytest.approx(400.0, rel=0.1)
     assert (noisy[:, 64:].astype(np.float64) ** 2).mean() == pytest.approx(400.0 + 2 * sigma**2, rel=0.1)
+
+
+@pytest.mark.parametrize("process", ["ddpm", "rflow"])
+def test_the_matched_level_is_the_denoisers_own(process: str) -> None:
+    from medsynth.diffusion.denoiser import Denoiser, input_scale
+
+    scheduler = build_train_scheduler(DiffusionConfig(scheduler=process), spatial_dims=2)
+    match = match_timestep(0.2, scheduler)
+    denoiser = Denoiser(lambda x, t: x, scheduler)
+    assert float(denoiser.t_to_sigma(match.timestep)) == match.matched_sigma
+    assert int(denoiser.sigma_to_t(match.matched_sigma)) == match.timestep
+    assert match.scale == pytest.approx(float(input_scale(scheduler, match.matched_sigma)), rel=1e-12)

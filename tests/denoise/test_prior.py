@@ -15,6 +15,7 @@ from exact_models import DATA_STD, SHAPES, ExactGaussianModel
 from medsynth.config import DiffusionConfig
 from medsynth.denoise.matching import match_timestep
 from medsynth.denoise.prior import _reverse_timesteps, prior_denoise
+from medsynth.diffusion.denoiser import timestep_sigmas
 from medsynth.diffusion.schedulers import build_train_scheduler
 
 PROCESSES = [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction")]
@@ -50,18 +51,18 @@ def test_tweedie_is_the_exact_posterior_mean(process, prediction, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("process,prediction", PROCESSES[:2])
-def test_posterior_draws_have_the_posterior_spread(process, prediction, shape):
+@pytest.mark.parametrize("process,prediction,evaluations", [(*p, n) for p, n in zip(PROCESSES, (88, 88, 231))])
+def test_posterior_draws_have_the_posterior_spread(process, prediction, evaluations, shape):
     model, scheduler = setup(process, prediction, shape)
     sigma = match_timestep(0.3, scheduler).matched_sigma
     x0, y = noisy_batch(shape, sigma, batch=2)
-    # Every trained timestep from the matched one down (88 here): coarser chains under-disperse
-    # (measured 0.72 / 0.89 / 0.94 of the posterior spread at 5 / 20 / 50 steps).
+    # Every trained timestep from the matched one down: coarser chains under-disperse (measured
+    # 0.72 / 0.89 / 0.94 of the posterior spread at 5 / 20 / 50 steps).
     result = prior_denoise(
         model, scheduler, y, sigma, roi_size=shape[1:], mode="ancestral", steps=1000, samples=8, seed=3
     )
     posterior_std = (DATA_STD**2 * sigma**2 / (DATA_STD**2 + sigma**2)) ** 0.5
-    assert result.std is not None and result.std.shape == y.shape and result.evaluations == 88
+    assert result.std is not None and result.std.shape == y.shape and result.evaluations == evaluations
     # E[sample std of 8 draws] = c4(8) sigma = 0.965 sigma
     assert result.std.mean().item() == pytest.approx(0.965 * posterior_std, rel=0.05)
     mean = DATA_STD**2 / (DATA_STD**2 + sigma**2) * y
@@ -77,6 +78,68 @@ def test_posterior_draws_have_the_posterior_spread(process, prediction, shape):
         for s in (4, 5)
     ]
     assert not torch.equal(few[0].mean, few[1].mean)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
+@pytest.mark.parametrize("process,prediction", PROCESSES)
+def test_ddim_mode_is_monais_scheduler_steps_on_the_same_timesteps(process, prediction, shape):
+    """The deterministic mode (Euler steps over sigma) is MONAI's DDIM step, or its rectified-flow step,
+    on the prior's timesteps 200 -> 150 -> 100 -> 50, landing on that step's x0 estimate."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    model, scheduler = setup(process, prediction, shape)
+    sigma = float(timestep_sigmas(scheduler)[200])
+    # the deterministic path ends near s / sqrt(s^2 + sigma^2) y: kept inside [-1, 1], where nothing is clipped
+    y = noisy_batch(shape, sigma)[1].clamp(-1.1, 1.1)
+    result = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ddim", steps=4)
+    if process == "rflow":
+        monai = scheduler
+    else:
+        monai = DDIMScheduler(
+            num_train_timesteps=1000,
+            schedule="linear_beta",
+            beta_start=1e-4,
+            beta_end=0.02,
+            prediction_type=prediction,
+            clip_sample=False,
+        )
+    monai.set_timesteps(20)  # DDIM's stride of 50 trained timesteps
+    x = match_timestep(sigma, scheduler).scale * y
+    for t in (200, 150, 100, 50):
+        output = model(x, timesteps=torch.full((len(x),), t))
+        x, x0 = monai.step(output, t, x, t - 50) if process == "rflow" else monai.step(output, t, x)
+    assert x0.abs().max() < 1  # nothing clipped: the same arithmetic
+    torch.testing.assert_close(result.mean, x0, rtol=1e-5, atol=1e-5)
+
+
+# The first voxels (flat indices 0, 37, 101, 255, 300, 511) of the ddim (6 steps) and ancestral (6 steps,
+# 2 draws, seed 5) modes at sigma 0.3, recorded before the modes ran over the shared denoiser.
+GOLDEN = {
+    (2, "ddpm", "epsilon", "ddim"): [-0.3344226, -0.4445426, -0.1797211, 0.0315597, 0.1151616, -0.6744334],
+    (2, "ddpm", "epsilon", "ancestral"): [-0.1021709, -0.2766648, -0.05269, -0.0124882, 0.1102318, -0.5508046],
+    (2, "ddpm", "v_prediction", "ddim"): [-0.3344225, -0.4445426, -0.1797211, 0.0315597, 0.1151616, -0.6744334],
+    (2, "ddpm", "v_prediction", "ancestral"): [-0.1021709, -0.2766648, -0.05269, -0.0124882, 0.1102318, -0.5508045],
+    (2, "rflow", "v_prediction", "ddim"): [-0.3365201, -0.447331, -0.1808483, 0.0317577, 0.115884, -0.6786637],
+    (3, "ddpm", "epsilon", "ddim"): [-0.4420374, 0.3356676, -0.1356273, -0.3007289, 0.2974649, -0.1395628],
+    (3, "ddpm", "epsilon", "ancestral"): [-0.1699368, 0.22949, -0.0700211, -0.1694674, 0.175579, -0.1108126],
+    (3, "ddpm", "v_prediction", "ddim"): [-0.4420374, 0.3356676, -0.1356273, -0.300729, 0.2974649, -0.1395628],
+    (3, "ddpm", "v_prediction", "ancestral"): [-0.1699368, 0.22949, -0.0700211, -0.1694674, 0.175579, -0.1108126],
+    (3, "rflow", "v_prediction", "ddim"): [-0.44481, 0.3377729, -0.136478, -0.3026152, 0.2993307, -0.1404382],
+}
+
+
+@pytest.mark.parametrize("case", list(GOLDEN), ids=lambda c: "-".join(map(str, c)))
+def test_modes_match_their_golden_voxels(case):
+    dims, process, prediction, mode = case
+    shape = SHAPES[dims - 2]
+    model, scheduler = setup(process, prediction, shape)
+    g = torch.Generator().manual_seed(0)
+    x0 = DATA_STD * torch.randn((2, *shape), generator=g)
+    y = x0 + 0.3 * torch.randn((2, *shape), generator=g)
+    samples = 2 if mode == "ancestral" else 1
+    result = prior_denoise(model, scheduler, y, 0.3, roi_size=shape[1:], mode=mode, steps=6, samples=samples, seed=5)
+    voxels = result.mean.flatten()[[0, 37, 101, 255, 300, 511]].double()
+    torch.testing.assert_close(voxels, torch.tensor(GOLDEN[case], dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("process,prediction", PROCESSES)

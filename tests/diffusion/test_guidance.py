@@ -113,10 +113,10 @@ def test_class_labels_are_checked() -> None:
 
 
 def test_label_dropout_replaces_the_configured_share_with_the_null_class(monkeypatch) -> None:
+    import trainers
     from conftest import TINY, deep_update
 
     from medsynth.config import Config
-    from medsynth.runtime import DistContext
     from medsynth.training import trainer
 
     seen: list[torch.Tensor] = []
@@ -140,14 +140,8 @@ def test_label_dropout_replaces_the_configured_share_with_the_null_class(monkeyp
     images = np.random.default_rng(0).uniform(-1, 1, (12, 1, 16, 16)).astype(np.float32)
     classes = np.array([0, 1] * 6)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer.train_diffusion(
-            config,
-            images[:10],
-            images[10:],
-            Path(tmp),
-            DistContext(0, 1, 0, CPU),
-            train_classes=classes[:10],
-            val_classes=classes[10:],
+        trainers.diffusion(
+            config, images[:10], images[10:], Path(tmp), train_classes=classes[:10], val_classes=classes[10:]
         )
     labels = torch.cat(
         [s for s in seen if len(s) == 8]
