@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from medsynth import __version__
+from medsynth.denoise.registry import DENOISE_METHOD_NAMES, DENOISE_METHODS, PRIOR_MODE_NAMES, PRIOR_MODES
 from medsynth.errors import MedsynthError
 from medsynth.stages import BY_NAME, STAGE_NAMES
 
@@ -62,7 +63,12 @@ def add_denoise_parser(commands) -> None:
         metavar="URI",
         help="an MLflow model: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>",
     )
-    sub.add_argument("--method", default="diffusion", choices=["diffusion", "nlm", "tv", "wavelet", "bm3d"])
+    sub.add_argument(
+        "--method",
+        default="diffusion",
+        choices=DENOISE_METHOD_NAMES,
+        help="; ".join(f"{name}: {method.description}" for name, method in DENOISE_METHODS.items()),
+    )
     sub.add_argument(
         "--sigma", default="auto", help="noise std in the scan's units (HU for CT), or 'auto' to estimate it (default)"
     )
@@ -70,8 +76,8 @@ def add_denoise_parser(commands) -> None:
     sub.add_argument(
         "--mode",
         default="tweedie",
-        choices=["tweedie", "ddim", "ancestral"],
-        help="diffusion: one-step posterior mean (fast, default), deterministic reverse steps, or posterior draws",
+        choices=PRIOR_MODE_NAMES,
+        help="diffusion prior: " + "; ".join(f"{name}: {mode.description}" for name, mode in PRIOR_MODES.items()),
     )
     sub.add_argument("--steps", type=int, default=10, help="reverse steps for ddim/ancestral (default 10)")
     sub.add_argument(
@@ -97,7 +103,7 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.samples < 1:
         raise MedsynthError(f"--steps and --samples must be >= 1, got {args.steps} and {args.samples}")
-    if args.samples > 1 and args.mode != "ancestral":
+    if args.samples > 1 and not PRIOR_MODES[args.mode].stochastic:
         raise MedsynthError(f"--samples {args.samples} needs --mode ancestral (mode '{args.mode}' is deterministic)")
     if not 0 <= args.overlap < 1:
         raise MedsynthError(f"--overlap must be in [0, 1), got {args.overlap}")

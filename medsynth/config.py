@@ -24,13 +24,16 @@ from pydantic import (
     model_validator,
 )
 
+from medsynth.denoise.registry import DENOISE_METHOD_NAMES, PRIOR_MODE_NAMES, PRIOR_MODES
+from medsynth.diffusion.registry import SAMPLER_NAMES, SAMPLERS, sampler_mismatch
 from medsynth.errors import MedsynthError
 from medsynth.stages import DEFAULT_STAGES, STAGE_NAMES
 
-# Samplers: the MONAI-scheduler ones, and the score-based ones that read any model over sigma.
-SCORE_SAMPLER_NAMES = ("euler", "heun", "pc", "dpmpp_2m")
-SamplerName = Literal["ddpm", "ddim", "rflow", "euler", "heun", "pc", "dpmpp_2m"]
-StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]  # the stage registry, medsynth/stages.py
+# Names from the registries (each lists its entries once): stages, samplers, denoise methods and prior modes.
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+DenoiseMethodName = Literal[DENOISE_METHOD_NAMES]  # type: ignore[valid-type]
+PriorModeName = Literal[PRIOR_MODE_NAMES]  # type: ignore[valid-type]
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -468,8 +471,7 @@ class SampleConfig(StrictModel):
 
     sampler: SamplerName = Field(
         "ddim",
-        description="ddpm, ddim (DDPM models), rflow (rectified flow); score-based for any model: "
-        "euler, heun, pc (predictor-corrector), dpmpp_2m (DPM-Solver++(2M))",
+        description="; ".join(f"{name}: {spec.description}" for name, spec in SAMPLERS.items()),
     )
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
@@ -591,11 +593,11 @@ class UtilityConfig(StrictModel):
 class DenoiseConfig(StrictModel):
     """Denoising held-out scans with simulated noise (and optionally your own noisy scans)."""
 
-    methods: list[Literal["diffusion", "nlm", "tv", "wavelet", "bm3d"]] = Field(
+    methods: list[DenoiseMethodName] = Field(
         default_factory=lambda: ["diffusion", "nlm", "tv", "wavelet"],
         description="Methods compared; bm3d needs the optional extra medsynth[bm3d]",
     )
-    mode: Literal["tweedie", "ddim", "ancestral"] = Field(
+    mode: PriorModeName = Field(
         "tweedie",
         description="tweedie: one-step posterior mean (fast); ddim: deterministic reverse steps; "
         "ancestral: posterior draws",
@@ -645,7 +647,7 @@ class DenoiseConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> DenoiseConfig:
-        if self.samples > 1 and self.mode != "ancestral":
+        if self.samples > 1 and not PRIOR_MODES[self.mode].stochastic:
             raise ValueError(f"samples > 1 needs mode 'ancestral' (mode '{self.mode}' is deterministic)")
         if not self.methods:
             raise ValueError("methods must name at least one method")
@@ -735,20 +737,9 @@ class Config(StrictModel):
                 "(the label map is at image size)"
             )
         for section, sampler in (("sample", self.sample.sampler), ("augment", self.augment.sampler)):
-            if sampler is None:
-                continue
-            if sampler in SCORE_SAMPLER_NAMES:
-                continue
-            if (sampler == "rflow") != (self.diffusion.scheduler == "rflow"):
-                allowed = (
-                    ("rflow" if self.diffusion.scheduler == "rflow" else "ddpm, ddim")
-                    + ", "
-                    + ", ".join(SCORE_SAMPLER_NAMES)
-                )
-                raise ValueError(
-                    f"{section}.sampler '{sampler}' does not fit diffusion.scheduler "
-                    f"'{self.diffusion.scheduler}' (allowed: {allowed})"
-                )
+            mismatch = None if sampler is None else sampler_mismatch(sampler, self.diffusion.scheduler)
+            if mismatch is not None:
+                raise ValueError(f"{section}.{mismatch}")
         sampling = [s for s in ("sample", "augment") if s in self.stages]
         if sampling and not self.diffusion.can_sample:
             raise ValueError(
