@@ -170,7 +170,7 @@ class Denoiser:
 
     def sigma_to_t(self, sigma: Scalar) -> torch.Tensor:
         """The trained timestep nearest to ``sigma`` in log sigma (long, ``sigma``'s shape)."""
-        return nearest_timestep(torch.as_tensor(sigma, dtype=torch.float64), self.sigmas)
+        return nearest_timestep(torch.as_tensor(sigma, dtype=torch.float64).cpu(), self.sigmas)
 
     def t_to_sigma(self, t: torch.Tensor | int) -> torch.Tensor:
         """The noise level of trained timestep(s) ``t`` (float64)."""
