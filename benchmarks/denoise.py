@@ -37,6 +37,7 @@ import torch
 from medsynth.config import load_config
 from medsynth.data.phantoms import generate_phantom
 from medsynth.denoise.classical import available_methods
+from medsynth.denoise.registry import CLASSICAL_METHOD_NAMES
 from medsynth.denoise.scan import PriorSettings, denoise_scan
 from medsynth.io.volumes import read_nifti
 from medsynth.metrics.restoration import foreground, restoration_metrics
@@ -72,7 +73,7 @@ def parse() -> argparse.Namespace:
 
 
 def method_names(args: argparse.Namespace) -> list[str]:
-    classical = [m for m in ("nlm", "tv", "wavelet", "bm3d") if m in available_methods()]
+    classical = [m for m in CLASSICAL_METHOD_NAMES if m in available_methods()]
     names = args.methods or ["diffusion", *classical]
     expanded = []
     for name in names:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from medsynth.data.prepare import load_summary
+from medsynth.diffusion.registry import samplers_for
 from medsynth.diffusion.sampling import generate
 from medsynth.diffusion.schedulers import build_sampling_scheduler
 from medsynth.metrics.fidelity import evaluate_fidelity
@@ -43,7 +44,7 @@ HEADLINE = "hist_w1/all"  # see the docstring: the per-class distance did not se
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--samplers", nargs="*", default=["ddpm", "ddim", "euler", "heun", "pc", "dpmpp_2m"])
+    parser.add_argument("--samplers", nargs="*", default=list(samplers_for("ddpm")), help="default: every DDPM sampler")
     parser.add_argument("--nfe", type=int, nargs="*", default=[5, 10, 20, 50])
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=64)
