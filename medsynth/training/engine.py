@@ -387,6 +387,7 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
 
     # 1. resume
     start, history, resumed_from = 0, [], None
+    window: dict[str, list[torch.Tensor]] = {}  # the losses since the last log step, by name
     if cadence.resume and path is not None and path.is_file():
         state = resume_state(path, trainer)
         for group in trainer.groups:
@@ -394,6 +395,8 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
         trainer.load_extra_state(state.get("extra", {}))
         set_rng_states(state["rng"])
         start, history, resumed_from = int(state["step"]), list(state["history"]), int(state["step"])
+        # the open loss window too, so that the next log step reports what an uninterrupted run would
+        window = {name: list(values.to(device).unbind()) for name, values in state.get("window", {}).items()}
         # A kill between the checkpoint and the report of its step would lose that report: send it again
         # (a continued MLflow run drops the steps it holds already, so nothing is logged twice).
         if history and history[-1]["step"] == start and ctx.is_main and run.log_metrics is not None:
@@ -419,12 +422,12 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
                     "dataset_size": trainer.dataset_size,
                 },
                 "history": history,
+                "window": {name: torch.stack(values).cpu() for name, values in window.items() if values},
             },
         )
 
     # 2. loop
     prefix = trainer.metric_prefix
-    window: dict[str, list[torch.Tensor]] = {}
     window_images, window_start = 0, time.perf_counter()
     progress = Progress(
         run.progress or "",

@@ -1,6 +1,6 @@
 """The small evaluation trainers on the one training loop (feature network, classifier, segmenter), 2D and
-3D: an interrupted and resumed run ends with bitwise the weights of an uninterrupted one, the functions
-are deterministic, keep nothing by default and resume through a work folder."""
+3D: the functions are deterministic, keep nothing by default and resume through a work folder. Their exact
+resume is part of the one resume test over every trainer (tests/training/test_engine.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import Interrupt
 
 from medsynth.io.state import load_state
 from medsynth.training.classifier import ClassifierTrainer, train_classifier
-from medsynth.training.engine import RunSettings, Trainer, fit
+from medsynth.training.engine import RunSettings, Trainer
 from medsynth.training.feature_network import FeatureNetworkTrainer, train_feature_network
 from medsynth.training.utility import SegmenterTrainer, train_segmenter
 
@@ -68,34 +68,6 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("kind", KINDS)
-def test_interrupted_then_resumed_run_ends_with_identical_weights(kind: str, dims: int, tmp_path: Path) -> None:
-    run = RunSettings(seed=SEED, work_dir=tmp_path / "a", progress=None)
-    straight = trainer_for(kind, dims, run)
-    fit(straight, straight.cadence, run)
-
-    interrupted_run = RunSettings(
-        seed=SEED, work_dir=tmp_path / "b", progress=None, step_callback=Interrupt(INTERRUPT_AT)
-    )
-    interrupted = trainer_for(kind, dims, interrupted_run)
-    with pytest.raises(KeyboardInterrupt):
-        fit(interrupted, interrupted.cadence, interrupted_run)
-    checkpoint = interrupted_run.checkpoint_path
-    assert load_state(checkpoint, expected_format=interrupted.checkpoint_format)["step"] == INTERRUPT_AT
-
-    resumed_run = replace(interrupted_run, step_callback=None)
-    resumed = trainer_for(kind, dims, resumed_run)
-    result = fit(resumed, replace(resumed.cadence, resume=True), resumed_run)
-    assert result.resumed_from == INTERRUPT_AT
-
-    for a, b in zip(straight.groups, resumed.groups):
-        assert_same(a.module.state_dict(), b.module.state_dict(), "weights")
-        assert_same(a.optimizer.state_dict(), b.optimizer.state_dict(), "optimizer")
-    a, b = (load_state(path, expected_format=straight.checkpoint_format) for path in (run.checkpoint_path, checkpoint))
-    assert_same(a["groups"], b["groups"], "checkpoint")
 
 
 @pytest.mark.parametrize("dims", [2, 3])
