@@ -41,8 +41,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"{config.data.image_size}; "
             "rerun 'medsynth prepare'"
         )
-    if ctx.dist.is_main and config.autoencoder.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"autoencoder: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
         ctx.tracker.log_dataset(
             train["images"],

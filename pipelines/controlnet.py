@@ -41,8 +41,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model_path = ctx.inputs["train"] / "model.pt"
     base = load_trained_model(model_path, ctx.dist.device)
     labels = num_labels(summary, train["labels"], val["labels"])
-    if ctx.dist.is_main and config.controlnet.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"controlnet: resuming from {work / 'checkpoints' / 'last.pt'}")
     result = train_controlnet(
         config.controlnet,
         base,

@@ -472,19 +472,27 @@ def _interrupted_elsewhere(spec: StageSpec, work: Path, old: dict | None, new: d
     )
 
 
+def _refuse_other_checkpoint(spec: StageSpec, config: Config, work: Path, key: str, parts: dict) -> bool:
+    """Whether the work folder holds the checkpoint of an interrupted run of this very stage config (same cache
+    key); raises the one-line refusal when it holds one made with other result keys (an explicit
+    ``<stage>.resume`` leaves that to the trainer's own identity check)."""
+    recorded_key, recorded_parts = _read_stage_key(work)
+    if recorded_key is None or not (work / "checkpoints" / "last.pt").is_file():
+        return False
+    if recorded_key != key and not getattr(config, spec.name).resume:
+        raise _interrupted_elsewhere(spec, work, recorded_parts, parts)
+    return recorded_key == key
+
+
 def check_interrupted(spec: StageSpec, config: Config) -> None:
-    """Refuse now (one line naming the keys) when the stage's work folder holds the checkpoint of an interrupted
+    """Refuse now, before any MLflow run, when the stage's work folder holds the checkpoint of an interrupted
     run made with other result keys; nothing to say when the stage's inputs are not made yet."""
-    work = training_work(config, spec.name)
-    key_recorded, parts_recorded = _read_stage_key(work)
-    if key_recorded is None or not (work / "checkpoints" / "last.pt").is_file() or getattr(config, spec.name).resume:
-        return
     try:
         inputs = upstream_digests(spec, config)
     except MedsynthError:
         return
-    if cache_key(spec, config, inputs) != key_recorded:
-        raise _interrupted_elsewhere(spec, work, parts_recorded, key_parts(spec, config, inputs))
+    work = training_work(config, spec.name)
+    _refuse_other_checkpoint(spec, config, work, cache_key(spec, config, inputs), key_parts(spec, config, inputs))
 
 
 def _resume_if_interrupted(
@@ -507,12 +515,8 @@ def _resume_if_interrupted(
 
     section = getattr(config, spec.name)  # training stages are configured by the section of their name
     checkpoint = work / "checkpoints" / "last.pt"
-    recorded_key, recorded_parts = _read_stage_key(work)
     recorded = (work / STAGE_KEY).read_text(encoding="utf-8") if (work / STAGE_KEY).is_file() else None
-    interrupted = checkpoint.is_file() and recorded_key is not None
-    if interrupted and recorded_key != key and not force and not section.resume:
-        raise _interrupted_elsewhere(spec, work, recorded_parts, parts)
-    resume = section.resume or (interrupted and recorded_key == key and not force)
+    resume = section.resume or (not force and _refuse_other_checkpoint(spec, config, work, key, parts))
     barrier(ctx)
     if ctx.is_main:
         if resume and not section.resume:

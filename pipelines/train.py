@@ -62,8 +62,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"{config.data.image_size}; rerun 'medsynth prepare'"
         )
 
-    if ctx.dist.is_main and config.train.resume and (work / "checkpoints" / "last.pt").is_file():
-        print(f"train: resuming from {work / 'checkpoints' / 'last.pt'}")
     if ctx.tracker.enabled:
         digest = ctx.tracker.log_dataset(
             train["images"],

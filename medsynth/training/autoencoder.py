@@ -332,9 +332,6 @@ class AutoencoderTrainer(Trainer):
             )
         return {"loss": loss, **losses}
 
-    def batch_images(self, index: np.ndarray, shard: slice) -> int:
-        return len(index[shard])
-
     def validation_names(self) -> tuple[str, ...]:
         return ("val/psnr", "val/ssim", "val/l1")
 

@@ -258,10 +258,6 @@ class Trainer:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def batch_images(self, index: np.ndarray, shard: slice) -> int:
-        """Images this rank trained on in one step (for images/s)."""
-        return len(index[shard])
-
 
 @dataclass
 class FitResult:
@@ -395,6 +391,8 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
         trainer.load_extra_state(state.get("extra", {}))
         set_rng_states(state["rng"])
         start, history, resumed_from = int(state["step"]), list(state["history"]), int(state["step"])
+        if ctx.is_main and run.progress is not None:
+            print(f"{run.progress}: resuming from {path} at step {start}", flush=True)
         # the open loss window too, so that the next log step reports what an uninterrupted run would
         window = {name: list(values.to(device).unbind()) for name, values in state.get("window", {}).items()}
         # A kill between the checkpoint and the report of its step would lose that report: send it again
@@ -461,7 +459,7 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
             done = completed
             for name, value in losses.items():
                 window.setdefault(name, []).append(value.detach().float())
-            window_images += trainer.batch_images(index, shard) * ctx.world_size
+            window_images += len(index)  # the global batch: every rank trains its share
             logging_due = done % cadence.log_every == 0 or done == cadence.max_steps
             checkpoint_due = done == cadence.max_steps or (
                 cadence.checkpoint_every is not None and done % cadence.checkpoint_every == 0
