@@ -16,7 +16,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from torch.nn.parallel import DistributedDataParallel
 
-from medsynth.config import DiffusionConfig, ModelConfig, TrainConfig, result_view, to_plain
+from medsynth.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig, result_view, to_plain
 from medsynth.diffusion.objectives import min_snr_weights, prediction_target, sample_timesteps, weighted_mse
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
@@ -291,8 +291,8 @@ def train_diffusion(
     )
 
 
-def preprocessing_of(data: Any, spacing_mm: list[float] | None) -> dict[str, Any]:
-    """What the model file records of how its inputs were made from scans (a ``DataConfig`` and the spacing)."""
+def preprocessing_of(data: DataConfig, spacing_mm: list[float] | None) -> dict[str, Any]:
+    """What the model file records of how its inputs were made from scans: the data section and the spacing."""
     return {
         "spacing_mm": spacing_mm,
         "slice_axis": data.slice_axis,
