@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medsynth.config import load_config
-from medsynth.metrics.features import feature_fidelity
+from medsynth.metrics.features import central_slices, feature_fidelity
 from medsynth.training.feature_network import train_feature_network
 
 
@@ -37,7 +37,14 @@ def main() -> None:
         network = train_feature_network(
             train, classes, spatial_dims=dims, steps=features.steps, seed=seed, width=features.width
         )
-        values = feature_fidelity(real, fake, network, spatial_dims=dims, k=features.k)
+        # k-NN manifolds need k + 1 samples a side: a smaller k for small sets, as the evaluate stage does
+        slices = 1
+        if dims == 3 and int(network.identity.get("network_spatial_dims", 3)) == 2:
+            slices = min(len(central_slices(size, features.slices_per_plane)) for size in real.shape[2:])
+        k = max(1, min(features.k, min(len(real), len(fake)) * slices - 1))
+        values = feature_fidelity(
+            real, fake, network, spatial_dims=dims, k=k, slices_per_plane=features.slices_per_plane
+        )
         print(f"| {seed} | {values['fid']:.2f} | {values['precision']:.2f} | {values['recall']:.2f} |", flush=True)
 
 
