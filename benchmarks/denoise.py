@@ -9,9 +9,10 @@ model comes from ``<run>/train/model.pt``, the held-out clean scans from ``<run>
    seeded noise at each level (the same simulation as the ``denoise`` stage: Rician at sigma = level x
    the foreground 99th percentile for MR; projection-domain low dose for CT), every method denoises
    them with the noise level it estimates itself (``--sigma auto``, what a user gets) or the true one
-   (``--sigma oracle``), and PSNR/SSIM (whole image and foreground; data range = clean max - min) are
-   averaged. Printed: each method's mean, its gain over the noisy input, and the diffusion prior's
-   margin over the best classical method at each level.
+   (``--sigma oracle``), and PSNR/SSIM (whole image and foreground; data range = clean max - min) and
+   the foreground contrast slope (least-squares slope against the clean scan: 1 keeps the contrast,
+   < 1 compressed it) are averaged. Printed: each method's mean, its gain over the noisy input, and the
+   diffusion prior's margin over the best classical method at each level.
 2. **Time per 256x256 slice**: one 256x256 phantom slice at the same noise (the middle level), each
    method timed ``--repeats`` times in this process, alternating methods; the median is printed with
    its ratio to non-local means measured in the same rounds. The diffusion prior runs over windows of
@@ -218,7 +219,10 @@ def main() -> None:
     }
     if not args.skip_quality:
         result["quality"] = q = quality(args, config, trained, names)
-        print(f"\nquality ({q['images']} held-out images, sigma {q['sigma']}; PSNR dB whole / foreground, SSIM whole):")
+        print(
+            f"\nquality ({q['images']} held-out images, sigma {q['sigma']}; PSNR dB whole / foreground, SSIM whole, "
+            "contrast slope in the foreground, 1 = kept):"
+        )
         for level, rows in q["table"].items():
             classical = [n for n in rows if n not in ("noisy",) and not n.startswith("diffusion")]
             best = max(classical, key=lambda n: rows[n]["psnr"]) if classical else None
@@ -227,7 +231,7 @@ def main() -> None:
                 gain = row["psnr"] - rows["noisy"]["psnr"]
                 print(
                     f"    {name:18s} {row['psnr']:6.2f} / {row['psnr_fg']:6.2f}   SSIM {row['ssim']:.3f}   "
-                    f"gain {gain:+5.2f} dB"
+                    f"slope {row['slope_fg']:.3f}   gain {gain:+5.2f} dB"
                 )
             for name in (n for n in rows if n.startswith("diffusion") and best):
                 print(

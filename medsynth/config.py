@@ -183,6 +183,25 @@ class PhantomConfig(StrictModel):
         return value
 
 
+class PatchConfig(StrictModel):
+    """Pixel-space training on random crops of ``data.image_size`` from whole scans at their own spacing."""
+
+    per_scan: int = Field(
+        4, ge=1, description="Crops from each drawn scan per step (MONAI num_samples); train.batch_size counts crops"
+    )
+    foreground: float = Field(
+        0.9, ge=0.0, le=1.0, description="Share of crops centred on a foreground voxel (MONAI RandCropByPosNegLabel)"
+    )
+    axes: Literal["slice", "all"] = Field(
+        "slice",
+        description="2D models on 3D scans: crops across data.slice_axis, or across all three axes (axial, coronal "
+        "and sagittal slices)",
+    )
+    cached: int = Field(
+        16, ge=1, description="Fixed crops per scan written to the cache (validation loss, previews, evaluation)"
+    )
+
+
 class DataConfig(StrictModel):
     """Where images come from and how they become model inputs."""
 
@@ -191,7 +210,15 @@ class DataConfig(StrictModel):
     folder: Path | None = Field(None, description="Folder of NIfTI files and/or DICOM series (source: folder)")
     modality: Literal["mr", "ct"] | None = Field(None, description="Intensity convention; phantoms set it from kind")
     spatial_dims: Literal[2, 3] = 2
-    image_size: list[int] = Field(default_factory=lambda: [32, 32], description="Model input size, one entry per dim")
+    image_size: list[int] = Field(
+        default_factory=lambda: [32, 32],
+        description="Model input size, one entry per dim: the resized image, or the crop size with data.patches",
+    )
+    patches: PatchConfig | None = Field(
+        None,
+        description="Train on random crops of image_size at the scans' own spacing (no resizing; resize_mode and "
+        "slice_fraction then do not apply); null: whole images resized to image_size",
+    )
     pixdim: list[float] | None = Field(None, description="Resample to this spacing (mm) before resizing; null: keep")
     resize_mode: Literal["resize", "pad_crop"] = "resize"
     slice_axis: Literal[0, 1, 2] = Field(2, description="Axis of 3D volumes that 2D slices are taken across")
@@ -709,6 +736,14 @@ class Config(StrictModel):
                 f"autoencoder.patch_size {patch} needs {self.data.spatial_dims} sides, each a multiple of "
                 f"{self.autoencoder.downsample} and <= data.image_size {self.data.image_size}"
             )
+        if self.data.patches is not None:
+            per_scan = self.data.patches.per_scan
+            if self.train.batch_size % per_scan:
+                raise ValueError(
+                    f"train.batch_size {self.train.batch_size} must be a multiple of data.patches.per_scan {per_scan}"
+                )
+            if self.diffusion.space == "latent" or {"autoencoder", "controlnet"} & set(self.stages):
+                raise ValueError("data.patches trains pixel-space diffusion models only (no autoencoder/controlnet)")
         roi = self.autoencoder.decode_roi
         if roi is not None and (len(roi) != self.data.spatial_dims or any(r < 1 for r in roi)):
             raise ValueError(

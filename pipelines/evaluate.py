@@ -13,8 +13,10 @@ without touching this stage.
 
 Denoising (when the config runs ``denoise``): PSNR and SSIM (MONAI) of every method and of the noisy
 input at every noise level, over the whole image and inside the foreground, with the data range
-stated (the clean scan's max - min); ``denoise_metrics.json``, an MLflow table, ``psnr_vs_noise.png``
-and ``denoise_comparison.png`` (noisy / each method / clean, with error maps).
+stated (the clean scan's max - min), and the foreground contrast slope (``slope_fg``: 1 keeps the
+clean scan's contrast, < 1 compressed it; :mod:`medsynth.metrics.restoration`); ``denoise_metrics.json``,
+an MLflow table, ``psnr_vs_noise.png`` and ``denoise_comparison.png`` (noisy / each method / clean, with
+error maps).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from medsynth.metrics.fidelity import evaluate_fidelity, ssim_settings
 from medsynth.metrics.restoration import foreground, restoration_metrics, restoration_settings
 from pipelines.features import preflight  # noqa: F401 - the runner checks a feature weights file before any stage runs
 from pipelines.stage import StageContext
+
+# The scores of restoration_metrics with a mask, averaged per method and level and logged to MLflow.
+DENOISE_SCORES = ("psnr", "ssim", "psnr_fg", "ssim_fg", "slope_fg")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -68,15 +73,13 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
         for method in ["noisy", *methods]:
             chosen = [r for r in per_image if r["level"] == level and r["method"] == method]
             row = {"noise": record["noise"], "level": level, "method": method, "images": len(chosen)}
-            row |= {k: float(np.mean([c[k] for c in chosen])) for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")}
+            row |= {k: float(np.mean([c[k] for c in chosen])) for k in DENOISE_SCORES}
             if method != "noisy":
                 row["seconds_per_image"] = float(
                     np.mean([e["methods"][method]["seconds"] for e in record["entries"] if e["level"] == level])
                 )
             rows.append(row)
-    metrics = {
-        f"denoise/{r['method']}/{r['level']}/{k}": r[k] for r in rows for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")
-    }
+    metrics = {f"denoise/{r['method']}/{r['level']}/{k}": r[k] for r in rows for k in DENOISE_SCORES}
     # The headline: diffusion's gain over the best classical baseline at each level.
     classical = [m for m in methods if m != "diffusion"]
     if "diffusion" in methods and classical:
@@ -92,6 +95,8 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
         "sigma": record["sigma"],
         "data_range": "max - min of each clean scan",
         "mask": "foreground: MR > 10 % of the 99th percentile; CT > -500 HU",
+        "slope_fg": "least-squares slope of the foreground voxels against the clean scan's (1: contrast kept, < 1: "
+        "compressed; NaN for a constant clean foreground)",
         "settings": restoration_settings(sample.shape, 1.0),
         "table": rows,
         "per_image": per_image,

@@ -16,11 +16,15 @@ from medsynth.config import to_plain
 from medsynth.data.phantoms import BRAIN_LABELS, CT_LABELS
 from medsynth.data.prepare import (
     Prepared,
+    PreparedVolumes,
     datalist,
+    fixed_patches,
     folder_cases,
     phantom_cases,
     preprocess_cases,
+    preprocess_volumes,
     save_split,
+    save_volumes,
     split_cases,
 )
 from medsynth.figures import sample_grid
@@ -54,11 +58,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
         label_maps, label_names = None, {}
 
     train_idx, val_idx = split_cases(len(cases), data.val_fraction, config.seed)
-    with tqdm(total=len(cases), desc="prepare: preprocessing", unit="case", disable=None) as bar:
-        prepared = preprocess_cases(cases, volumes, label_maps, data, modality, bar.update)
-    train = _subset(prepared, {cases[i].case_id for i in train_idx})
-    val = _subset(prepared, {cases[i].case_id for i in val_idx})
     cache = work / "cache"
+    with tqdm(total=len(cases), desc="prepare: preprocessing", unit="case", disable=None) as bar:
+        if data.patches is None:
+            prepared = preprocess_cases(cases, volumes, label_maps, data, modality, bar.update)
+            train = _subset(prepared, {cases[i].case_id for i in train_idx})
+            val = _subset(prepared, {cases[i].case_id for i in val_idx})
+        else:
+            # patch training: whole scans at their own spacing, plus fixed crops as the cached inputs
+            whole = preprocess_volumes(cases, volumes, data, modality, bar.update)
+            splits = {}
+            for split, chosen in (("train", train_idx), ("val", val_idx)):
+                part = PreparedVolumes(
+                    *([getattr(whole, f)[i] for i in chosen] for f in ("volumes", "masks", "classes", "rows"))
+                )
+                save_volumes(part, cache, split)
+                splits[split] = fixed_patches(part, data, config.seed + (split == "val"))
+            train, val = splits["train"], splits["val"]
     save_split(train, cache, "train")
     save_split(val, cache, "val")
 
@@ -79,7 +95,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
     atomic_write_json(cache / "summary.json", summary)
     atomic_write_json(work / "datalist.json", datalist(cases, train_idx, val_idx, modality))
-    sample_grid(np.stack(train.images[:16]), work / "examples.png", title="prepared training inputs")
+    title = "prepared training inputs" if data.patches is None else "training patches (fixed crops)"
+    sample_grid(np.stack(train.images[:16]), work / "examples.png", title=title)
 
     ctx.tracker.log_metrics(
         {

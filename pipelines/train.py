@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from medsynth.config import to_plain
-from medsynth.data.prepare import load_split, load_summary
+from medsynth.data.prepare import load_split, load_summary, load_volumes
 from medsynth.errors import MedsynthError
 from medsynth.figures import loss_curve
 from medsynth.io.atomic import atomic_save_npy, atomic_write_json, file_digest
@@ -79,6 +79,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.tracker.set_tags({"medsynth.dataset_digest": digest})
 
     inputs, val_inputs, latent = train["images"], val["images"], {}
+    if config.data.patches is not None:
+        # random crops of the whole scans at their own spacing (the cached inputs are fixed crops)
+        scans = load_volumes(cache, "train")
+        inputs, train["classes"] = scans.patch_set(config.data), np.asarray(scans.classes, dtype=np.int64)
     if config.diffusion.space == "latent":
         inputs, val_inputs, latent = encode_latents(ctx, inputs, val_inputs)
     result = train_diffusion(

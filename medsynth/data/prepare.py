@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from medsynth.config import DataConfig
+from medsynth.data.patches import PatchSet, plane_axes
 from medsynth.data.phantoms import PHANTOM_AXIS_SIGNS, generate_phantom
-from medsynth.data.transforms import Intensity, intensity_for, model_inputs
+from medsynth.data.transforms import Intensity, intensity_for, model_inputs, model_volume
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json
 from medsynth.io.nifti import spacing_affine, write_nifti
@@ -172,6 +173,102 @@ def preprocess_cases(
             )
         if progress is not None:
             progress(1)
+    return out
+
+
+@dataclass
+class PreparedVolumes:
+    """Whole scans of one split for patch training (``data.patches``): normalised, RAS, own spacing."""
+
+    volumes: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+    def patch_set(self, data: DataConfig) -> PatchSet:
+        """The random-crop training set of these scans (named by case id, never by path)."""
+        patches = data.patches
+        assert patches is not None
+        return PatchSet(
+            self.volumes,
+            self.masks,
+            data.image_size,
+            per_scan=patches.per_scan,
+            foreground=patches.foreground,
+            axes=plane_axes(patches.axes, data.slice_axis),
+            names=[row["case_id"] for row in self.rows],
+        )
+
+
+def preprocess_volumes(
+    cases: list[Case], volumes: list[Volume], data: DataConfig, modality: str, progress: Progress = None
+) -> PreparedVolumes:
+    """Every case as one whole normalised scan (:func:`~medsynth.data.transforms.model_volume`)."""
+    out = PreparedVolumes()
+    for case, volume in zip(cases, volumes):
+        intensity = intensity_for(volume.array, data, modality)
+        array, mask, spacing = model_volume(volume.array, volume.affine, data, intensity, modality)
+        if data.spatial_dims == 3 and array.ndim != 4:
+            raise MedsynthError(f"{case.case_id}: expected a 3D volume for spatial_dims 3, got shape {array.shape[1:]}")
+        if data.spatial_dims == 2 and array.ndim == 4:
+            spacing = [s for a, s in enumerate(spacing) if a != data.slice_axis]
+        out.volumes.append(array)
+        out.masks.append(mask)
+        out.classes.append(-1 if case.class_label is None else int(case.class_label))
+        out.rows.append(
+            {
+                "case_id": case.case_id,
+                "shape": list(array.shape[1:]),
+                "spacing": spacing,
+                "intensity": intensity.as_dict(),
+            }
+        )
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def save_volumes(prepared: PreparedVolumes, cache_dir: Path, split: str) -> None:
+    """Write one split's whole scans as ``<split>_volumes/<k>.npy`` + ``<k>_mask.npy`` and an index."""
+    folder = cache_dir / f"{split}_volumes"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (volume, mask) in enumerate(zip(prepared.volumes, prepared.masks)):
+        np.save(folder / f"{k:04d}.npy", volume)
+        np.save(folder / f"{k:04d}_mask.npy", mask.astype(np.uint8))
+    atomic_write_json(cache_dir / f"{split}_volumes.json", {"classes": prepared.classes, "rows": prepared.rows})
+
+
+def load_volumes(cache_dir: Path, split: str) -> PreparedVolumes:
+    """Read what :func:`save_volumes` wrote (no pickles)."""
+    index = json.loads((cache_dir / f"{split}_volumes.json").read_text())
+    folder = cache_dir / f"{split}_volumes"
+    count = len(index["rows"])
+    return PreparedVolumes(
+        volumes=[np.load(folder / f"{k:04d}.npy", allow_pickle=False) for k in range(count)],
+        masks=[np.load(folder / f"{k:04d}_mask.npy", allow_pickle=False).astype(bool) for k in range(count)],
+        classes=list(index["classes"]),
+        rows=list(index["rows"]),
+    )
+
+
+def fixed_patches(prepared: PreparedVolumes, data: DataConfig, seed: int) -> Prepared:
+    """``data.patches.cached`` reproducible crops per scan as cached model inputs (validation loss, previews)."""
+    patches = data.patches
+    assert patches is not None
+    crops = prepared.patch_set(data).fixed(patches.cached, seed)
+    out = Prepared()
+    for k, crop in enumerate(crops):
+        row = prepared.rows[k // patches.cached]
+        out.images.append(crop)
+        out.classes.append(prepared.classes[k // patches.cached])
+        out.rows.append(
+            {
+                "case_id": row["case_id"],
+                "patch": k % patches.cached,
+                "spacing": row["spacing"],
+                "intensity": row["intensity"],
+            }
+        )
     return out
 
 

@@ -49,6 +49,19 @@ def foreground_mask(raw: np.ndarray) -> np.ndarray:
     return raw > 0.1 * robust_max
 
 
+CT_BODY_HU = -500.0  # between air (-1000) and fat (-100): everything inside the body
+
+
+def scan_foreground(raw: np.ndarray, modality: str) -> np.ndarray:
+    """The head/body of a scan in its units: MR :func:`foreground_mask`; CT voxels above ``CT_BODY_HU``."""
+    raw = np.asarray(raw)
+    if modality == "mr":
+        return np.asarray(foreground_mask(raw), dtype=bool)
+    if modality == "ct":
+        return raw > CT_BODY_HU
+    raise ValueError(f"modality must be 'mr' or 'ct', got {modality!r}")
+
+
 def intensity_for(raw: np.ndarray, data: DataConfig, modality: str) -> Intensity:
     """The per-case convention for ``raw`` intensities of ``modality``."""
     if modality == "ct":
@@ -144,6 +157,24 @@ def model_inputs(
     image_out = fit_size(normalised, data.image_size, data)
     label_out = fit_size(label_meta, data.image_size, data, label=True) if label_meta is not None else None
     yield _arrays(image_out, label_out) + (None, model_spacing(pixdim, spatial, data))
+
+
+def model_volume(
+    image: np.ndarray, affine: np.ndarray, data: DataConfig, intensity: Intensity, modality: str
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """One whole scan for patch training: ``(volume, foreground, spacing_mm)`` in RAS order at the scan's
+    own spacing (or ``data.pixdim``), normalised, never resized. A one-slice volume is a 2D image for a 2D
+    model; a 3D scan stays 3D (a 2D model crops planes of it).
+
+    ``volume`` is channel-first float32 in [-1, 1]; ``foreground`` boolean, from the scan in its units.
+    """
+    volume = reorient_resample(to_meta(np.asarray(intensity.forward(image), dtype=np.float32), affine), data)
+    mask = reorient_resample(to_meta(scan_foreground(image, modality).astype(np.float32), affine), data, label=True)
+    pixdim = [float(p) for p in volume.pixdim][: volume.ndim - 1]
+    array, fg = volume.as_tensor().numpy(), mask.as_tensor().numpy()[0] > 0.5
+    if data.spatial_dims == 2 and array.ndim == 4 and array.shape[3] == 1:
+        array, fg, pixdim = array[..., 0], fg[..., 0], pixdim[:2]
+    return np.ascontiguousarray(array, dtype=np.float32).clip(-1.0, 1.0), fg, pixdim
 
 
 def _arrays(image: torch.Tensor, labels: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:

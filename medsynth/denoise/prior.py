@@ -166,3 +166,65 @@ def prior_denoise(
     stacked = torch.stack(draws)
     std = stacked.std(dim=0, unbiased=True) if samples > 1 else None
     return PriorResult(stacked.mean(dim=0), std, match, evaluations)
+
+
+@torch.no_grad()
+def noisy_prior_denoise(
+    network: Callable[..., torch.Tensor],
+    scheduler: Scheduler,
+    y: torch.Tensor,
+    sigma: float,
+    *,
+    roi_size: Sequence[int],
+    alpha: float = 1.0,
+    draws: int = 8,
+    seed: int = 0,
+    overlap: float = 0.5,
+    sw_batch_size: int = 8,
+    callback: Callback = None,
+) -> PriorResult:
+    """Denoise ``y`` with a prior trained on *noisy* scans like it (no clean image anywhere).
+
+    A network trained as a denoising diffusion model on noisy data ``y = x + sigma n`` estimates
+    ``D(z, s) = E[y | z]`` for ``z = y + s n'``. Since ``z = x + sqrt(sigma^2 + s^2) n''``, Tweedie's
+    formula for the clean ``x`` gives ``E[x | z] = z + (sigma^2 + s^2) grad log p(z)`` with the score
+    ``(D - z) / s^2``; with ``s = alpha sigma``: ``E[x | z] = ((1 + alpha^2) D - z) / alpha^2``, the
+    Noisier2Noise estimate (Moran et al., CVPR 2020; the relation Daras et al. 2024, "Consistent
+    diffusion meets Tweedie", use to train on noisy data). Each draw of ``n'`` is one such estimate; the
+    mean over ``draws`` lowers the variance the extra noise brings (about ``1 / alpha^2`` of it per draw).
+
+    Args:
+        network: the network trained on noisy scans, ``scheduler`` its training scheduler.
+        y: the noisy images ``(B, C, *spatial)`` in the model's normalised units.
+        sigma: their noise std in those units.
+        roi_size: the network's training (crop) size; larger images are windowed.
+        alpha: the added noise over the scan's noise (snapped to the nearest trained level).
+        draws: estimates averaged.
+        seed: seeds the added noise.
+        overlap: sliding-window overlap.
+        sw_batch_size: windows per network call.
+        callback: ``callback(done, total)`` after each network evaluation over the whole batch.
+
+    Raises:
+        ValueError: ``alpha <= 0``, ``draws < 1`` or ``sigma <= 0``.
+    """
+    if not alpha > 0 or draws < 1 or not sigma > 0:
+        raise ValueError(f"alpha and sigma must be > 0 and draws >= 1, got alpha={alpha}, sigma={sigma}, draws={draws}")
+    match = match_timestep(alpha * sigma, scheduler)
+    s = match.matched_sigma
+    a2 = (s / sigma) ** 2  # alpha^2 at the trained level actually used
+    model = windowed(
+        guided(network, class_labels=None, null_class=None), roi_size, overlap=overlap, sw_batch_size=sw_batch_size
+    )
+    denoiser = Denoiser(model, scheduler, clip=False)
+    generator = torch.Generator(device=y.device).manual_seed(int(seed))
+    estimates = []
+    for k in range(draws):
+        # 1. a noisier copy of the scan, 2. the noisy-data denoiser, 3. Tweedie for the clean image
+        z = y.float() + s * torch.randn(y.shape, generator=generator, device=y.device)
+        d = denoiser(z, s)
+        estimates.append(((1.0 + a2) * d - z) / a2)
+        if callback is not None:
+            callback(k + 1, draws)
+    # no uncertainty map: the draws' spread is the estimator's variance, not the posterior's
+    return PriorResult(torch.stack(estimates).mean(dim=0), None, match, draws)

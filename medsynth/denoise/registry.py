@@ -1,7 +1,8 @@
 """The denoising methods and diffusion-prior modes, each listed once.
 
 ``diffusion`` is the diffusion prior (:mod:`medsynth.denoise.prior`, run on a scan by
-:mod:`medsynth.denoise.scan`); the others are the classical baselines of
+:mod:`medsynth.denoise.scan`); ``self_supervised`` fits a prior on the noisy scans first
+(:mod:`medsynth.self_supervised`); the others are the classical baselines of
 :mod:`medsynth.denoise.classical`, each ``fn(image, sigma) -> image``. This module imports no torch:
 the config schema and the command line read it, and an implementation is imported only when it runs.
 """
@@ -20,7 +21,7 @@ class DenoiseMethod:
     """One denoising method: what it is, the optional extra it needs, and where it lives."""
 
     name: str
-    family: Literal["prior", "classical"]
+    family: Literal["prior", "self_supervised", "classical"]
     description: str
     implementation: str  # "package.module:function", imported by load()
     extra: str | None = None  # the pip extra that installs its optional packages
@@ -53,6 +54,13 @@ DENOISE_METHODS: dict[str, DenoiseMethod] = {
             "prior",
             "the trained diffusion model as a prior, from the scan's own noise level",
             "medsynth.denoise.prior:prior_denoise",
+        ),
+        DenoiseMethod(
+            "self_supervised",
+            "self_supervised",
+            "a diffusion prior fitted on the noisy scan itself (or noisy scans of its protocol), then Tweedie's "
+            "estimate of the clean scan (Noisier2Noise); no clean scan needed",
+            "medsynth.self_supervised:self_supervised_denoise",
         ),
         DenoiseMethod(
             "nlm",

@@ -20,6 +20,7 @@ The steps for the diffusion prior:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from medsynth.data.transforms import Intensity, foreground_mask
 from medsynth.denoise.classical import denoise_classical
 from medsynth.denoise.matching import match_timestep
-from medsynth.denoise.prior import prior_denoise
+from medsynth.denoise.prior import noisy_prior_denoise, prior_denoise
 from medsynth.denoise.registry import DENOISE_METHOD_NAMES, DENOISE_METHODS, PRIOR_MODES, DenoiseMethod
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
@@ -55,6 +56,9 @@ class PriorSettings:
     # PSNR, the background goes to zero) or from the input before the prior ("input": 0.3-0.9 dB better
     # inside the head, 1.3-1.7 dB worse over the whole image); measured in docs/benchmarks.md.
     rician: str = "output"
+    # self-supervised priors (noisy_prior_denoise): added noise over the scan's, and estimates averaged
+    alpha: float = 1.0
+    draws: int = 8
 
     def __post_init__(self) -> None:
         if self.rician not in ("input", "output"):
@@ -109,20 +113,30 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def model_intensity(trained: TrainedModel, image: np.ndarray, sigma: float) -> Intensity:
-    """The model's intensity convention applied to this scan. MR: the scan's own foreground
+def noisy_scan_intensity(
+    image: np.ndarray, sigma: float, modality: str, mr_percentile: float, ct_window: Sequence[float] | None
+) -> Intensity:
+    """The intensity convention of a *noisy* scan. CT: the HU window. MR: the scan's own foreground
     percentile, taken on a TV-denoised copy: noise would raise it (about +10 % at Rician 10 %) and
     smoothing would lower it (thin bright structures, -15 % on 64-pixel heads); the TV copy lands
     within a few per cent of the clean scan's value (measured on the phantoms)."""
-    intensity = trained.intensity
-    modality = intensity.get("modality", "mr")
     if modality == "ct":
-        return Intensity("ct", float(intensity["low"]), float(intensity["high"]))
+        low, high = ct_window if ct_window else (-1000.0, 1000.0)
+        return Intensity("ct", float(low), float(high))
     smooth = denoise_classical(image, sigma, "tv", modality=None) if sigma > 0 else image
     mask = foreground_mask(smooth)
     values = smooth[mask] if mask.any() else smooth.ravel()
-    high = float(np.percentile(values, float(trained.data.get("mr_percentile", 99.5))))
-    return Intensity("mr", 0.0, high if np.isfinite(high) and high > 0 else float(intensity["high"]))
+    high = float(np.percentile(values, float(mr_percentile)))
+    return Intensity("mr", 0.0, high if np.isfinite(high) and high > 0 else float(np.max(image)) or 1.0)
+
+
+def model_intensity(trained: TrainedModel, image: np.ndarray, sigma: float) -> Intensity:
+    """The model's intensity convention applied to this scan: CT the model's window, MR
+    :func:`noisy_scan_intensity` with the model's percentile."""
+    intensity = trained.intensity
+    if intensity.get("modality", "mr") == "ct":
+        return Intensity("ct", float(intensity["low"]), float(intensity["high"]))
+    return noisy_scan_intensity(image, sigma, "mr", float(trained.data.get("mr_percentile", 99.5)), None)
 
 
 def to_ras(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +150,7 @@ def to_ras(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return nib.orientations.apply_orientation(image, ornt), ornt
 
 
-def _from_ras(image: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+def from_ras(image: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     identity = np.c_[np.arange(image.ndim), np.ones(image.ndim)]
     return nib.orientations.apply_orientation(image, nib.orientations.ornt_transform(identity, ornt))
 
@@ -171,6 +185,10 @@ def _diffusion(
     modality = modality or trained.modality
     if image.ndim == 2 and trained.spatial_dims == 3:
         raise MedsynthError("a 3D model cannot denoise a 2D image; use a 2D model")
+    if trained.data.get("self_supervised"):
+        raise MedsynthError(
+            f"{trained.path}: a prior fitted on noisy scans; use it with --self-supervised (method self_supervised)"
+        )
     if trained.is_latent:
         raise MedsynthError(
             f"{trained.path}: a latent diffusion model cannot denoise (it models latents, not the scan's voxels); "
@@ -194,12 +212,7 @@ def _diffusion(
 
     # 4. geometry: RAS voxel order; 2D models slice across the trained axis
     ras, ornt = to_ras(normalised, affine)
-    if trained.spatial_dims == 2 and ras.ndim == 3:
-        axis = int(trained.data.get("slice_axis", 2))
-        batch = np.moveaxis(ras, axis, 0)[:, None]  # (slices, 1, a, b)
-    else:
-        axis = None
-        batch = ras[None, None]
+    batch, axis = _slices_of(trained, ras)
     network = trained.network.to(device)
     chunks = [slice(i, i + settings.slice_batch) for i in range(0, len(batch), settings.slice_batch)]
     means, stds, last = [], [], None
@@ -238,7 +251,7 @@ def _diffusion(
     def back(stack: list[np.ndarray]) -> np.ndarray:
         array = np.concatenate(stack)[:, 0]
         array = np.moveaxis(array, 0, axis) if axis is not None else array[0]
-        return _from_ras(array, ornt)
+        return from_ras(array, ornt)
 
     # 5. units, plus what lay beyond the normalised range
     out = np.asarray(intensity.inverse(back(means)), dtype=np.float32) + beyond
@@ -266,6 +279,117 @@ def _diffusion(
     if warning:
         record["warning"] = warning
     return Denoised(out, uncertainty, sigma, record)
+
+
+MIN_RELATIVE_SIGMA = 0.005  # noise below 0.5 % of the foreground's 99th percentile: nothing a prior could learn
+
+
+def relative_noise(image: np.ndarray, sigma: float) -> float:
+    """``sigma`` over the foreground's 99th percentile (the scale of the simulated noise levels)."""
+    mask = foreground_mask(image)
+    top = float(np.percentile(image[mask] if mask.any() else image, 99.0))
+    return float(sigma / top) if top > 0 else float("inf")
+
+
+def check_noise_level(image: np.ndarray, sigma: float, what: str) -> None:
+    """Refuse a scan whose noise is too low for a self-supervised prior (``what`` names the scan).
+
+    Raises:
+        MedsynthError: ``sigma`` below ``MIN_RELATIVE_SIGMA`` of the signal.
+    """
+    relative = relative_noise(image, sigma)
+    if not relative >= MIN_RELATIVE_SIGMA:
+        raise MedsynthError(
+            f"{what}: its noise ({relative:.2%} of the signal) is too low to denoise self-supervised "
+            f"(needs >= {MIN_RELATIVE_SIGMA:.1%}); is it a clean scan?"
+        )
+
+
+def _slices_of(trained: TrainedModel, ras: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """The batch a network denoises: 2D models one slice per item across the trained axis, 3D the volume."""
+    if trained.spatial_dims == 2 and ras.ndim == 3:
+        axis = int(trained.data.get("slice_axis", 2))
+        return np.moveaxis(ras, axis, 0)[:, None], axis  # (slices, 1, a, b)
+    return ras[None, None], None
+
+
+def _self_supervised(
+    image: np.ndarray,
+    affine: np.ndarray,
+    sigma: float,
+    modality: str | None,
+    trained: TrainedModel,
+    settings: PriorSettings,
+    device: torch.device,
+    progress: bool,
+) -> Denoised:
+    """Denoise with a prior fitted on noisy scans (:func:`medsynth.self_supervised.fit_self_supervised`):
+    the Noisier2Noise estimate of :func:`~medsynth.denoise.prior.noisy_prior_denoise`, then units and the
+    Rician floor as for the clean prior."""
+    if not trained.data.get("self_supervised"):
+        raise MedsynthError(
+            f"{trained.path}: a prior trained on clean scans; self-supervised denoising needs a prior fitted on noisy "
+            "scans (leave out --checkpoint to fit one, or drop --self-supervised to use this one)"
+        )
+    modality = modality or trained.modality
+    if trained.modality and modality != trained.modality:
+        raise MedsynthError(f"the prior was fitted on {trained.modality.upper()} but the scan is {modality.upper()}")
+    if image.ndim == 2 and trained.spatial_dims == 3:
+        raise MedsynthError("a 3D prior cannot denoise a 2D image")
+    check_noise_level(image, sigma, "the scan")
+    intensity = noisy_scan_intensity(
+        image, sigma, modality or "mr", float(trained.data.get("mr_percentile", 99.5)), trained.data.get("ct_window")
+    )
+    width = intensity.high - intensity.low
+    normalised = np.asarray(intensity.forward(image), dtype=np.float32)
+    beyond = image - np.asarray(intensity.inverse(normalised), dtype=np.float32)
+    sigma_normalised = 2.0 * sigma / width
+    scheduler = build_train_scheduler(trained.diffusion, spatial_dims=trained.spatial_dims)
+    ras, ornt = to_ras(normalised, affine)
+    batch, axis = _slices_of(trained, ras)
+    network = trained.network.to(device)
+    means, last = [], None
+    with tqdm(
+        total=len(batch), desc="denoise (self-supervised)", unit="slice", disable=None if progress else True
+    ) as bar:
+        for start in range(0, len(batch), settings.slice_batch):
+            y = torch.from_numpy(np.ascontiguousarray(batch[start : start + settings.slice_batch])).to(device)
+            last = noisy_prior_denoise(
+                network,
+                scheduler,
+                y,
+                sigma_normalised,
+                roi_size=trained.image_size,
+                alpha=settings.alpha,
+                draws=settings.draws,
+                seed=settings.seed + start,
+                overlap=settings.overlap,
+                sw_batch_size=settings.sw_batch_size,
+            )
+            means.append(last.mean.cpu().numpy())
+            bar.update(len(y))
+    assert last is not None
+    array = np.concatenate(means)[:, 0]
+    array = np.moveaxis(array, 0, axis) if axis is not None else array[0]
+    out = np.asarray(intensity.inverse(from_ras(array, ornt)), dtype=np.float32) + beyond
+    if modality == "mr":
+        out = rician_bias_correct(np.clip(out, 0.0, None), sigma)
+    record = {
+        "alpha": settings.alpha,
+        "draws": settings.draws,
+        "seed": settings.seed,
+        "timestep": last.match.timestep,
+        "added_sigma_normalised": last.match.matched_sigma,
+        "sigma_normalised": sigma_normalised,
+        "network_evaluations": settings.draws,
+        "rician_bias_correction": "output" if modality == "mr" else None,
+        "intensity": intensity.as_dict(),
+        "model_file": str(trained.path),
+        "model_step": trained.step,
+        "training_scans": trained.data.get("training_scans"),
+        "slice_axis": axis,
+    }
+    return Denoised(out, None, sigma, record)
 
 
 def denoise_scan(
@@ -302,7 +426,20 @@ def denoise_scan(
         raise MedsynthError(f"--sigma must be 'auto' or a number >= 0, got {sigma}")
     given = sigma is not None
     sigma = float(sigma) if given else estimate_noise(image, modality)
-    if spec.family == "prior":
+    if spec.family == "self_supervised":
+        if trained is None:
+            raise MedsynthError("self-supervised denoising needs a prior fitted on noisy scans first")
+        result = _self_supervised(
+            image,
+            np.asarray(affine, dtype=np.float64),
+            sigma,
+            modality,
+            trained,
+            settings or PriorSettings(),
+            torch.device(device),
+            progress,
+        )
+    elif spec.family == "prior":
         if trained is None:
             raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
         result = _diffusion(

@@ -9,6 +9,14 @@ to line up with it. The whole-image SSIM is the mean of that same map.
 
 PSNR of identical images is ``inf`` (MONAI's value, kept): it is the honest answer, and callers that
 average or log PSNR must handle it.
+
+With a mask there is also the contrast slope ``slope_fg``: the least-squares slope of the estimate's
+intensities against the reference's over the mask voxels (ordinary regression with an intercept,
+``cov(estimate, reference) / var(reference)``). PSNR and SSIM reward a denoiser that flattens the image
+towards its local mean; the slope says what that costs: 1.0 means the grey/white (or soft-tissue)
+contrast survives, below 1 that the denoiser compressed it (0.8: contrast reduced by a fifth), above 1
+that it exaggerated it. An offset does not change it. It is NaN when the reference is constant inside
+the mask (there is no contrast to keep).
 """
 
 from __future__ import annotations
@@ -95,6 +103,27 @@ def _psnr(squared_error: float, data_range: float) -> float:
     return float("inf") if squared_error == 0 else float(10.0 * np.log10(data_range**2 / squared_error))
 
 
+def contrast_slope(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Least-squares slope of ``estimate`` against ``reference`` (both flattened), with an intercept.
+
+    Args:
+        estimate: the estimate's values (e.g. the mask voxels).
+        reference: the reference's values at the same voxels.
+
+    Returns:
+        ``cov(estimate, reference) / var(reference)``; NaN when ``reference`` is constant, exactly 0 when
+        ``estimate`` is (rather than a rounding residue of its mean).
+    """
+    x = np.asarray(reference, dtype=np.float64).ravel()
+    y = np.asarray(estimate, dtype=np.float64).ravel()
+    if x.size == 0 or x.min() == x.max():
+        return float("nan")
+    if y.min() == y.max():
+        return 0.0
+    centred = x - x.mean()
+    return float(np.dot(centred, y - y.mean()) / np.dot(centred, centred))
+
+
 def restoration_metrics(
     estimate: np.ndarray,
     reference: np.ndarray,
@@ -103,20 +132,25 @@ def restoration_metrics(
     mask: np.ndarray | None = None,
     spatial_dims: int | None = None,
 ) -> dict[str, float]:
-    """PSNR (dB) and SSIM of ``estimate`` against ``reference``, whole image and inside ``mask``.
+    """PSNR (dB) and SSIM of ``estimate`` against ``reference``, whole image and inside ``mask``; with a
+    mask, also the contrast slope inside it.
 
     Args:
         estimate: denoised / synthesised image, ``(X, Y[, Z])`` or channel-first ``(C, X, Y[, Z])``.
         reference: the clean image, same shape.
         data_range: the intensity span the scores are relative to (e.g. ``clean.max() - clean.min()``,
             or the CT window width); sets PSNR's peak and SSIM's constants ``(k1 L)^2, (k2 L)^2``.
-        mask: boolean foreground of the same shape (see :func:`foreground`), adds ``psnr_fg``/``ssim_fg``.
+        mask: boolean foreground of the same shape (see :func:`foreground`), adds ``psnr_fg``/``ssim_fg``/``slope_fg``.
         spatial_dims: 2 or 3; default ``reference.ndim`` (then there is no channel axis).
 
     Returns:
-        ``{"psnr", "ssim"}`` plus ``{"psnr_fg", "ssim_fg"}`` with a mask. PSNR is ``inf`` for identical
-        images. ``ssim_fg`` is NaN when no mask voxel lies in the SSIM's valid region (within
-        ``(k - 1) / 2`` voxels of the border only). The settings used: :func:`restoration_settings`.
+        ``{"psnr", "ssim"}`` plus ``{"psnr_fg", "ssim_fg", "slope_fg"}`` with a mask. PSNR is ``inf`` for
+        identical images. ``ssim_fg`` is NaN when no mask voxel lies in the SSIM's valid region (within
+        ``(k - 1) / 2`` voxels of the border only). ``slope_fg`` is the least-squares slope of the
+        estimate's mask voxels against the reference's (:func:`contrast_slope`, regression with an
+        intercept): 1.0 when the contrast survives, < 1 when the estimate compressed it (the intensities
+        pulled towards their mean), > 1 when it was stretched; NaN when the reference is constant inside
+        the mask. The settings used: :func:`restoration_settings`.
 
     Raises:
         ValueError: shapes differ, non-finite values, ``data_range <= 0``, or a bad/empty mask.
@@ -162,4 +196,5 @@ def restoration_metrics(
     valid = (Ellipsis, *(slice(half, n - half) for n in shape))
     inside = torch.as_tensor(mask[valid]).reshape(ssim_map.shape)
     result["ssim_fg"] = float(ssim_map[inside].mean().item()) if bool(inside.any()) else float("nan")
+    result["slope_fg"] = contrast_slope(estimate[mask], reference[mask])
     return result

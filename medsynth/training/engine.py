@@ -228,6 +228,7 @@ class Trainer:
     checkpoint_format: str = "medsynth-checkpoint"
     metric_prefix: str = "train"
     view: dict[str, Any]
+    items_per_index: int = 1  # training items per batch index (several random crops per scan)
     groups: list[Optimised]
     dataset_size: int
 
@@ -459,7 +460,7 @@ def fit(trainer: Trainer, cadence: Cadence, run: RunSettings) -> FitResult:
             done = completed
             for name, value in losses.items():
                 window.setdefault(name, []).append(value.detach().float())
-            window_images += len(index)  # the global batch: every rank trains its share
+            window_images += len(index) * trainer.items_per_index  # the global batch: every rank trains its share
             logging_due = done % cadence.log_every == 0 or done == cadence.max_steps
             checkpoint_due = done == cadence.max_steps or (
                 cadence.checkpoint_every is not None and done % cadence.checkpoint_every == 0

@@ -17,6 +17,7 @@ from monai.inferers import DiffusionInferer
 from torch.nn.parallel import DistributedDataParallel
 
 from medsynth.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig, result_view, to_plain
+from medsynth.data.patches import ImageSet, PatchSet
 from medsynth.diffusion.objectives import min_snr_weights, prediction_target, sample_timesteps, weighted_mse
 from medsynth.diffusion.schedulers import build_train_scheduler
 from medsynth.errors import MedsynthError
@@ -90,7 +91,7 @@ class DiffusionTrainer(Trainer):
         model_cfg: ModelConfig,
         diffusion: DiffusionConfig,
         train: TrainConfig,
-        train_images: np.ndarray,
+        train_images: np.ndarray | PatchSet,
         val_images: np.ndarray,
         run: RunSettings,
         *,
@@ -100,7 +101,11 @@ class DiffusionTrainer(Trainer):
     ) -> None:
         self.diffusion, self.train, self.run = diffusion, train, run
         device = self.device = run.dist.device
-        spatial_dims = self.spatial_dims = train_images.ndim - 2
+        source = train_images if isinstance(train_images, PatchSet) else ImageSet(resident_data(train_images, device))
+        self.source = source
+        patches = isinstance(source, PatchSet)
+        self.items_per_index = source.per_index
+        spatial_dims = self.spatial_dims = source.spatial_dims
         self.amp_dtype = autocast_dtype(train.precision, device)
         self.num_classes = num_classes = model_cfg.num_classes
         if num_classes is not None:
@@ -111,15 +116,16 @@ class DiffusionTrainer(Trainer):
             "diffusion": result_view(diffusion),
             "train": result_view(train),
             "seed": run.seed,
-            "dataset_size": len(train_images),
-            "data_shape": list(train_images.shape[1:]),
+            "dataset_size": len(source),
+            "data_shape": source.describe(),
+            **({"patches": {"per_scan": source.per_index, "foreground": source.foreground}} if patches else {}),
             **({"extra": identity_extra} if identity_extra else {}),
         }
-        self.dataset_size = len(train_images)
+        self.dataset_size = len(source)
 
         # the network, its EMA, optimiser and LR schedule (identical on every rank: same seed)
         torch.manual_seed(run.seed)
-        channels = train_images.shape[1]
+        channels = source.channels
         model = build_unet(model_cfg, spatial_dims=spatial_dims, in_channels=channels, out_channels=channels).to(device)
         if train.channels_last:
             model = model.to(memory_format=_memory_format(spatial_dims))
@@ -147,11 +153,8 @@ class DiffusionTrainer(Trainer):
         dist = run.dist
         net = DistributedDataParallel(model) if dist.distributed else model
         self.net = compiled(net, train.compile, train.compile_mode)
-        self.data = resident_data(train_images, device)
         self.val = torch.as_tensor(val_images[: train.val_images], dtype=torch.float32)
-        self.classes = (
-            None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long).to(self.data.device)
-        )
+        self.classes = None if train_classes is None else torch.as_tensor(train_classes, dtype=torch.long).to(device)
         self.val_labels = (
             None
             if val_classes is None
@@ -160,23 +163,28 @@ class DiffusionTrainer(Trainer):
 
     def step(self, step: int, index: np.ndarray, shard: slice, generator: torch.Generator) -> dict[str, torch.Tensor]:
         train, diffusion, device = self.train, self.diffusion, self.device
-        mine = torch.as_tensor(index[shard], device=self.data.device)
-        x0 = self.data[mine].to(device)
+        # every rank draws the whole global batch's items (crops are cheap) and keeps its own rows
+        per = self.items_per_index
+        rows = torch.arange(len(index) * per).view(len(index), per)[shard].reshape(-1)
+        items = self.source.take(index, generator)
+        x0 = items[rows.to(items.device)].to(device)
         if train.channels_last:
             x0 = x0.contiguous(memory_format=_memory_format(self.spatial_dims))
-        batch = len(index)
-        noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[shard]
+        batch = len(index) * per
+        rows = rows.to(device)
+        noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
         t = sample_timesteps(
             self.scheduler, batch, generator=generator, device=device, high=diffusion.max_train_timestep
-        )[shard]
+        )[rows]
         network = self.net
         if self.classes is not None:
             # label dropout: a share of the batch learns the unconditional model (the null class K)
-            dropped = (torch.rand(batch, generator=generator, device=device) < train.label_dropout)[shard]
+            dropped = (torch.rand(batch, generator=generator, device=device) < train.label_dropout)[rows]
+            mine = torch.as_tensor(index, device=device).repeat_interleave(per)[rows]
             labels = torch.where(
                 dropped,
                 torch.full_like(dropped, self.num_classes, dtype=torch.long),
-                self.classes[mine].to(device),
+                self.classes[mine],
             )
             network = partial(self.net, class_labels=labels)
         # 1. predict (epsilon | v | velocity) for the noised batch
@@ -209,7 +217,7 @@ def train_diffusion(
     model: ModelConfig,
     diffusion: DiffusionConfig,
     train: TrainConfig,
-    train_images: np.ndarray,
+    train_images: np.ndarray | PatchSet,
     val_images: np.ndarray,
     run: RunSettings,
     *,
@@ -226,7 +234,8 @@ def train_diffusion(
         model: the network section (MONAI ``DiffusionModelUNet`` settings).
         diffusion: the forward process and objective.
         train: optimisation, EMA, cadence.
-        train_images: training inputs; ``val_images``: held-out inputs for the validation loss.
+        train_images: training inputs, or a :class:`~medsynth.data.patches.PatchSet` of whole scans to crop
+            (``train.batch_size`` then counts crops); ``val_images``: held-out inputs for the validation loss.
         run: seed, work folder (``checkpoints/last.pt`` and ``model.pt``, rank 0), process group, callbacks.
         preprocessing: how the training inputs were made from scans (spacing, slice axis, MR percentile,
             CT window), stored with the model: denoising treats a scan the same way.
@@ -254,7 +263,7 @@ def train_diffusion(
     )
     cadence = Cadence(
         max_steps=train.max_steps,
-        batch_size=train.batch_size,
+        batch_size=train.batch_size // trainer.items_per_index,  # scans per step when crops come several per scan
         log_every=train.log_every,
         val_every=train.val_every,
         checkpoint_every=train.checkpoint_every,
@@ -273,7 +282,7 @@ def train_diffusion(
                 "step": train.max_steps,
                 # the network's input size: the image size, or the latent size of a latent model
                 "spatial_dims": trainer.spatial_dims,
-                "image_size": list(train_images.shape[2:]),
+                "image_size": list(trainer.source.item_shape),
                 "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in trainer.model_kwargs.items()},
                 "diffusion": to_plain(diffusion),
                 "intensity": intensity or {},
@@ -296,6 +305,7 @@ def preprocessing_of(data: DataConfig, spacing_mm: list[float] | None) -> dict[s
     return {
         "spacing_mm": spacing_mm,
         "slice_axis": data.slice_axis,
+        "patches": to_plain(data.patches) if data.patches is not None else None,
         "mr_percentile": data.mr_percentile,
         "ct_window": list(data.ct_window),
     }

@@ -19,6 +19,7 @@ from dicom_factory import write_ct_series, write_rt_struct, write_unsupported_co
 from medsynth.cli import main
 from medsynth.data.phantoms import generate_phantom
 from medsynth.io.volumes import read_dicom_series
+from medsynth.metrics.restoration import foreground, restoration_metrics
 from medsynth.noise.models import rician_noise
 
 
@@ -130,6 +131,25 @@ def test_classical_methods_need_no_model(method, tmp_path, capsys):
     assert code == 0, err
     noisy = nib.load(source).get_fdata()
     assert np.mean((nib.load(out).get_fdata() - clean) ** 2) < np.mean((noisy - clean) ** 2)
+
+
+# bm3d/bm4d come with the dev extra: a missing package fails here rather than skipping. A 3D input goes
+# to BM4D as a whole volume (medsynth.denoise.classical.bm3d dispatches on ndim).
+@pytest.mark.parametrize("shape", [pytest.param((48, 48), id="bm3d-2d"), pytest.param((24, 24, 24), id="bm4d-3d")])
+def test_bm3d_through_the_cli(shape, tmp_path, capsys):
+    source, clean = brain_nifti(tmp_path / "scan.nii.gz", shape=shape, noise=0.05)
+    out = tmp_path / "bm3d.nii.gz"
+    code, stdout, err = run_cli(["denoise", source, out, "--method", "bm3d", "--modality", "mr"], capsys)
+    assert code == 0, err
+    result = nib.load(out).get_fdata()
+    assert result.shape == shape and np.isfinite(result).all()
+    record = json.loads((tmp_path / "bm3d.json").read_text())["denoise"]
+    assert record["method"] == "bm3d" and record["sigma_source"] == "estimated" and "bm3d" in stdout
+    mask, data_range = foreground(clean, "mr"), float(clean.max() - clean.min())
+    noisy = restoration_metrics(nib.load(source).get_fdata(), clean, data_range=data_range, mask=mask)
+    denoised = restoration_metrics(result, clean, data_range=data_range, mask=mask)
+    # Measured on seeds 0-2 (sigma estimated): +0.7..1.0 dB (2D), +0.7..0.8 dB (3D) in the foreground.
+    assert denoised["psnr_fg"] > noisy["psnr_fg"] + 0.3, (noisy["psnr_fg"], denoised["psnr_fg"])
 
 
 def test_model_uri_from_the_registry(model_2d, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""PSNR / SSIM over the whole image and inside a mask (MONAI), 2D and 3D."""
+"""PSNR / SSIM over the whole image and inside a mask (MONAI), and the foreground contrast slope, 2D and 3D."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
+from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio
 
 from medsynth.data.phantoms import generate_phantom
 from medsynth.data.transforms import foreground_mask
-from medsynth.metrics.restoration import foreground, restoration_metrics, restoration_settings, ssim_kernel
+from medsynth.metrics.restoration import (
+    contrast_slope,
+    foreground,
+    restoration_metrics,
+    restoration_settings,
+    ssim_kernel,
+)
 
 SHAPES = [pytest.param((40, 36), id="2d"), pytest.param((20, 18, 16), id="3d")]
 
@@ -29,6 +36,7 @@ def test_identical_images_give_infinite_psnr_and_unit_ssim(shape: tuple[int, ...
     assert scores["psnr"] == np.inf and scores["psnr_fg"] == np.inf
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-6) and scores["ssim_fg"] == pytest.approx(1.0, abs=1e-6)
     assert set(restoration_metrics(reference, reference, data_range=2.6)) == {"psnr", "ssim"}
+    assert set(scores) == {"psnr", "ssim", "psnr_fg", "ssim_fg", "slope_fg"}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -103,6 +111,58 @@ def test_more_noise_scores_lower(shape: tuple[int, ...]) -> None:
     for key in ("psnr", "ssim", "psnr_fg", "ssim_fg"):
         values = [run[key] for run in runs]
         assert values[0] > values[1] > values[2], key
+
+
+# --- contrast slope --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_slope_of_an_affine_estimate_is_its_gain(shape: tuple[int, ...]) -> None:
+    reference = _reference(shape)
+    mask = reference > 0
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        gain, offset = float(rng.uniform(0.2, 1.8)), float(rng.uniform(-2.0, 2.0))
+        scores = restoration_metrics(gain * reference + offset, reference, data_range=2.6, mask=mask)
+        assert scores["slope_fg"] == pytest.approx(gain, abs=1e-9)
+    # A seeded noisy estimate: the same as an ordinary least-squares fit with intercept over the mask voxels.
+    estimate = 0.7 * reference + 0.2 + 0.1 * rng.standard_normal(shape)
+    expected = np.polyfit(reference[mask], estimate[mask], 1)[0]
+    assert restoration_metrics(estimate, reference, data_range=2.6, mask=mask)["slope_fg"] == pytest.approx(
+        expected, abs=1e-9
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_slope_of_identical_and_of_constant_images(shape: tuple[int, ...]) -> None:
+    reference = _reference(shape)
+    mask = reference > 0
+    assert restoration_metrics(reference, reference, data_range=2.6, mask=mask)["slope_fg"] == pytest.approx(
+        1.0, abs=1e-12
+    )
+    flat = np.full(shape, 0.4)
+    assert restoration_metrics(flat, reference, data_range=2.6, mask=mask)["slope_fg"] == 0.0
+    # No contrast in the reference's foreground: nothing to keep or lose.
+    constant = np.where(mask, 0.5, reference)
+    scores = restoration_metrics(reference, constant, data_range=2.6, mask=mask)
+    assert np.isnan(scores["slope_fg"]) and np.isfinite(scores["psnr_fg"])
+    assert np.isnan(contrast_slope(np.arange(4.0), np.full(4, 0.1)))
+
+
+@pytest.mark.parametrize("shape", [pytest.param((48, 48), id="2d"), pytest.param((24, 24, 24), id="3d")])
+def test_smoothing_compresses_the_contrast(shape: tuple[int, ...]) -> None:
+    clean = generate_phantom("brain_mri", shape, 0, noise_std=0.0).image.astype(np.float64)
+    mask = foreground(clean, "mr")
+    data_range = float(clean.max() - clean.min())
+    noisy = clean + 0.05 * float(clean.max()) * np.random.default_rng(4).standard_normal(shape)
+    slopes = [
+        restoration_metrics(gaussian_filter(noisy, s), clean, data_range=data_range, mask=mask)["slope_fg"]
+        for s in (0.0, 0.5, 1.0)
+    ]
+    # Additive noise independent of the image leaves the slope at about 1; blurring pulls it down
+    # (measured: 2D 1.00 / 0.78 / 0.39, 3D 1.00 / 0.57 / 0.05; the small phantoms' structures are a few voxels wide).
+    assert slopes[0] == pytest.approx(1.0, abs=0.05)
+    assert slopes[0] > slopes[1] + 0.1 > slopes[2] + 0.2 and slopes[1] < 0.9
 
 
 def test_channel_first_input_and_a_mask_only_at_the_border() -> None:

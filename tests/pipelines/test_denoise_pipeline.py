@@ -65,7 +65,8 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
     assert {(r["level"], r["method"]) for r in rows} == {
         (lv, m) for lv in record["levels"] for m in ("noisy", "diffusion", "tv", "wavelet")
     }
-    assert all(np.isfinite([r["psnr"], r["ssim"], r["psnr_fg"], r["ssim_fg"]]).all() for r in rows)
+    assert all(np.isfinite([r["psnr"], r["ssim"], r["psnr_fg"], r["ssim_fg"], r["slope_fg"]]).all() for r in rows)
+    assert all("slope_fg" in r for r in metrics["per_image"])
     # A baseline must beat the noisy input at the strongest noise (a check that the scoring is the right way round).
     strongest = record["levels"][-1] if modality == "mr" else min(record["levels"])
     at = {r["method"]: r for r in rows if r["level"] == strongest}
@@ -79,6 +80,9 @@ def test_denoise_pipeline_end_to_end(modality, write_config, tmp_path: Path, cap
         output_format="list",
     )[0]
     assert any(k.startswith("denoise/diffusion/") for k in run.data.metrics)
+    assert {f"denoise/{m}/{lv}/slope_fg" for m in ("noisy", "tv", "wavelet") for lv in record["levels"]} <= set(
+        run.data.metrics
+    )
     assert any(k.startswith("denoise/gain_over_best_classical/") for k in run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"denoise_table.json", "psnr_vs_noise.png", "denoise_comparison.png"} <= artifacts
