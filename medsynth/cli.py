@@ -95,6 +95,19 @@ def add_denoise_parser(commands) -> None:
         "--tracking-uri", help="MLflow store for --model-uri (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ss = sub.add_argument_group("self-supervised (no clean scans: a prior fitted on the noisy scans themselves)")
+    ss.add_argument(
+        "--self-supervised",
+        action="store_true",
+        help="fit a diffusion prior on INPUT's own noisy voxels (or --train-folder's) and denoise INPUT with it; "
+        "same as --method self_supervised. With --checkpoint: reuse a prior fitted so (OUTPUT_prior.pt)",
+    )
+    ss.add_argument("--train-folder", metavar="DIR", help="noisy scans of the same protocol to fit the prior on")
+    ss.add_argument(
+        "--config", metavar="PATH", help="the fitting recipe (default: configs/denoise_self_supervised.yaml)"
+    )
+    ss.add_argument("--alpha", type=float, default=1.0, help="added noise / the scan's noise (default 1.0)")
+    ss.add_argument("--draws", type=int, default=8, help="estimates averaged (default 8)")
 
 
 def run_denoise(args: argparse.Namespace) -> int:
@@ -112,6 +125,10 @@ def run_denoise(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise MedsynthError("--device cuda: no CUDA device here")
+    if args.self_supervised or args.method == "self_supervised":
+        return _run_self_supervised(args, device)
+    if args.train_folder or args.config:
+        raise MedsynthError("--train-folder and --config belong to --self-supervised")
     settings = PriorSettings(
         mode=args.mode, steps=args.steps, samples=args.samples, seed=args.seed, overlap=args.overlap
     )
@@ -135,6 +152,38 @@ def run_denoise(args: argparse.Namespace) -> int:
     )
     if info.get("warning"):
         print(f"note: {info['warning']}", file=sys.stderr)
+    return 0
+
+
+def _run_self_supervised(args: argparse.Namespace, device: str) -> int:
+    from medsynth.self_supervised import self_supervised_path
+
+    if args.method not in ("diffusion", "self_supervised"):
+        raise MedsynthError(f"--self-supervised fits its own prior; it does not go with --method {args.method}")
+    if args.model_uri:
+        raise MedsynthError("--self-supervised takes a fitted prior as --checkpoint PATH, not --model-uri")
+    if not (0 < args.alpha <= 4) or args.draws < 1:
+        raise MedsynthError(f"--alpha must be in (0, 4] and --draws >= 1, got {args.alpha} and {args.draws}")
+    record = self_supervised_path(
+        args.input,
+        args.output,
+        train_folder=args.train_folder,
+        checkpoint=args.checkpoint,
+        config_path=args.config,
+        sigma=_sigma(args.sigma),
+        modality=args.modality,
+        alpha=args.alpha,
+        draws=args.draws,
+        seed=args.seed,
+        device=device,
+        overwrite=args.overwrite,
+    )
+    info = record["denoise"]
+    print(
+        f"denoise: self-supervised (prior fitted on the {info['prior_fitted_on']}), sigma {info['sigma']:.4g} "
+        f"({info['sigma_source']}) -> {record['output']}",
+        flush=True,
+    )
     return 0
 
 

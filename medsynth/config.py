@@ -631,6 +631,10 @@ class DenoiseConfig(StrictModel):
     )
     steps: int = Field(10, ge=1, description="Reverse steps (ddim / ancestral)")
     samples: int = Field(1, ge=1, description="Posterior draws averaged (ancestral); >1 also writes an uncertainty map")
+    alpha: float = Field(
+        1.0, gt=0.0, le=4.0, description="self_supervised: noise added to the scan, as a multiple of its own noise"
+    )
+    draws: int = Field(8, ge=1, description="self_supervised: Noisier2Noise estimates averaged per scan")
     sigma: Literal["auto", "oracle"] | float = Field(
         "auto",
         description="Noise level given to every method: auto = estimated from each image; "
@@ -780,6 +784,10 @@ class Config(StrictModel):
             raise ValueError(
                 f"stages {', '.join(sampling)} need a model trained on every timestep; diffusion.max_train_timestep "
                 f"({self.diffusion.max_train_timestep}) makes a denoising prior that cannot sample from pure noise"
+            )
+        if "self_supervised" in self.denoise.methods and (self.data.patches is None or self.diffusion.space != "pixel"):
+            raise ValueError(
+                "denoise.methods self_supervised fits a pixel-space prior on crops of each noisy scan: set data.patches"
             )
         noise = self.denoise.noise
         if noise is not None and (noise.startswith("low_dose_ct") != (self.modality == "ct")):

@@ -36,6 +36,7 @@ from medsynth.denoise.scan import (
     estimate_noise,
     noisy_scan_intensity,
 )
+from medsynth.errors import MedsynthError
 from medsynth.models.loading import TrainedModel, load_trained_model
 from medsynth.training.scan_prior import fit_scan_prior
 
@@ -101,3 +102,134 @@ def self_supervised_denoise(
         progress=progress,
     )
     return result, trained
+
+
+def default_recipe() -> Path:
+    """``configs/denoise_self_supervised.yaml`` of this source tree (the README's editable install)."""
+    return Path(__file__).resolve().parents[1] / "configs" / "denoise_self_supervised.yaml"
+
+
+def training_scans(folder: Path, modality: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The noisy scans of ``--train-folder``: every NIfTI file and DICOM series under it, of ``modality``.
+
+    Raises:
+        MedsynthError: an empty folder, or a DICOM series of another modality (named by position).
+    """
+    from medsynth.io.volumes import find_images, read_any
+
+    scans = []
+    for kind, path in find_images(folder):
+        for volume in read_any(kind, path):
+            if volume.modality and volume.modality != modality:
+                raise MedsynthError(
+                    f"--train-folder: scan {len(scans)} is {volume.modality.upper()} but the scan to denoise is "
+                    f"{modality.upper()}; the training scans must come from the same protocol"
+                )
+            scans.append((np.asarray(volume.array, dtype=np.float32), volume.affine))
+    if not scans:
+        raise MedsynthError(f"--train-folder {folder}: no NIfTI files or DICOM series found")
+    return scans
+
+
+def self_supervised_path(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    train_folder: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    config_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    sigma: float | None = None,
+    modality: str | None = None,
+    alpha: float = 1.0,
+    draws: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``medsynth denoise INPUT OUTPUT --self-supervised``: fit a prior on INPUT (or ``train_folder``'s noisy
+    scans), or reuse a fitted one (``checkpoint``), then denoise INPUT into OUTPUT in its own format.
+
+    Everything is checked before any fitting; the fit runs in a hidden folder beside OUTPUT (a rerun after an
+    interruption resumes it) and the fitted prior is kept as ``<OUTPUT stem>_prior.pt`` (reuse it for other
+    scans of the protocol with ``--checkpoint``). Nothing else is written until the denoised scan is.
+
+    Returns:
+        The provenance record (also written beside / inside the output).
+    """
+    import shutil
+
+    from medsynth.config import load_config
+    from medsynth.denoise.files import check_output, provenance_record, read_scan, write_result
+    from medsynth.io.atomic import atomic_write, file_digest
+
+    scan = read_scan(input_path)
+    output = check_output(scan, output, overwrite=overwrite)
+    modality = modality or scan.volume.modality
+    if modality is None:
+        raise MedsynthError(f"{scan.path}: the modality is unknown; pass --modality mr or --modality ct")
+    if scan.volume.modality and modality != scan.volume.modality:
+        raise MedsynthError(
+            f"{scan.path}: the DICOM series is {scan.volume.modality.upper()} but --modality is {modality}"
+        )
+    image = np.asarray(scan.volume.array, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise MedsynthError(f"{scan.path}: the image has NaN/Inf values; expected finite intensities")
+    noise = float(sigma) if sigma is not None else estimate_noise(image, modality)
+    check_noise_level(image, noise, str(scan.path))
+    stem = output.name.removesuffix(".gz").removesuffix(".nii")
+    prior_file = output.with_name(f"{stem}_prior.pt")
+    if checkpoint is not None:
+        if train_folder is not None:
+            raise MedsynthError(
+                "give either --checkpoint (a fitted prior) or --train-folder (scans to fit on), not both"
+            )
+        trained = load_trained_model(checkpoint, device)
+        if not trained.data.get("self_supervised"):
+            raise MedsynthError(
+                f"{checkpoint}: a prior trained on clean scans; --self-supervised needs a prior fitted on noisy "
+                "scans (leave out --checkpoint to fit one, or drop --self-supervised to use this one)"
+            )
+        work = None
+    else:
+        recipe = Path(config_path) if config_path is not None else default_recipe()
+        if not recipe.is_file():
+            raise MedsynthError(f"--config {recipe}: no such recipe file (configs/denoise_self_supervised.yaml)")
+        config = load_config(recipe, [*overrides, "data.folder=."])
+        if config.data.patches is None:
+            raise MedsynthError(f"{recipe}: key 'data.patches' must be set (the prior trains on crops)")
+        if config.data.modality and config.data.modality != modality:
+            raise MedsynthError(f"{recipe}: key 'data.modality' is {config.data.modality} but the scan is {modality}")
+        scans = (
+            training_scans(Path(train_folder), modality) if train_folder is not None else [(image, scan.volume.affine)]
+        )
+        for k, (array, _) in enumerate(scans):
+            check_noise_level(array, estimate_noise(array, modality), f"training scan {k}")
+        work = output.with_name(f".{stem}.fit-{scan.digest[:12]}")
+        trained = fit_self_supervised(scans, config, work, modality=modality, progress="fit" if progress else None)
+    result = denoise_scan(
+        image,
+        scan.volume.affine,
+        method="self_supervised",
+        modality=modality,
+        sigma=sigma,
+        trained=trained,
+        settings=PriorSettings(alpha=alpha, draws=draws, seed=seed),
+        device=device,
+        progress=progress,
+    )
+    model_file = Path(checkpoint) if checkpoint is not None else prior_file
+    provenance = provenance_record(
+        scan, output, result, model_uri=None, checkpoint=model_file, model_digest=file_digest(trained.path)
+    )
+    # what the prior was fitted on, by count and role only (never the training scans' paths)
+    fitted_on = "given prior" if checkpoint is not None else "train folder" if train_folder is not None else "input"
+    provenance["denoise"]["prior_fitted_on"] = fitted_on
+    written = write_result(scan, result, output, provenance)
+    if work is not None:
+        atomic_write(prior_file, lambda tmp: shutil.copyfile(trained.path, tmp), suffix=".pt")
+        written.append(prior_file)
+        shutil.rmtree(work, ignore_errors=True)
+    provenance["written"] = [str(p) for p in written]
+    return provenance

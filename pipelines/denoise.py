@@ -115,6 +115,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         results = {}
         for method in cfg.methods:
             started = time.perf_counter()
+            if method == "self_supervised":
+                # a prior fitted on this noisy case alone (no clean scan enters), kept in fits/
+                result = _self_supervised(ctx, noisy, clean.affine, given, work / "fits" / f"level_{j}_case_{i}")
+                results[method] = (result, time.perf_counter() - started)
+                continue
             result = denoise_scan(
                 noisy,
                 clean.affine,
@@ -164,6 +169,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"images": len(entries), "levels": levels, "noise": noise, "datalist_scans": len(scans)} | {
         k.rsplit("/", 1)[1] + "_s": round(v, 3) for k, v in per_image.items()
     }
+
+
+def _self_supervised(ctx: StageContext, noisy: np.ndarray, affine: np.ndarray, sigma: float | None, fit_dir: Path):
+    """``self_supervised`` on one noisy scan: the stage config's data/model/diffusion/train sections are the recipe."""
+    from medsynth.self_supervised import self_supervised_denoise
+
+    cfg = ctx.config.denoise
+    result, _ = self_supervised_denoise(
+        noisy,
+        affine,
+        modality=ctx.config.modality,
+        config=ctx.config,
+        work_dir=fit_dir,
+        sigma=sigma,
+        alpha=cfg.alpha,
+        draws=cfg.draws,
+        seed=cfg.seed,
+        device=ctx.dist.device,
+    )
+    return result
 
 
 def _write_case(
@@ -226,7 +251,9 @@ def _denoise_datalist(
     def denoise_one(k: int) -> tuple[ScanInput, dict[str, Denoised]]:
         scan = read_scan(scans[k][1])
         results = {
-            method: denoise_input(
+            method: _self_supervised(ctx, scan.volume.array, scan.volume.affine, sigma, ctx.work / "fits" / f"scan_{k}")
+            if method == "self_supervised"
+            else denoise_input(
                 scan,
                 method=method,
                 sigma=sigma,

@@ -131,7 +131,20 @@ def denoise_section(config: Config) -> dict[str, Any]:
     section = {"denoise": result_view(config.denoise) | {"noise": config.denoise_noise}, "modality": config.modality}
     if config.denoise.datalist:
         section["datalist_files"] = _files_signature(config.denoise.datalist)
+    if "self_supervised" in config.denoise.methods:
+        # each noisy case fits its own prior with these sections (and the data section's crops)
+        section["self_supervised_recipe"] = {
+            "data": result_view(config.data),
+            "model": result_view(config.model),
+            "diffusion": result_view(config.diffusion),
+            "train": result_view(config.train),
+        }
     return section
+
+
+def denoise_inputs(config: Config) -> tuple[str, ...]:
+    """denoise reads the trained model only when the clean-trained prior is among its methods."""
+    return ("prepare", "train") if "diffusion" in config.denoise.methods else ("prepare",)
 
 
 # For each registered stage: (the config it reads -> its cache-key part, the upstream stages it reads).
@@ -150,7 +163,7 @@ READS: dict[str, tuple[Callable[[Config], dict[str, Any]], tuple[str, ...] | Cal
         ("prepare", "train"),
     ),
     "sample": (sample_section, model_inputs),
-    "denoise": (denoise_section, ("prepare", "train")),
+    "denoise": (denoise_section, denoise_inputs),
     "evaluate": (evaluate_section, evaluate_inputs),
     "augment": (augment_section, model_inputs),
     "utility": (lambda c: {"utility": result_view(c.utility)}, ("prepare", "augment")),

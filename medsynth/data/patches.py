@@ -105,7 +105,7 @@ class PatchSet:
                         f"{'x'.join(map(str, self.size))} patch (data.image_size); use smaller patches"
                     )
             self.rois.append(rois)
-            fg, bg = map_binary_to_indices(np.asarray(mask, dtype=bool))
+            fg, bg = map_binary_to_indices(np.asarray(mask, dtype=bool)[None])  # MONAI: channel-first labels
             self.indices.append((np.asarray(fg), np.asarray(bg)))
 
     def __len__(self) -> int:
