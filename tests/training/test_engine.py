@@ -17,6 +17,7 @@ from conftest import TINY, Interrupt, deep_update
 from torch import nn
 
 from medsynth.config import Config
+from medsynth.data.patches import PatchSet
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import file_digest
 from medsynth.io.state import load_state
@@ -86,6 +87,7 @@ def base(tmp_path_factory: pytest.TempPathFactory):
 SMALL = {f"{kind}{'_3d' if dims == 3 else ''}": (kind, dims) for kind in small.KINDS for dims in (2, 3)}
 FORMATS = {
     "diffusion": "medsynth-checkpoint",
+    "diffusion_patches": "medsynth-checkpoint",
     "autoencoder": "medsynth-autoencoder-checkpoint",
     "autoencoder_patches": "medsynth-autoencoder-checkpoint",
     "controlnet": "medsynth-controlnet-checkpoint",
@@ -109,6 +111,10 @@ def run_trainer(kind: str, work: Path, base, *, step_callback=None, **section):
     if kind == "diffusion":
         return trainers.diffusion(
             diffusion_config(**section), images(), images(4, seed=1), work, step_callback=step_callback
+        )
+    if kind == "diffusion_patches":
+        return trainers.diffusion(
+            diffusion_config(**section), scan_patches(), images(4, seed=1), work, step_callback=step_callback
         )
     if kind.startswith("autoencoder"):
         if kind == "autoencoder_patches":
@@ -147,7 +153,17 @@ def assert_same_state(a, b, path: str = "") -> None:
         assert a == b, path
 
 
-@pytest.mark.parametrize("kind", ["diffusion", "autoencoder", "autoencoder_patches", "controlnet", *SMALL])
+def scan_patches() -> PatchSet:
+    """Three 20x20x6 scans, planar 16x16 crops across all three axes, two per scan (crop draws resume too)."""
+    rng = np.random.default_rng(3)
+    volumes = [rng.uniform(-1, 1, (1, 20, 20, 16)).astype(np.float32) for _ in range(3)]
+    masks = [v[0] > 0 for v in volumes]
+    return PatchSet(volumes, masks, [16, 16], per_scan=2, foreground=0.7, axes=(0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "kind", ["diffusion", "diffusion_patches", "autoencoder", "autoencoder_patches", "controlnet", *SMALL]
+)
 @pytest.mark.parametrize("interrupt_at", [3, 4])
 def test_every_trainer_resumes_to_the_weights_of_an_uninterrupted_run(
     tmp_path: Path, base, kind: str, interrupt_at: int
@@ -167,7 +183,9 @@ def test_every_trainer_resumes_to_the_weights_of_an_uninterrupted_run(
             k: v for k, v in y.items() if "images_per_s" not in k
         }
     if kind not in SMALL:  # the small trainers write no model file: their network is the checkpoint's group
-        file = {"diffusion": "model.pt", "controlnet": "controlnet.pt"}.get(kind, "autoencoder.pt")
+        file = {"diffusion": "model.pt", "diffusion_patches": "model.pt", "controlnet": "controlnet.pt"}.get(
+            kind, "autoencoder.pt"
+        )
         ma, mb = (torch.load(r.model_path.parent / file, weights_only=True)["state_dict"] for r in (straight, resumed))
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
