@@ -200,6 +200,9 @@ class PatchConfig(StrictModel):
     cached: int = Field(
         16, ge=1, description="Fixed crops per scan written to the cache (validation loss, previews, evaluation)"
     )
+    flips: bool = Field(
+        True, description="Flip each training crop along each axis at random (more anatomy from few scans)"
+    )
 
 
 class DataConfig(StrictModel):

@@ -166,7 +166,8 @@ def self_supervised_path(
 
     scan = read_scan(input_path)
     output = check_output(scan, output, overwrite=overwrite)
-    modality = modality or scan.volume.modality
+    given_prior = load_trained_model(checkpoint, device) if checkpoint is not None else None
+    modality = modality or scan.volume.modality or (given_prior.modality if given_prior is not None else None)
     if modality is None:
         raise MedsynthError(f"{scan.path}: the modality is unknown; pass --modality mr or --modality ct")
     if scan.volume.modality and modality != scan.volume.modality:
@@ -185,7 +186,8 @@ def self_supervised_path(
             raise MedsynthError(
                 "give either --checkpoint (a fitted prior) or --train-folder (scans to fit on), not both"
             )
-        trained = load_trained_model(checkpoint, device)
+        trained = given_prior
+        assert trained is not None
         if not trained.data.get("self_supervised"):
             raise MedsynthError(
                 f"{checkpoint}: a prior trained on clean scans; --self-supervised needs a prior fitted on noisy "

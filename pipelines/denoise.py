@@ -73,7 +73,7 @@ def preflight(config: Config) -> None:
 def run(ctx: StageContext) -> dict[str, Any]:
     config, work, cfg = ctx.config, ctx.work, ctx.config.denoise
     prepare_dir = ctx.inputs["prepare"]
-    missing = [m for m in cfg.methods if m != "diffusion" and m not in available_methods()]
+    missing = [m for m in cfg.methods if m not in ("diffusion", "self_supervised") and m not in available_methods()]
     if missing:
         raise MedsynthError(
             f"{ctx.config_path}: key 'denoise.methods': {', '.join(missing)} not installed "

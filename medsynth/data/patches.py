@@ -59,6 +59,7 @@ class PatchSet:
         foreground: share of crops centred on a foreground voxel.
         axes: for a 2D network on 3D scans, the axes a crop may lie across (one slice thick).
         names: how errors name the scans (never a path from the user's data).
+        flips: flip each crop along each axis with probability 1/2 (augmentation).
 
     Raises:
         MedsynthError: a scan smaller than the crop, or of another channel count / dimension.
@@ -74,6 +75,7 @@ class PatchSet:
         foreground: float = 0.9,
         axes: Sequence[int] = (2,),
         names: Sequence[str] | None = None,
+        flips: bool = False,
     ) -> None:
         if not volumes:
             raise MedsynthError("no scans to crop patches from")
@@ -82,6 +84,8 @@ class PatchSet:
         self.spatial_dims = len(self.size)
         self.per_index = int(per_scan)
         self.foreground = float(foreground)
+        self.flips = bool(flips)
+        self.axes = [int(a) for a in axes]
         self.volumes = [np.ascontiguousarray(v, dtype=np.float32) for v in volumes]
         self.channels = int(self.volumes[0].shape[0])
         self.item_shape = list(self.size)
@@ -112,7 +116,9 @@ class PatchSet:
         return len(self.volumes)
 
     def describe(self) -> list:
-        return [self.channels, *self.size, {"scans": [list(v.shape[1:]) for v in self.volumes]}]
+        """What a resumed run must match: crop size and sampling, and the scans' shapes."""
+        sampling = {"per_scan": self.per_index, "foreground": self.foreground, "flips": self.flips, "axes": self.axes}
+        return [self.channels, *self.size, {"scans": [list(v.shape[1:]) for v in self.volumes], **sampling}]
 
     def _crop(self, scan: int, rng: np.random.RandomState) -> np.ndarray:
         volume, rois = self.volumes[scan], self.rois[scan]
@@ -126,7 +132,11 @@ class PatchSet:
         # MONAI SpatialCrop's convention: the window starts size // 2 before the centre
         window = tuple(slice(int(c) - r // 2, int(c) - r // 2 + r) for c, r in zip(centre, roi))
         crop = volume[(slice(None), *window)]
-        return crop[(slice(None), *(0 if a == axis else slice(None) for a in range(crop.ndim - 1)))]
+        crop = crop[(slice(None), *(0 if a == axis else slice(None) for a in range(crop.ndim - 1)))]
+        if self.flips:  # a random flip along each axis: more anatomy from few scans (noise is isotropic)
+            flipped = [a + 1 for a in range(crop.ndim - 1) if rng.rand() < 0.5]
+            crop = np.flip(crop, axis=flipped) if flipped else crop
+        return np.ascontiguousarray(crop)
 
     def take(self, index: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """``per_scan`` crops of each scan in ``index``, scan by scan: ``(len(index) * per_scan, C, *size)``."""

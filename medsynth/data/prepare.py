@@ -196,6 +196,7 @@ class PreparedVolumes:
             per_scan=patches.per_scan,
             foreground=patches.foreground,
             axes=plane_axes(patches.axes, data.slice_axis),
+            flips=patches.flips,
             names=[row["case_id"] for row in self.rows],
         )
 

@@ -191,7 +191,10 @@ def noisy_prior_denoise(
     ``(D - z) / s^2``; with ``s = alpha sigma``: ``E[x | z] = ((1 + alpha^2) D - z) / alpha^2``, the
     Noisier2Noise estimate (Moran et al., CVPR 2020; the relation Daras et al. 2024, "Consistent
     diffusion meets Tweedie", use to train on noisy data). Each draw of ``n'`` is one such estimate; the
-    mean over ``draws`` lowers the variance the extra noise brings (about ``1 / alpha^2`` of it per draw).
+    mean over ``draws`` lowers the variance the extra noise brings. Each draw is a posterior mean given the
+    *noisier* ``z`` (noise ``sigma sqrt(1 + alpha^2)``), so the average shrinks a little more than ``E[x | y]``
+    would (for Gaussian data by ``(a^2 + sigma^2) / (a^2 + sigma^2 (1 + alpha^2))``; tests): small ``alpha``
+    keeps contrast, large ``alpha`` lowers the variance.
 
     Args:
         network: the network trained on noisy scans, ``scheduler`` its training scheduler.

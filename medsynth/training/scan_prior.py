@@ -67,6 +67,7 @@ def fit_scan_prior(
         per_scan=data.patches.per_scan,
         foreground=data.patches.foreground,
         axes=plane_axes(data.patches.axes, data.slice_axis),
+        flips=data.patches.flips,
         names=[f"scan {i}" for i in range(len(volumes))],
     )
     # the validation loss watches fixed crops of the same scans (there is no held-out scan here)

@@ -103,7 +103,6 @@ class DiffusionTrainer(Trainer):
         device = self.device = run.dist.device
         source = train_images if isinstance(train_images, PatchSet) else ImageSet(resident_data(train_images, device))
         self.source = source
-        patches = isinstance(source, PatchSet)
         self.items_per_index = source.per_index
         spatial_dims = self.spatial_dims = source.spatial_dims
         self.amp_dtype = autocast_dtype(train.precision, device)
@@ -118,7 +117,6 @@ class DiffusionTrainer(Trainer):
             "seed": run.seed,
             "dataset_size": len(source),
             "data_shape": source.describe(),
-            **({"patches": {"per_scan": source.per_index, "foreground": source.foreground}} if patches else {}),
             **({"extra": identity_extra} if identity_extra else {}),
         }
         self.dataset_size = len(source)
