@@ -66,7 +66,7 @@ def test_building_a_schedule_checks_through_the_registry() -> None:
 
 
 def test_every_denoise_method_and_prior_mode_once() -> None:
-    assert DENOISE_METHOD_NAMES == ("diffusion", "nlm", "tv", "wavelet", "bm3d")
+    assert DENOISE_METHOD_NAMES == ("diffusion", "self_supervised", "nlm", "tv", "wavelet", "bm3d")
     for name, method in DENOISE_METHODS.items():
         assert method.name == name and method.description and callable(method.load())
     assert DENOISE_METHODS["bm3d"].extra == "medsynth[bm3d]"
