@@ -426,23 +426,15 @@ def denoise_scan(
         raise MedsynthError(f"--sigma must be 'auto' or a number >= 0, got {sigma}")
     given = sigma is not None
     sigma = float(sigma) if given else estimate_noise(image, modality)
-    if spec.family == "self_supervised":
+    if spec.family in ("self_supervised", "prior"):
         if trained is None:
-            raise MedsynthError("self-supervised denoising needs a prior fitted on noisy scans first")
-        result = _self_supervised(
-            image,
-            np.asarray(affine, dtype=np.float64),
-            sigma,
-            modality,
-            trained,
-            settings or PriorSettings(),
-            torch.device(device),
-            progress,
-        )
-    elif spec.family == "prior":
-        if trained is None:
-            raise MedsynthError("the diffusion method needs a model: --checkpoint PATH or --model-uri URI")
-        result = _diffusion(
+            raise MedsynthError(
+                "self-supervised denoising needs a prior fitted on noisy scans first"
+                if spec.family == "self_supervised"
+                else "the diffusion method needs a model: --checkpoint PATH or --model-uri URI"
+            )
+        run_prior = _self_supervised if spec.family == "self_supervised" else _diffusion
+        result = run_prior(
             image,
             np.asarray(affine, dtype=np.float64),
             sigma,

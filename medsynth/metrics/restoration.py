@@ -28,12 +28,11 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 
-from medsynth.data.transforms import foreground_mask
+from medsynth.data.transforms import scan_foreground
 
 SSIM_KERNEL = 7  # window side; 7 rather than Wang et al.'s 11 so 32-64 px images keep a useful valid region
 SSIM_KERNEL_SIGMA = 1.5  # Gaussian window (Wang et al. 2004)
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-CT_BODY_HU = -500.0  # between air (-1000) and fat (-100): everything inside the body
 
 
 def ssim_kernel(shape: tuple[int, ...]) -> int:
@@ -62,12 +61,7 @@ def restoration_settings(shape: tuple[int, ...], data_range: float) -> dict[str,
 def foreground(reference: np.ndarray, modality: str) -> np.ndarray:
     """Where to measure: the head/body. MR: :func:`~medsynth.data.transforms.foreground_mask` (above
     10 % of the 99th percentile); CT: voxels above ``CT_BODY_HU`` (-500 HU)."""
-    reference = np.asarray(reference)
-    if modality == "mr":
-        return np.asarray(foreground_mask(reference), dtype=bool)
-    if modality == "ct":
-        return reference > CT_BODY_HU
-    raise ValueError(f"modality must be 'mr' or 'ct', got {modality!r}")
+    return scan_foreground(reference, modality)
 
 
 def _tensor(array: np.ndarray, spatial_dims: int) -> torch.Tensor:
