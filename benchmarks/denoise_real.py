@@ -17,6 +17,8 @@ data range = the foreground's 99.5th percentile. Methods:
 - ``prior``: ``configs/denoise_mri_native.yaml``'s recipe (or ``--config``) trained on the training part
   (clean) with :func:`medsynth.training.scan_prior.fit_scan_prior`, then the same code path as
   ``medsynth denoise --checkpoint`` (:func:`medsynth.denoise.scan.denoise_scan`);
+- ``prior_ensemble``: the same prior with ``--ensemble`` (mirror images and, for priors trained on turned
+  crops, 90-degree turns averaged);
 - ``self_supervised``: ``medsynth denoise --self-supervised``'s path on the noisy test part alone
   (:func:`medsynth.denoise.self_supervised.self_supervised_denoise`), one fit per level;
 - ``bm3d`` and ``nlm`` (+ Rician bias correction), ``noisy``.
@@ -92,6 +94,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ss-steps", type=int, help="training steps of each self-supervised fit (default: its own)")
     parser.add_argument("--methods", nargs="*", default=["prior", "self_supervised", "bm3d", "nlm"])
     parser.add_argument("--mode", default="tweedie", help="diffusion mode of the clean prior")
+    parser.add_argument(
+        "--rician", default="output", choices=["output", "input"], help="where the prior removes the Rician floor"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figure", type=Path)
@@ -109,7 +114,7 @@ def main() -> int:
         timings = {}
         trained = None
         with tempfile.TemporaryDirectory() as work:
-            if "prior" in args.methods:
+            if {"prior", "prior_ensemble"} & set(args.methods):
                 started = time.perf_counter()
                 intensities = [intensity_for(a, config.data, "mr") for a, _ in data["train"]]
                 fit = fit_scan_prior(data["train"], intensities, config, Path(work), modality="mr", progress=name)
@@ -123,14 +128,10 @@ def main() -> int:
                 estimates = {"noisy": noisy}
                 for method in args.methods:
                     started = time.perf_counter()
-                    if method == "prior":
+                    if method in ("prior", "prior_ensemble"):
+                        settings = PriorSettings(mode=args.mode, rician=args.rician, ensemble=method != "prior")
                         estimates[method] = denoise_scan(
-                            noisy,
-                            affine,
-                            method="diffusion",
-                            modality="mr",
-                            trained=trained,
-                            settings=PriorSettings(mode=args.mode),
+                            noisy, affine, method="diffusion", modality="mr", trained=trained, settings=settings
                         ).image
                     elif method == "self_supervised":
                         from medsynth.denoise.self_supervised import self_supervised_denoise
@@ -173,7 +174,7 @@ def figure(pictures: dict[str, np.ndarray], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("noisy", "bm3d", "prior", "self_supervised", "clean") if n in pictures]
+    names = [n for n in ("noisy", "bm3d", "prior", "prior_ensemble", "self_supervised", "clean") if n in pictures]
     clean = pictures["clean"]
     top = float(np.percentile(clean[foreground_mask(clean)], 99.5))
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.2))

@@ -203,6 +203,11 @@ class PatchConfig(StrictModel):
     flips: bool = Field(
         True, description="Flip each training crop along each axis at random (more anatomy from few scans)"
     )
+    rotations: bool = Field(
+        False,
+        description="Also turn training crops by 90 degrees at random in the plane of their first two axes "
+        "(square crops; with flips: all eight turns and mirror images). Only where that plane's voxels are square",
+    )
 
 
 class DataConfig(StrictModel):
@@ -638,6 +643,11 @@ class DenoiseConfig(StrictModel):
         1.0, gt=0.0, le=4.0, description="self_supervised: noise added to the scan, as a multiple of its own noise"
     )
     draws: int = Field(8, ge=1, description="self_supervised: Noisier2Noise estimates averaged per scan")
+    ensemble: bool = Field(
+        False,
+        description="diffusion / self_supervised: average every network evaluation over the image's mirror images "
+        "(and 90-degree turns for priors trained with data.patches.rotations): 4-8x the time",
+    )
     sigma: Literal["auto", "oracle"] | float = Field(
         "auto",
         description="Noise level given to every method: auto = estimated from each image; "

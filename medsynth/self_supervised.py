@@ -84,6 +84,7 @@ def self_supervised_denoise(
     alpha: float = 1.0,
     draws: int = 8,
     seed: int = 0,
+    ensemble: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> tuple[Denoised, TrainedModel]:
@@ -97,7 +98,7 @@ def self_supervised_denoise(
         modality=modality,
         sigma=sigma,
         trained=trained,
-        settings=PriorSettings(alpha=alpha, draws=draws, seed=seed),
+        settings=PriorSettings(alpha=alpha, draws=draws, seed=seed, ensemble=ensemble),
         device=device,
         progress=progress,
     )
@@ -144,6 +145,7 @@ def self_supervised_path(
     alpha: float = 1.0,
     draws: int = 8,
     seed: int = 0,
+    ensemble: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
@@ -217,7 +219,7 @@ def self_supervised_path(
         modality=modality,
         sigma=sigma,
         trained=trained,
-        settings=PriorSettings(alpha=alpha, draws=draws, seed=seed),
+        settings=PriorSettings(alpha=alpha, draws=draws, seed=seed, ensemble=ensemble),
         device=device,
         progress=progress,
     )

@@ -94,6 +94,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         seed=cfg.seed,
         overlap=cfg.overlap,
         sw_batch_size=cfg.sw_batch_size,
+        ensemble=cfg.ensemble,
     )
 
     def denoise_case(k: int) -> dict[str, Any]:
@@ -186,6 +187,7 @@ def _self_supervised(ctx: StageContext, noisy: np.ndarray, affine: np.ndarray, s
         alpha=cfg.alpha,
         draws=cfg.draws,
         seed=cfg.seed,
+        ensemble=cfg.ensemble,
         device=ctx.dist.device,
     )
     return result

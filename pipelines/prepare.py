@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medsynth.config import to_plain
+from medsynth.config import Config, to_plain
 from medsynth.data.phantoms import BRAIN_LABELS, CT_LABELS
 from medsynth.data.prepare import (
     Prepared,
     PreparedVolumes,
+    check_folder_patches,
     datalist,
     fixed_patches,
     folder_cases,
@@ -42,6 +43,11 @@ def _subset(prepared: Prepared, case_ids: set[str]) -> Prepared:
             out.classes.append(prepared.classes[k])
             out.rows.append(row)
     return out
+
+
+def preflight(config: Config) -> None:
+    """Checked before the pipeline starts: with ``data.patches``, every scan of the folder reads and holds the patch."""
+    check_folder_patches(config.data)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class PatchSet:
         axes: for a 2D network on 3D scans, the axes a crop may lie across (one slice thick).
         names: how errors name the scans (never a path from the user's data).
         flips: flip each crop along each axis with probability 1/2 (augmentation).
+        rotations: also swap the crop's first two axes with probability 1/2 when they are the same size;
+            with ``flips`` the crops then take all eight 90-degree turns and mirror images of that plane.
 
     Raises:
         MedsynthError: a scan smaller than the crop, or of another channel count / dimension.
@@ -76,6 +78,7 @@ class PatchSet:
         axes: Sequence[int] = (2,),
         names: Sequence[str] | None = None,
         flips: bool = False,
+        rotations: bool = False,
     ) -> None:
         if not volumes:
             raise MedsynthError("no scans to crop patches from")
@@ -85,6 +88,7 @@ class PatchSet:
         self.per_index = int(per_scan)
         self.foreground = float(foreground)
         self.flips = bool(flips)
+        self.rotations = bool(rotations) and len(self.size) >= 2 and self.size[0] == self.size[1]
         self.axes = [int(a) for a in axes]
         self.volumes = [np.ascontiguousarray(v, dtype=np.float32) for v in volumes]
         self.channels = int(self.volumes[0].shape[0])
@@ -98,17 +102,7 @@ class PatchSet:
                     f"{name}: shape {list(volume.shape)} does not fit {self.spatial_dims}D crops of "
                     f"{self.channels} channel(s)"
                 )
-            if len(spatial) == self.spatial_dims:
-                rois = [(-1, list(self.size))]
-            else:  # planar crops of a 3D scan: one slice thick across each allowed axis
-                rois = [(a, self.size[:a] + [1] + self.size[a:]) for a in axes]
-            for _, roi in rois:
-                if any(r > s for r, s in zip(roi, spatial)):
-                    raise MedsynthError(
-                        f"{name}: the scan ({'x'.join(map(str, spatial))} voxels) is smaller than the "
-                        f"{'x'.join(map(str, self.size))} patch (data.image_size); use smaller patches"
-                    )
-            self.rois.append(rois)
+            self.rois.append(crop_rois(self.size, spatial, self.axes, name))
             fg, bg = map_binary_to_indices(np.asarray(mask, dtype=bool)[None])  # MONAI: channel-first labels
             self.indices.append((np.asarray(fg), np.asarray(bg)))
 
@@ -118,6 +112,8 @@ class PatchSet:
     def describe(self) -> list:
         """What a resumed run must match: crop size and sampling, and the scans' shapes."""
         sampling = {"per_scan": self.per_index, "foreground": self.foreground, "flips": self.flips, "axes": self.axes}
+        if self.rotations:  # only when on, so that runs from before the option resume
+            sampling["rotations"] = True
         return [self.channels, *self.size, {"scans": [list(v.shape[1:]) for v in self.volumes], **sampling}]
 
     def _crop(self, scan: int, rng: np.random.RandomState) -> np.ndarray:
@@ -136,6 +132,8 @@ class PatchSet:
         if self.flips:  # a random flip along each axis: more anatomy from few scans (noise is isotropic)
             flipped = [a + 1 for a in range(crop.ndim - 1) if rng.rand() < 0.5]
             crop = np.flip(crop, axis=flipped) if flipped else crop
+        if self.rotations and rng.rand() < 0.5:  # with the flips: every 90-degree turn of the crop's plane
+            crop = np.swapaxes(crop, 1, 2)
         return np.ascontiguousarray(crop)
 
     def take(self, index: np.ndarray, generator: torch.Generator) -> torch.Tensor:
@@ -150,6 +148,29 @@ class PatchSet:
         """``per_scan`` reproducible crops of every scan, scan by scan (validation, previews, the cache)."""
         rng = np.random.RandomState(seed)
         return np.stack([self._crop(scan, rng) for scan in range(len(self)) for _ in range(per_scan)])
+
+
+def crop_rois(
+    size: Sequence[int], spatial: Sequence[int], axes: Sequence[int], name: str
+) -> list[tuple[int, list[int]]]:
+    """The crops a scan of ``spatial`` shape gives: ``(axis, roi)``, axis -1 for a crop of the scan's own
+    dimension, else the axis a one-slice-thick planar crop lies across.
+
+    Raises:
+        MedsynthError: the scan is smaller than the crop (named ``name``).
+    """
+    size, spatial = [int(s) for s in size], [int(s) for s in spatial]
+    if len(spatial) == len(size):
+        rois = [(-1, list(size))]
+    else:  # planar crops of a 3D scan: one slice thick across each allowed axis
+        rois = [(int(a), size[:a] + [1] + size[a:]) for a in axes]
+    for _, roi in rois:
+        if any(r > s for r, s in zip(roi, spatial)):
+            raise MedsynthError(
+                f"{name}: the scan ({'x'.join(map(str, spatial))} voxels) is smaller than the "
+                f"{'x'.join(map(str, size))} patch (data.image_size); use smaller patches"
+            )
+    return rois
 
 
 def plane_axes(axes: str, slice_axis: int) -> tuple[int, ...]:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from medsynth.config import DataConfig
-from medsynth.data.patches import PatchSet, plane_axes
+from medsynth.data.patches import PatchSet, crop_rois, plane_axes
 from medsynth.data.phantoms import PHANTOM_AXIS_SIGNS, generate_phantom
-from medsynth.data.transforms import Intensity, intensity_for, model_inputs, model_volume
+from medsynth.data.transforms import Intensity, intensity_for, model_inputs, model_volume, planned_shape
 from medsynth.errors import MedsynthError
 from medsynth.io.atomic import atomic_write_json
 from medsynth.io.nifti import spacing_affine, write_nifti
@@ -141,6 +141,24 @@ def folder_cases(data: DataConfig, out_dir: Path, progress: Progress = None) -> 
     return cases, volumes, modality
 
 
+def check_folder_patches(data: DataConfig) -> None:
+    """Before any run starts: every scan under ``data.folder`` reads, and is no smaller than the patch
+    (``data.image_size``) at the spacing it will be cropped at.
+
+    Raises:
+        MedsynthError: an unreadable scan, or one smaller than the patch (named by file).
+    """
+    if data.source != "folder" or data.patches is None:
+        return
+    axes = plane_axes(data.patches.axes, data.slice_axis)
+    for kind, path in find_images(Path(data.folder)):  # type: ignore[arg-type]
+        for volume in read_any(kind, path):
+            spatial = planned_shape(volume.array.shape, volume.affine, data)
+            if data.spatial_dims == 3 and len(spatial) != 3:
+                raise MedsynthError(f"{volume.source}: expected a 3D volume for spatial_dims 3, got shape {spatial}")
+            crop_rois(data.image_size, spatial, axes, str(volume.source))
+
+
 def split_cases(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of case indices into (train, validation); both non-empty."""
     if count < 2:
@@ -197,6 +215,7 @@ class PreparedVolumes:
             foreground=patches.foreground,
             axes=plane_axes(patches.axes, data.slice_axis),
             flips=patches.flips,
+            rotations=patches.rotations,
             names=[row["case_id"] for row in self.rows],
         )
 

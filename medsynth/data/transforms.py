@@ -93,6 +93,21 @@ def reorient_resample(image: MetaTensor, data: DataConfig, *, label: bool = Fals
     return image
 
 
+def planned_shape(shape: tuple[int, ...], affine: np.ndarray, data: DataConfig) -> list[int]:
+    """The spatial shape :func:`model_volume` gives a scan of ``shape`` and ``affine``, without touching voxels
+    (MONAI's lazy Orientation / Spacing compute the output shape only)."""
+    image = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        image = Orientation(axcodes="RAS"[: len(shape)], lazy=True)(image)
+    if data.pixdim is not None:
+        image = Spacing(pixdim=data.pixdim[: len(shape)], lazy=True)(image)
+    planned = [int(s) for s in image.peek_pending_shape()]
+    if data.spatial_dims == 2 and len(planned) == 3 and planned[2] == 1:
+        planned = planned[:2]
+    return planned
+
+
 def fit_size(image: MetaTensor, size: list[int], data: DataConfig, *, label: bool = False) -> MetaTensor:
     """Resize (area for images, nearest for labels) or pad/crop to the model size."""
     if data.resize_mode == "pad_crop":

@@ -26,6 +26,7 @@ once for the whole image.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,38 @@ def windowed(model: Model, roi_size: Sequence[int], *, overlap: float = 0.5, sw_
     return evaluate
 
 
+def self_ensemble(model: Model, spatial_dims: int, *, turns: bool = False) -> Model:
+    """``f(x, t)`` averaged over the mirror images of ``x`` (each output mirrored back): 4 in 2D, 8 in 3D.
+
+    The geometric self-ensemble of image restoration (Timofte et al., CVPR 2016; Lim et al., EDSR 2017):
+    a network trained on flipped crops is nearly equivariant to flips, and the mean over the flipped
+    inputs averages out the part that is not. With ``turns`` (a network trained on crops turned by 90
+    degrees too) the first two axes are also swapped, doubling the transforms (all 8 of the 2D plane).
+    The network's output is linear in its x0 estimate, so averaging outputs averages x0 estimates.
+    """
+    axes = list(range(2, 2 + spatial_dims))
+    transforms = [
+        ([a for a, on in zip(axes, mask) if on], swap)
+        for mask in itertools.product((False, True), repeat=spatial_dims)
+        for swap in ((False, True) if turns else (False,))
+    ]
+
+    def evaluate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        total = None
+        for flip, swap in transforms:
+            z = x.flip(flip) if flip else x
+            z = z.transpose(2, 3) if swap else z
+            out = model(z, t)
+            out = out.transpose(2, 3) if swap else out
+            out = out.flip(flip) if flip else out
+            total = out if total is None else total + out
+        assert total is not None
+        return total / len(transforms)
+
+    evaluate.transforms = len(transforms)  # type: ignore[attr-defined]
+    return evaluate
+
+
 def _reverse_timesteps(start: int, steps: int) -> list[int]:
     """``steps + 1`` timesteps from ``start`` down to 0, evenly spaced and strictly decreasing."""
     points = torch.linspace(float(start), 0.0, min(steps, start) + 1).round().long().tolist()
@@ -98,6 +131,8 @@ def prior_denoise(
     overlap: float = 0.5,
     sw_batch_size: int = 8,
     null_class: int | None = None,
+    ensemble: bool = False,
+    turns: bool = False,
     callback: Callback = None,
 ) -> PriorResult:
     """Denoise normalised images ``y`` (``(B, C, *spatial)``, clean range [-1, 1]) with noise std ``sigma``.
@@ -116,6 +151,9 @@ def prior_denoise(
         sw_batch_size: windows per network call.
         null_class: for a class-conditional network, its "no class" label: it denoises as its
             unconditional self.
+        ensemble: every network evaluation averaged over the image's mirror images
+            (:func:`self_ensemble`; 4x / 8x the evaluations in 2D / 3D, twice that with ``turns``).
+        turns: with ``ensemble``, also the 90-degree turns (for networks trained on turned crops).
         callback: ``callback(done, total)`` after each network evaluation over the whole batch.
 
     Raises:
@@ -132,6 +170,8 @@ def prior_denoise(
     match = match_timestep(sigma, scheduler)
     unconditional = guided(network, class_labels=None, null_class=null_class)
     model = windowed(unconditional, roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
+    if ensemble:
+        model = self_ensemble(model, y.ndim - 2, turns=turns)
     denoiser = Denoiser(model, scheduler, clip=True)
     sampler = PRIOR_MODES[mode].load()
     times = [match.timestep] if sampler is None else _reverse_timesteps(match.timestep, steps)
@@ -181,6 +221,8 @@ def noisy_prior_denoise(
     seed: int = 0,
     overlap: float = 0.5,
     sw_batch_size: int = 8,
+    ensemble: bool = False,
+    turns: bool = False,
     callback: Callback = None,
 ) -> PriorResult:
     """Denoise ``y`` with a prior trained on *noisy* scans like it (no clean image anywhere).
@@ -206,6 +248,8 @@ def noisy_prior_denoise(
         seed: seeds the added noise.
         overlap: sliding-window overlap.
         sw_batch_size: windows per network call.
+        ensemble: each evaluation averaged over the mirror images (:func:`self_ensemble`).
+        turns: with ``ensemble``, also the 90-degree turns.
         callback: ``callback(done, total)`` after each network evaluation over the whole batch.
 
     Raises:
@@ -219,6 +263,8 @@ def noisy_prior_denoise(
     model = windowed(
         guided(network, class_labels=None, null_class=None), roi_size, overlap=overlap, sw_batch_size=sw_batch_size
     )
+    if ensemble:
+        model = self_ensemble(model, y.ndim - 2, turns=turns)
     denoiser = Denoiser(model, scheduler, clip=False)
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     estimates = []

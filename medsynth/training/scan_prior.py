@@ -68,6 +68,7 @@ def fit_scan_prior(
         foreground=data.patches.foreground,
         axes=plane_axes(data.patches.axes, data.slice_axis),
         flips=data.patches.flips,
+        rotations=data.patches.rotations,
         names=[f"scan {i}" for i in range(len(volumes))],
     )
     # the validation loss watches fixed crops of the same scans (there is no held-out scan here)

@@ -90,3 +90,27 @@ def test_image_set_takes_whole_images_by_index() -> None:
     images = torch.arange(5 * 16, dtype=torch.float32).reshape(5, 1, 4, 4)
     chosen = ImageSet(images).take(np.array([3, 1]), generator(0))
     assert torch.equal(chosen, images[[3, 1]])
+
+
+def test_flips_and_turns_give_all_eight_orientations_of_a_square_crop() -> None:
+    """With flips and rotations a 2D crop comes in each of the 8 orientations of its plane (told apart by the
+    steps between neighbours); flips alone give 4 and keep the rows and columns where they were."""
+    volume, mask = scan((40, 36))
+
+    def orientations(**augment: bool) -> set[tuple[int, int]]:
+        crops = PatchSet([volume], [mask], [8, 8], per_scan=200, **augment).take(np.array([0]), generator(4)).numpy()
+        return {(int(c[0, 0, 1] - c[0, 0, 0]), int(c[0, 1, 0] - c[0, 0, 0])) for c in crops}
+
+    assert orientations(flips=True) == {(1, 36), (-1, 36), (1, -36), (-1, -36)}
+    turned = orientations(flips=True, rotations=True)
+    assert len(turned) == 8 and {(36, 1), (-36, -1)} <= turned
+    assert orientations(rotations=True) == {(1, 36), (36, 1)}
+    # non-square crops are never turned (the network's input shape is fixed)
+    assert PatchSet([volume], [mask], [8, 12], rotations=True).rotations is False
+
+
+def test_rotations_enter_the_resume_identity_only_when_on() -> None:
+    volume, mask = scan((40, 36))
+    plain = PatchSet([volume], [mask], [8, 8], flips=True).describe()
+    assert "rotations" not in plain[-1]
+    assert PatchSet([volume], [mask], [8, 8], flips=True, rotations=True).describe()[-1]["rotations"] is True

@@ -14,7 +14,7 @@ from exact_models import DATA_STD, SHAPES, ExactGaussianModel
 
 from medsynth.config import DiffusionConfig
 from medsynth.denoise.matching import match_timestep
-from medsynth.denoise.prior import _reverse_timesteps, prior_denoise
+from medsynth.denoise.prior import _reverse_timesteps, prior_denoise, self_ensemble
 from medsynth.diffusion.denoiser import timestep_sigmas
 from medsynth.diffusion.schedulers import build_train_scheduler
 
@@ -162,6 +162,40 @@ def test_windowed_pointwise_model_equals_the_whole_image():
     whole = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], mode="ddim", steps=4)
     windows = prior_denoise(model, scheduler, y, sigma, roi_size=(16, 16, 16), mode="ddim", steps=4, overlap=0.5)
     torch.testing.assert_close(windows.mean, whole.mean, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims, turns, count", [(2, False, 4), (2, True, 8), (3, False, 8)])
+def test_self_ensemble_averages_the_mirror_images(spatial_dims, turns, count):
+    """A flip-equivariant network is its own ensemble; any other becomes the mean over the mirror images
+    (here a network that returns a fixed pattern: the ensemble returns that pattern symmetrised)."""
+    shape = (2, 1, *([6] * spatial_dims))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    t = torch.zeros(2, dtype=torch.long)
+    pointwise = self_ensemble(lambda z, _t: z**3, spatial_dims, turns=turns)
+    torch.testing.assert_close(pointwise(x, t), x**3)
+    pattern = torch.arange(float(6**spatial_dims)).reshape(1, 1, *([6] * spatial_dims))
+    fixed = self_ensemble(lambda z, _t: pattern.expand_as(z), spatial_dims, turns=turns)
+    axes = list(range(2, 2 + spatial_dims))
+    images = [
+        pattern.flip([a for a, on in zip(axes, mask) if on])
+        for mask in torch.cartesian_prod(*[torch.tensor([False, True])] * spatial_dims)
+        .reshape(-1, spatial_dims)
+        .tolist()
+    ]
+    if turns:
+        images += [i.transpose(2, 3) for i in images]
+    torch.testing.assert_close(fixed(x, t), torch.stack(images).mean(0).expand_as(x))
+    assert pointwise.transforms == count
+
+
+def test_ensemble_on_a_symmetric_exact_model_leaves_tweedie_unchanged():
+    shape = (1, 12, 12)
+    model, scheduler = setup("ddpm", "v_prediction", shape)
+    sigma = match_timestep(0.2, scheduler).matched_sigma
+    _, y = noisy_batch(shape, sigma)
+    plain = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:])
+    both = prior_denoise(model, scheduler, y, sigma, roi_size=shape[1:], ensemble=True, turns=True)
+    torch.testing.assert_close(both.mean, plain.mean, atol=1e-5, rtol=1e-4)
 
 
 def test_reverse_timesteps():

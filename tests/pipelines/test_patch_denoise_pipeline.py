@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from medsynth.cli import main
 from medsynth.data.phantoms import generate_phantom
@@ -82,8 +83,12 @@ def test_patch_config_errors_are_one_line(change, expected, write_config, tmp_pa
     folder = volumes(tmp_path / "scans", count=2)
     extra = PATCH | {"data": PATCH["data"] | {"folder": str(folder)} | change.get("data", {})}
     extra |= {k: v for k, v in change.items() if k != "data"}
-    config = write_config(extra)
+    experiment = f"patch-errors-{tmp_path.name}"
+    config = write_config(extra | {"tracking": {"experiment": experiment}})
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    assert not (tmp_path / "out" / "train").exists()
+    assert not (tmp_path / "out" / "train").exists() and not (tmp_path / "out" / "prepare").exists()
+    # refused before any MLflow run: a scan too small for the patch is found by the prepare stage's preflight
+    found = MlflowClient().get_experiment_by_name(experiment)
+    assert found is None or not MlflowClient().search_runs([found.experiment_id])
