@@ -233,10 +233,11 @@ def noisy_prior_denoise(
     ``(D - z) / s^2``; with ``s = alpha sigma``: ``E[x | z] = ((1 + alpha^2) D - z) / alpha^2``, the
     Noisier2Noise estimate (Moran et al., CVPR 2020; the relation Daras et al. 2024, "Consistent
     diffusion meets Tweedie", use to train on noisy data). Each draw of ``n'`` is one such estimate; the
-    mean over ``draws`` lowers the variance the extra noise brings. Each draw is a posterior mean given the
-    *noisier* ``z`` (noise ``sigma sqrt(1 + alpha^2)``), so the average shrinks a little more than ``E[x | y]``
-    would (for Gaussian data by ``(a^2 + sigma^2) / (a^2 + sigma^2 (1 + alpha^2))``; tests): small ``alpha``
-    keeps contrast, large ``alpha`` lowers the variance.
+    draws come in antithetic pairs ``(n', -n')``, whose mean cancels the estimate's part linear in ``n'``
+    (for a linear denoiser, exactly; tests), and the mean over ``draws`` lowers what is left. Each draw is a
+    posterior mean given the *noisier* ``z`` (noise ``sigma sqrt(1 + alpha^2)``), so the average shrinks a
+    little more than ``E[x | y]`` would (for Gaussian data by ``(a^2 + sigma^2) / (a^2 + sigma^2 (1 +
+    alpha^2))``; tests): small ``alpha`` keeps contrast, large ``alpha`` lowers the variance.
 
     Args:
         network: the network trained on noisy scans, ``scheduler`` its training scheduler.
@@ -268,9 +269,13 @@ def noisy_prior_denoise(
     denoiser = Denoiser(model, scheduler, clip=False)
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     estimates = []
+    added = torch.zeros_like(y, dtype=torch.float32)
     for k in range(draws):
-        # 1. a noisier copy of the scan, 2. the noisy-data denoiser, 3. Tweedie for the clean image
-        z = y.float() + s * torch.randn(y.shape, generator=generator, device=y.device)
+        # 1. a noisier copy of the scan: antithetic pairs (n', -n'), so that the part of each estimate that is
+        # linear in the added noise (about -sigma / alpha n' per draw) cancels within a pair instead of
+        # shrinking as 1 / sqrt(draws); 2. the noisy-data denoiser, 3. Tweedie for the clean image
+        added = torch.randn(y.shape, generator=generator, device=y.device) if k % 2 == 0 else -added
+        z = y.float() + s * added
         d = denoiser(z, s)
         estimates.append(((1.0 + a2) * d - z) / a2)
         if callback is not None:
