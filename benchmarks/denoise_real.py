@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -111,12 +112,14 @@ def real_data(name: str) -> dict:
     return {"train": [(volume[..., train], affine)], "test": [(volume[..., test], affine)], "modality": "mr"}
 
 
-def noisy_version(data: dict, level: float, seed: int) -> np.ndarray:
+def noisy_version(data: dict, level: float, seed: int, photons: float = 2.0e5) -> np.ndarray:
     """MR: Rician noise of ``level`` x the clean test part's foreground 99.5th percentile. CT: the whole slice at
     ``level`` of full dose (projection domain, Poisson + electronic noise, FBP), then the test part."""
     clean, _ = data["test"][0]
     if data["modality"] == "ct":
-        whole = low_dose_ct(data["whole"], dose_fraction=level, seed=seed, spacing_mm=data["spacing_mm"])
+        whole = low_dose_ct(
+            data["whole"], dose_fraction=level, seed=seed, spacing_mm=data["spacing_mm"], photons=photons
+        )
         return whole[data["test_region"]]
     sigma = level * float(np.percentile(clean[foreground_mask(clean)], 99.5))
     return rician_noise(clean, sigma, seed=seed)
@@ -173,6 +176,9 @@ def parse() -> argparse.Namespace:
         "--rician", default="output", choices=["output", "input"], help="where the prior removes the Rician floor"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prior", type=Path, help="a folder: the clean prior of each data set kept there as NAME.pt, reused if present"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figure", type=Path)
     return parser.parse_args()
@@ -241,16 +247,22 @@ def main() -> int:
         config = load_config(config_path, overrides + ["data.folder=."])
         trained = None
         with tempfile.TemporaryDirectory() as work:
-            if {"prior", "prior_ensemble"} & set(args.methods):
+            kept = args.prior / f"{name}.pt" if args.prior else None
+            if kept is not None and kept.is_file() and {"prior", "prior_ensemble"} & set(args.methods):
+                trained = load_trained_model(kept)  # the test-time options on the same prior
+            elif {"prior", "prior_ensemble"} & set(args.methods):
                 started = time.perf_counter()
                 intensities = [intensity_for(a, config.data, modality) for a, _ in data["train"]]
                 fit = fit_scan_prior(data["train"], intensities, config, Path(work), modality=modality, progress=name)
                 timings["prior_fit_s"] = time.perf_counter() - started
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(fit.model_path, kept)
                 trained = load_trained_model(fit.model_path)
             rows = {}
             for j, level in enumerate(args.doses if modality == "ct" else args.levels):
                 clean, affine = data["test"][0]
-                noisy = noisy_version(data, level, args.seed + j)
+                noisy = noisy_version(data, level, args.seed + j, config.denoise.photons)
                 estimates = {"noisy": noisy}
                 for method in args.methods:
                     started = time.perf_counter()

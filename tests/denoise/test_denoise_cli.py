@@ -111,6 +111,20 @@ def test_nifti_volume_with_a_2d_model_is_denoised_slice_by_slice(model_2d, tmp_p
     assert nib.load(out).shape == (24, 20, 6)
 
 
+def test_ensemble_averages_the_mirror_images_and_says_so(model_2d, tmp_path, capsys):
+    source, _ = brain_nifti(tmp_path / "scan.nii.gz")
+    plain, mirrored = tmp_path / "plain.nii.gz", tmp_path / "ensemble.nii.gz"
+    assert run_cli(["denoise", source, plain, "--checkpoint", model_2d], capsys)[0] == 0
+    code, _, err = run_cli(["denoise", source, mirrored, "--checkpoint", model_2d, "--ensemble"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "ensemble.json").read_text())["denoise"]
+    # the test model was trained without data.patches.rotations: the 4 mirror images of the plane only
+    assert record["ensemble"] == 4 and record["network_evaluations"] == 4
+    assert json.loads((tmp_path / "plain.json").read_text())["denoise"]["ensemble"] == 1
+    a, b = nib.load(plain).get_fdata(), nib.load(mirrored).get_fdata()
+    assert np.isfinite(b).all() and not np.allclose(a, b)  # an untrained-for-symmetry network is not its own mirror
+
+
 def test_posterior_draws_write_an_uncertainty_map(model_2d, tmp_path, capsys):
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     out = tmp_path / "dn.nii.gz"
