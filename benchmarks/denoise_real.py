@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -294,6 +295,9 @@ def main() -> int:
         if args.out:  # after each data set: a long run keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
+    # the process's peak resident memory (fits and denoising): run one data set / prior per process to compare
+    results["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(f"peak resident memory {results['peak_rss_gib']} GiB", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
