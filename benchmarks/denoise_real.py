@@ -167,7 +167,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ct-config", type=Path, default=ROOT / "configs" / "denoise_ct_native.yaml")
     parser.add_argument("--ss-config", type=Path, help="the self-supervised recipe (default: its own)")
     parser.add_argument("--ss-set", nargs="*", default=[], metavar="key.sub=value", help="overrides of that recipe")
-    parser.add_argument("--alpha", type=float, default=1.0, help="self-supervised: added noise / the scan's")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="self-supervised: added noise / the scan's; several values: each scored on the same fit (method@alpha)",
+    )
+    parser.add_argument("--draws", type=int, default=8, help="self-supervised: estimates averaged")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "denoise_mri_native.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="key.sub=value", help="overrides of the prior recipe")
     parser.add_argument("--steps", type=int, help="training steps of the clean prior (default: the recipe's)")
@@ -205,10 +212,13 @@ def denoised(
         return denoise_scan(
             noisy, affine, method="diffusion", modality=modality, trained=trained, settings=settings
         ).image
-    if method in ("self_supervised", "self_supervised_ensemble"):
+    if method.split("@")[0] in ("self_supervised", "self_supervised_ensemble"):
         if "prior" not in fitted:
             fitted["prior"] = self_supervised(noisy, affine, modality, args)
-        settings = PriorSettings(alpha=args.alpha, seed=args.seed, ensemble=method.endswith("ensemble"))
+        base, _, alpha = method.partition("@")
+        settings = PriorSettings(
+            alpha=float(alpha or args.alpha[0]), draws=args.draws, seed=args.seed, ensemble=base.endswith("ensemble")
+        )
         return denoise_scan(
             noisy, affine, method="self_supervised", modality=modality, trained=fitted["prior"], settings=settings
         ).image
@@ -219,6 +229,11 @@ def denoised(
 
 def main() -> int:
     args = parse()
+    if len(args.alpha) > 1:  # every self-supervised method once per alpha, on the same fit
+        args.methods = [
+            f"{m}@{a:g}" if m.startswith("self_supervised") else m for m in args.methods for a in args.alpha
+        ]
+        args.methods = list(dict.fromkeys(args.methods))
     overrides = list(args.set) + ([f"train.max_steps={args.steps}"] if args.steps else [])
     results: dict = {"config": str(args.config), "overrides": overrides, "levels": args.levels, "data": {}}
     pictures = {}
@@ -247,7 +262,8 @@ def main() -> int:
                     flush=True,
                 )
             if args.figure:
-                best = estimates.get("self_supervised_ensemble", estimates.get("self_supervised", noisy))
+                chosen = [m for m in estimates if m.startswith("self_supervised")]
+                best = estimates[chosen[-1]] if chosen else noisy
                 residual = {"residual": noisy - best}
                 figure(estimates | residual, _named(args.figure, name))
             results["data"][name] = {"no_reference": rows, "seconds": timings}
@@ -328,7 +344,7 @@ def figure(pictures: dict[str, np.ndarray], path: Path, *, ct: bool = False) -> 
         "residual",
         "clean",
     )
-    names = [n for n in order if n in pictures]
+    names = [n for n in order if n in pictures] + [n for n in pictures if "@" in n]
     reference = pictures.get("clean", pictures["noisy"])
     if ct:
         low, top = -100.0, 200.0  # a brain window
