@@ -113,6 +113,14 @@ def test_self_supervised_fits_on_the_scan_writes_the_prior_and_reuses_it(tmp_pat
     code, stdout, err = run_cli(["denoise", noisy, again, "--self-supervised", "--checkpoint", prior], capsys)
     assert code == 0, err
     np.testing.assert_array_equal(read_nifti(again).array, image)  # same prior, same seed: same result
+    mirrored = tmp_path / "out" / "mirrored.nii.gz"
+    code, _, err = run_cli(
+        ["denoise", noisy, mirrored, "--self-supervised", "--checkpoint", prior, "--ensemble"], capsys
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "mirrored.json").read_text())["denoise"]
+    assert record["ensemble"] == 4 and record["network_evaluations"] == record["draws"] * 4  # x 4 mirror images
+    assert not np.allclose(read_nifti(mirrored).array, image)
     # a noisy-data prior in the clean path would hand back the noise: refused
     bad = tmp_path / "out" / "bad.nii.gz"
     code, _, err = run_cli(["denoise", noisy, bad, "--checkpoint", prior, "--modality", "mr"], capsys)
