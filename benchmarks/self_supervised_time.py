@@ -91,6 +91,8 @@ def main() -> int:
                 str(work / "noisy.nii.gz"),
                 str(work / "out.nii.gz"),
                 "--self-supervised",
+                "--modality",
+                "mr",
                 "--config",
                 str(config),
                 "--draws",

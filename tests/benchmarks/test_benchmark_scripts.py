@@ -250,3 +250,53 @@ def test_feature_seed_spread_script(evaluated_runs: tuple[Path, Path], tmp_path:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
     assert len(rows) == 2 and all(len(row.split("|")) == 6 for row in rows), done.stdout
+
+
+TINY_PRIOR = [
+    "data.image_size=[16,16]",
+    "data.patches.per_scan=2",
+    "model.channels=[16,16,16]",
+    "train.batch_size=4",
+    "train.val_images=4",
+]
+
+
+@pytest.mark.slow
+def test_denoise_real_script_scores_real_scans_with_and_without_reference(tmp_path: Path) -> None:
+    """The real-scan benchmark on dipy's T1 slice (both priors, a classical baseline) and the real noisy
+    volume (no reference), with tiny fits: it writes the scores it prints and the pictures."""
+    out = tmp_path / "real.json"
+    done = script(
+        "denoise_real.py",
+        "--data",
+        "t1",
+        "piesno",
+        "--levels",
+        "0.1",
+        "--methods",
+        "prior",
+        "self_supervised",
+        "nlm",
+        "--steps",
+        "2",
+        "--ss-steps",
+        "2",
+        "--set",
+        *TINY_PRIOR,
+        "--ss-set",
+        *TINY_PRIOR,
+        "--out",
+        str(out),
+        "--figure",
+        str(tmp_path / "real.png"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    t1 = result["data"]["t1"]["scores"]["0.1"]
+    assert set(t1) == {"noisy", "prior", "self_supervised", "nlm"}
+    assert all(0 < row["psnr_fg"] < 60 and 0 < row["slope_fg"] < 2 for row in t1.values())
+    assert t1["nlm"]["psnr_fg"] > t1["noisy"]["psnr_fg"]  # a real baseline on a real scan gains
+    piesno = result["data"]["piesno"]["no_reference"]["as_acquired"]
+    assert set(piesno) == {"self_supervised", "nlm"} and piesno["nlm"]["sigma_estimated"] > 0
+    assert (tmp_path / "real_t1.png").is_file() and (tmp_path / "real_piesno.png").is_file()
