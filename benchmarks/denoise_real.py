@@ -227,6 +227,18 @@ def denoised(
     return None
 
 
+def run_methods(methods, noisy, affine, modality, trained, args, timings: dict, suffix: str) -> dict:
+    """Every method's estimate of ``noisy`` (unknown names skipped), each timed into ``timings``."""
+    estimates, fitted = {}, {}
+    for method in methods:
+        started = time.perf_counter()
+        estimate = denoised(method, noisy, affine, modality, trained, args, fitted)
+        if estimate is not None:
+            timings[f"{method}{suffix}_s"] = time.perf_counter() - started
+            estimates[method] = estimate
+    return estimates
+
+
 def main() -> int:
     args = parse()
     if len(args.alpha) > 1:  # every self-supervised method once per alpha, on the same fit
@@ -244,15 +256,9 @@ def main() -> int:
         if "noisy" in data:  # a real noisy scan: no reference, no clean-trained prior
             noisy, affine = data["noisy"]
             rows = {"as_acquired": {}}
-            estimates = {"noisy": noisy}
-            fitted: dict = {}
-            for method in [m for m in args.methods if m not in ("prior", "prior_ensemble")]:
-                started = time.perf_counter()
-                estimate = denoised(method, noisy, affine, modality, None, args, fitted)
-                if estimate is None:
-                    continue
-                timings[f"{method}_s"] = time.perf_counter() - started
-                estimates[method] = estimate
+            methods = [m for m in args.methods if m not in ("prior", "prior_ensemble")]
+            estimates = {"noisy": noisy} | run_methods(methods, noisy, affine, modality, None, args, timings, "")
+            for method, estimate in list(estimates.items())[1:]:
                 rows["as_acquired"][method] = r = no_reference(noisy, estimate, modality)
                 print(
                     f"{name} {method:16s} sigma {r['sigma_estimated']:.4g}  residual std/sigma "
@@ -289,14 +295,7 @@ def main() -> int:
                 clean, affine = data["test"][0]
                 noisy = noisy_version(data, level, args.seed + j, config.denoise.photons)
                 estimates = {"noisy": noisy}
-                fitted = {}
-                for method in args.methods:
-                    started = time.perf_counter()
-                    estimate = denoised(method, noisy, affine, modality, trained, args, fitted)
-                    if estimate is None:
-                        continue
-                    timings[f"{method}_{level}_s"] = time.perf_counter() - started
-                    estimates[method] = estimate
+                estimates |= run_methods(args.methods, noisy, affine, modality, trained, args, timings, f"_{level}")
                 rows[str(level)] = {m: scores(e, clean, modality) for m, e in estimates.items()}
                 if j == 0:
                     pictures[name] = {"clean": clean, **estimates}
