@@ -64,7 +64,10 @@ def evaluate_denoising(ctx: StageContext) -> dict[str, Any]:
         data_range = float(clean.max() - clean.min())
         for method in ["noisy", *methods]:
             path = folder / (entry["noisy"] if method == "noisy" else entry["methods"][method]["file"])
-            values = restoration_metrics(read_nifti(path).array, clean, data_range=data_range, mask=mask)
+            estimate = read_nifti(path).array
+            if estimate.shape != clean.shape and estimate.size == clean.size:
+                estimate = estimate.reshape(clean.shape)  # a one-slice scan (X, Y, 1) written as (X, Y)
+            values = restoration_metrics(estimate, clean, data_range=data_range, mask=mask)
             per_image.append(
                 {"level": entry["level"], "case_id": entry["case_id"], "method": method, "data_range": data_range}
                 | values

@@ -475,4 +475,9 @@ def denoise_scan(
         "sigma": sigma,
         "sigma_source": "given" if given else "estimated",
     } | result.record
+    if result.image.shape != image.shape and result.image.size == image.size:
+        # a one-slice volume (X, Y, 1) goes through a 2D model as (X, Y): hand it back in the input's shape
+        result.image = result.image.reshape(image.shape)
+        if result.uncertainty is not None:
+            result.uncertainty = result.uncertainty.reshape(image.shape)
     return result

@@ -125,6 +125,22 @@ def test_ensemble_averages_the_mirror_images_and_says_so(model_2d, tmp_path, cap
     assert np.isfinite(b).all() and not np.allclose(a, b)  # an untrained-for-symmetry network is not its own mirror
 
 
+def test_a_one_slice_volume_comes_back_in_its_own_shape(model_2d, tmp_path, capsys):
+    """(X, Y, 1) NIfTI (a single-slice scan) goes through a 2D model and comes back (X, Y, 1), not (X, Y)."""
+    from medsynth.denoise.scan import denoise_scan
+    from medsynth.models.loading import load_trained_model
+
+    clean = generate_phantom("brain_mri", (16, 16, 16), 1, noise_std=0.0).image[..., 8:9]
+    noisy = rician_noise(clean, 0.05 * float(np.percentile(clean, 99)), seed=1)
+    result = denoise_scan(noisy, np.eye(4), method="diffusion", modality="mr", trained=load_trained_model(model_2d))
+    assert result.image.shape == (16, 16, 1)
+    source, out = tmp_path / "one.nii.gz", tmp_path / "one_dn.nii.gz"
+    nib.save(nib.Nifti1Image(noisy, np.eye(4)), source)
+    code, _, err = run_cli(["denoise", source, out, "--checkpoint", model_2d], capsys)
+    assert code == 0, err
+    assert nib.load(out).shape == (16, 16, 1)
+
+
 def test_posterior_draws_write_an_uncertainty_map(model_2d, tmp_path, capsys):
     source, _ = brain_nifti(tmp_path / "scan.nii.gz")
     out = tmp_path / "dn.nii.gz"
